@@ -1,0 +1,523 @@
+//! The one typed configuration of the appliance.
+//!
+//! Sources, later ones winning: the defaults in this file (so a bare
+//! `turnkey` runs), an optional TOML file (`config/turnkey.toml` documents
+//! every key), then environment variables `TURNKEY_SECTION__KEY`
+//! (e.g. `TURNKEY_TURN__EXTERNAL_IP=203.0.113.7`, lists comma-separated).
+//! Nothing else in the program reads the environment.
+//!
+//! Loading validates everything once; a problem names the key and what is
+//! wrong with it, and the caller exits non-zero.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Environment variables with this prefix override file and defaults.
+pub const ENV_PREFIX: &str = "TURNKEY";
+
+/// A configuration problem: which key, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config key `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+    #[error("{0}")]
+    Load(String),
+}
+
+fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// A string that must never reach a log line or the printed config.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub log: LogConfig,
+    pub http: HttpConfig,
+    pub turn: TurnConfig,
+    pub auth: AuthConfig,
+    pub signaling: SignalingConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `turnkey=debug,tower_http=info`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Serve the page from this directory instead of the embedded copy.
+    pub static_dir: Option<PathBuf>,
+    /// Host name put into `iceServers` URLs; when unset, the Host header of
+    /// the request (so the page's own host is used), else the external IP.
+    pub public_host: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// UDP listeners for STUN/TURN.
+    pub listen: Vec<SocketAddr>,
+    /// Address relay sockets bind to; unspecified = the first listener's IP.
+    pub relay_ip: Option<IpAddr>,
+    /// Address advertised in XOR-RELAYED-ADDRESS (VPS behind 1:1 NAT).
+    pub external_ip: Option<IpAddr>,
+    pub relay_port_min: u16,
+    pub relay_port_max: u16,
+    /// Relay event-loop threads (SO_REUSEPORT shards); 0 = one per core.
+    pub threads: usize,
+    pub realm: String,
+    pub default_lifetime_secs: u64,
+    pub max_lifetime_secs: u64,
+    /// How long a nonce stays fresh before 438 Stale Nonce.
+    pub nonce_lifetime_secs: u64,
+    /// Allocations one username may hold at once (486 beyond); 0 = no cap.
+    pub user_quota: usize,
+    /// Allocations in all; 0 = limited only by the port range.
+    pub total_quota: usize,
+    /// Permissions and channels per allocation.
+    pub max_permissions: usize,
+    pub max_channels: usize,
+    /// Peer ranges that are allowed even though the built-in policy denies
+    /// them (allow wins over deny).
+    pub allowed_peer_ranges: Vec<IpNet>,
+    pub denied_peer_ranges: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// TURN REST API shared secrets; the first mints, all verify.
+    /// Empty = a random secret is generated at start.
+    pub secrets: Vec<Secret>,
+    /// Lifetime of minted REST credentials.
+    pub rest_ttl_secs: u64,
+    /// Static long-term users: name = password.
+    pub users: BTreeMap<String, Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignalingConfig {
+    pub room_capacity: usize,
+    pub max_message_bytes: usize,
+    pub ping_interval_ms: u64,
+    pub pong_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            log: LogConfig::default(),
+            http: HttpConfig::default(),
+            turn: TurnConfig::default(),
+            auth: AuthConfig::default(),
+            signaling: SignalingConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Human,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            static_dir: None,
+            public_host: None,
+        }
+    }
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        TurnConfig {
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], 3478))],
+            relay_ip: None,
+            external_ip: None,
+            relay_port_min: 49152,
+            relay_port_max: 65535,
+            threads: 0,
+            realm: "turnkey".into(),
+            default_lifetime_secs: 600,
+            max_lifetime_secs: 3600,
+            nonce_lifetime_secs: 600,
+            user_quota: 64,
+            total_quota: 0,
+            max_permissions: 64,
+            max_channels: 64,
+            allowed_peer_ranges: Vec::new(),
+            denied_peer_ranges: Vec::new(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            secrets: Vec::new(),
+            rest_ttl_secs: 24 * 3600,
+            users: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for SignalingConfig {
+    fn default() -> Self {
+        SignalingConfig {
+            room_capacity: 2,
+            max_message_bytes: 64 * 1024,
+            ping_interval_ms: 20_000,
+            pong_timeout_ms: 45_000,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (if any), then `TURNKEY_…` variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist or is not a file",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k[ENV_PREFIX.len()..].starts_with('_'))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("turn.listen")
+                .with_list_parse_key("turn.allowed_peer_ranges")
+                .with_list_parse_key("turn.denied_peer_ranges")
+                .with_list_parse_key("auth.secrets")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let raw = builder
+            .build()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let cfg: Config = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what types alone cannot: ranges, relations between keys, files.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.turn;
+        if t.listen.is_empty() {
+            return Err(invalid("turn.listen", "needs at least one address"));
+        }
+        if t.relay_port_min == 0 {
+            return Err(invalid("turn.relay_port_min", "must be at least 1"));
+        }
+        if t.relay_port_min > t.relay_port_max {
+            return Err(invalid(
+                "turn.relay_port_min",
+                format!(
+                    "port range is reversed: relay_port_min {} > relay_port_max {}",
+                    t.relay_port_min, t.relay_port_max
+                ),
+            ));
+        }
+        if t.realm.is_empty() || t.realm.len() > 127 || t.realm.contains('"') {
+            return Err(invalid(
+                "turn.realm",
+                "must be 1–127 characters without quotes",
+            ));
+        }
+        if t.default_lifetime_secs == 0 || t.default_lifetime_secs > t.max_lifetime_secs {
+            return Err(invalid(
+                "turn.default_lifetime_secs",
+                "must be between 1 and turn.max_lifetime_secs",
+            ));
+        }
+        if t.nonce_lifetime_secs < 30 {
+            return Err(invalid("turn.nonce_lifetime_secs", "must be at least 30"));
+        }
+        if t.max_permissions == 0 {
+            return Err(invalid("turn.max_permissions", "must be at least 1"));
+        }
+        if t.max_channels == 0 || t.max_channels > 0x1000 {
+            return Err(invalid("turn.max_channels", "must be between 1 and 4096"));
+        }
+        if let Some(ip) = t.external_ip {
+            if ip.is_unspecified() {
+                return Err(invalid(
+                    "turn.external_ip",
+                    "must be a concrete address, not 0.0.0.0 or ::",
+                ));
+            }
+        }
+        if let Some(dir) = &self.http.static_dir {
+            if !dir.is_dir() {
+                return Err(invalid(
+                    "http.static_dir",
+                    format!("{} is not a directory", dir.display()),
+                ));
+            }
+        }
+        if self.auth.rest_ttl_secs < 60 {
+            return Err(invalid("auth.rest_ttl_secs", "must be at least 60"));
+        }
+        for (i, s) in self.auth.secrets.iter().enumerate() {
+            if s.expose().len() < 16 {
+                return Err(invalid(
+                    &format!("auth.secrets[{i}]"),
+                    "is shorter than 16 characters",
+                ));
+            }
+        }
+        for (name, pw) in &self.auth.users {
+            if name.is_empty() || name.contains(':') {
+                return Err(invalid(
+                    &format!("auth.users.{name}"),
+                    "user names must be non-empty and contain no ':' (reserved for REST credentials)",
+                ));
+            }
+            if pw.expose().is_empty() {
+                return Err(invalid(&format!("auth.users.{name}"), "empty password"));
+            }
+        }
+        let s = &self.signaling;
+        if s.room_capacity < 2 {
+            return Err(invalid("signaling.room_capacity", "must be at least 2"));
+        }
+        if s.max_message_bytes < 1024 {
+            return Err(invalid(
+                "signaling.max_message_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if s.ping_interval_ms == 0 || s.pong_timeout_ms <= s.ping_interval_ms {
+            return Err(invalid(
+                "signaling.pong_timeout_ms",
+                "must be greater than signaling.ping_interval_ms (> 0)",
+            ));
+        }
+        if self.log.level.trim().is_empty() {
+            return Err(invalid("log.level", "is empty"));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+impl TurnConfig {
+    pub fn relay_ports(&self) -> RangeInclusive<u16> {
+        self.relay_port_min..=self.relay_port_max
+    }
+    pub fn default_lifetime(&self) -> Duration {
+        Duration::from_secs(self.default_lifetime_secs)
+    }
+    pub fn max_lifetime(&self) -> Duration {
+        Duration::from_secs(self.max_lifetime_secs)
+    }
+    pub fn nonce_lifetime(&self) -> Duration {
+        Duration::from_secs(self.nonce_lifetime_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut f = tempfile();
+        f.1.write_all(toml.as_bytes()).expect("write temp config");
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let r = Config::load(Some(&f.0), env);
+        let _ = std::fs::remove_file(&f.0);
+        r
+    }
+
+    fn tempfile() -> (PathBuf, std::fs::File) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "turnkey-cfg-{}-{}.toml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let f = std::fs::File::create(&p).expect("create temp config");
+        (p, f)
+    }
+
+    fn err_text(r: Result<Config, ConfigError>) -> String {
+        match r {
+            Ok(_) => panic!("expected a config error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_load_without_a_file() {
+        let c = Config::load(None, Vec::new()).expect("defaults are valid");
+        assert_eq!(c.http.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.turn.listen, vec!["0.0.0.0:3478".parse().unwrap()]);
+        assert_eq!(c.turn.relay_ports(), 49152..=65535);
+        assert_eq!(c.turn.realm, "turnkey");
+        assert_eq!(c.auth.rest_ttl_secs, 86400);
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/turnkey.toml");
+        Config::load(Some(&path), Vec::new()).expect("config/turnkey.toml loads");
+    }
+
+    #[test]
+    fn file_and_env_override_defaults() {
+        let c = load_str(
+            "[turn]\nexternal_ip = \"198.51.100.7\"\nrelay_port_min = 50000\n",
+            &[
+                ("TURNKEY_TURN__RELAY_PORT_MAX", "50100"),
+                ("TURNKEY_TURN__DENIED_PEER_RANGES", "1.2.3.0/24,5.6.0.0/16"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(c.turn.external_ip, Some("198.51.100.7".parse().unwrap()));
+        assert_eq!(c.turn.relay_ports(), 50000..=50100);
+        assert_eq!(c.turn.denied_peer_ranges.len(), 2);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err_text(load_str("[turn]\nrelay_prot_min = 1\n", &[]));
+        assert!(e.contains("relay_prot_min"), "{e}");
+    }
+
+    #[test]
+    fn bad_cidr_is_named() {
+        let e = err_text(load_str(
+            "[turn]\nallowed_peer_ranges = [\"10.0.0/8\"]\n",
+            &[],
+        ));
+        assert!(e.contains("allowed_peer_ranges"), "{e}");
+    }
+
+    #[test]
+    fn reversed_port_range_is_named() {
+        let e = err_text(load_str(
+            "[turn]\nrelay_port_min = 60000\nrelay_port_max = 50000\n",
+            &[],
+        ));
+        assert!(
+            e.contains("turn.relay_port_min") && e.contains("reversed"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_address_is_named() {
+        let e = err_text(load_str("[http]\nlisten = \"localhost\"\n", &[]));
+        assert!(e.contains("http.listen") || e.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn missing_static_dir_is_named() {
+        let e = err_text(load_str("[http]\nstatic_dir = \"/nonexistent/dir\"\n", &[]));
+        assert!(e.contains("http.static_dir"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let e = Config::load(Some(Path::new("/nonexistent/turnkey.toml")), Vec::new())
+            .map(|_| ())
+            .expect_err("missing file");
+        assert!(e.to_string().contains("/nonexistent/turnkey.toml"));
+    }
+
+    #[test]
+    fn secrets_are_masked_when_printed() {
+        let c = load_str(
+            "[auth]\nsecrets = [\"0123456789abcdef-very-secret\"]\n[auth.users]\nalice = \"hunter2hunter2\"\n",
+            &[],
+        )
+        .expect("valid");
+        let printed = c.to_masked_toml();
+        assert!(!printed.contains("very-secret"), "{printed}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("alice"));
+        assert!(!format!("{c:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn short_secret_is_refused() {
+        let e = err_text(load_str("[auth]\nsecrets = [\"short\"]\n", &[]));
+        assert!(e.contains("auth.secrets[0]"), "{e}");
+    }
+}

@@ -1,0 +1,284 @@
+//! One allocation's state (RFC 8656 §2.2, §9, §12): its relayed port, the
+//! client's 5-tuple and credentials, permissions and channel bindings.
+//! Plain data with time passed in; lookups are linear scans over a few
+//! entries, which beats hashing at the sizes a browser creates.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use super::auth::Key;
+
+pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+
+/// How a client reached us. The core treats all transports alike; the
+/// shell uses it to route answers back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// The client side of an allocation: (client address, server address, transport).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FiveTuple {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub transport: Transport,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelNumber(u16);
+
+impl ChannelNumber {
+    pub fn new(n: u16) -> Option<Self> {
+        (super::wire::CHANNEL_MIN..=super::wire::CHANNEL_MAX)
+            .contains(&n)
+            .then_some(ChannelNumber(n))
+    }
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Permission {
+    ip: IpAddr,
+    expires: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Channel {
+    number: ChannelNumber,
+    peer: SocketAddr,
+    expires: Instant,
+}
+
+/// Why a ChannelBind cannot be honoured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindError {
+    /// The number is bound to another peer, or the peer to another number.
+    Conflict,
+    /// No room for another channel or permission.
+    Full,
+}
+
+pub struct Allocation {
+    pub five_tuple: FiveTuple,
+    pub port: u16,
+    pub relayed: SocketAddr,
+    pub username: String,
+    pub key: Key,
+    pub expires: Instant,
+    /// The Allocate's transaction id, so a retransmission gets the same answer.
+    pub txid: [u8; 12],
+    /// Port reserved by EVEN-PORT's R bit, released with the allocation
+    /// if no one claimed it.
+    pub reserved_port: Option<u16>,
+    pub dont_fragment: bool,
+    permissions: Vec<Permission>,
+    channels: Vec<Channel>,
+}
+
+impl Allocation {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        five_tuple: FiveTuple,
+        port: u16,
+        relayed: SocketAddr,
+        username: String,
+        key: Key,
+        expires: Instant,
+        txid: [u8; 12],
+        dont_fragment: bool,
+    ) -> Self {
+        Allocation {
+            five_tuple,
+            port,
+            relayed,
+            username,
+            key,
+            expires,
+            txid,
+            reserved_port: None,
+            dont_fragment,
+            permissions: Vec::new(),
+            channels: Vec::new(),
+        }
+    }
+
+    pub fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
+        self.permissions
+            .iter()
+            .any(|p| p.ip == ip && p.expires > now)
+    }
+
+    pub fn permission_count(&self) -> usize {
+        self.permissions.len()
+    }
+
+    /// Whether `ips` can be installed without exceeding `max`.
+    pub fn room_for_permissions(&self, ips: &[IpAddr], max: usize) -> bool {
+        let new = ips
+            .iter()
+            .enumerate()
+            .filter(|(i, ip)| {
+                !self.permissions.iter().any(|p| p.ip == **ip) && !ips[..*i].contains(ip)
+            })
+            .count();
+        self.permissions.len() + new <= max
+    }
+
+    /// Installs or refreshes a permission; the caller has checked room.
+    pub fn permit(&mut self, ip: IpAddr, now: Instant) {
+        let expires = now + PERMISSION_LIFETIME;
+        match self.permissions.iter_mut().find(|p| p.ip == ip) {
+            Some(p) => p.expires = expires,
+            None => self.permissions.push(Permission { ip, expires }),
+        }
+    }
+
+    /// Binds or refreshes a channel and the peer's permission (RFC 8656 §12.2).
+    pub fn bind_channel(
+        &mut self,
+        number: ChannelNumber,
+        peer: SocketAddr,
+        now: Instant,
+        max_channels: usize,
+        max_permissions: usize,
+    ) -> Result<(), BindError> {
+        let by_number = self.channels.iter().position(|c| c.number == number);
+        let by_peer = self.channels.iter().position(|c| c.peer == peer);
+        let idx = match (by_number, by_peer) {
+            (Some(a), Some(b)) if a == b => Some(a),
+            (None, None) => None,
+            _ => return Err(BindError::Conflict),
+        };
+        if idx.is_none() && self.channels.len() >= max_channels {
+            return Err(BindError::Full);
+        }
+        if !self.room_for_permissions(&[peer.ip()], max_permissions) {
+            return Err(BindError::Full);
+        }
+        let expires = now + CHANNEL_LIFETIME;
+        match idx {
+            Some(i) => self.channels[i].expires = expires,
+            None => self.channels.push(Channel {
+                number,
+                peer,
+                expires,
+            }),
+        }
+        self.permit(peer.ip(), now);
+        Ok(())
+    }
+
+    /// The peer a live channel is bound to (client → peer direction).
+    #[inline]
+    pub fn channel_peer(&self, number: u16, now: Instant) -> Option<SocketAddr> {
+        self.channels
+            .iter()
+            .find(|c| c.number.0 == number && c.expires > now)
+            .map(|c| c.peer)
+    }
+
+    /// The live channel bound to a peer (peer → client direction).
+    #[inline]
+    pub fn channel_for(&self, peer: SocketAddr, now: Instant) -> Option<u16> {
+        self.channels
+            .iter()
+            .find(|c| c.peer == peer && c.expires > now)
+            .map(|c| c.number.0)
+    }
+
+    /// Drops expired permissions and channels.
+    pub fn prune(&mut self, now: Instant) {
+        self.permissions.retain(|p| p.expires > now);
+        self.channels.retain(|c| c.expires > now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alloc(now: Instant) -> Allocation {
+        let ft = FiveTuple {
+            client: "192.0.2.1:5000".parse().unwrap(),
+            server: "192.0.2.2:3478".parse().unwrap(),
+            transport: Transport::Udp,
+        };
+        Allocation::new(
+            ft,
+            50000,
+            "192.0.2.2:50000".parse().unwrap(),
+            "u".into(),
+            [0; 16],
+            now + Duration::from_secs(600),
+            [0; 12],
+            false,
+        )
+    }
+
+    #[test]
+    fn permissions_expire_after_five_minutes() {
+        let t0 = Instant::now();
+        let mut a = alloc(t0);
+        let ip: IpAddr = "198.51.100.1".parse().unwrap();
+        assert!(!a.has_permission(ip, t0));
+        a.permit(ip, t0);
+        assert!(a.has_permission(ip, t0 + Duration::from_secs(299)));
+        assert!(!a.has_permission(ip, t0 + Duration::from_secs(300)));
+        a.permit(ip, t0 + Duration::from_secs(200));
+        assert!(a.has_permission(ip, t0 + Duration::from_secs(499)));
+        a.prune(t0 + Duration::from_secs(500));
+        assert_eq!(a.permission_count(), 0);
+    }
+
+    #[test]
+    fn permission_room_counts_duplicates_once() {
+        let t0 = Instant::now();
+        let mut a = alloc(t0);
+        let x: IpAddr = "198.51.100.1".parse().unwrap();
+        let y: IpAddr = "198.51.100.2".parse().unwrap();
+        a.permit(x, t0);
+        assert!(a.room_for_permissions(&[x, y, y], 2));
+        assert!(!a.room_for_permissions(&[x, y, "198.51.100.3".parse().unwrap()], 2));
+    }
+
+    #[test]
+    fn channel_rebinding_rules() {
+        let t0 = Instant::now();
+        let mut a = alloc(t0);
+        let p1: SocketAddr = "198.51.100.1:1000".parse().unwrap();
+        let p2: SocketAddr = "198.51.100.1:1001".parse().unwrap();
+        let c1 = ChannelNumber::new(0x4000).unwrap();
+        let c2 = ChannelNumber::new(0x4001).unwrap();
+        assert_eq!(a.bind_channel(c1, p1, t0, 8, 8), Ok(()));
+        assert!(a.has_permission(p1.ip(), t0));
+        // Same pair refreshes.
+        assert_eq!(
+            a.bind_channel(c1, p1, t0 + Duration::from_secs(500), 8, 8),
+            Ok(())
+        );
+        assert_eq!(
+            a.channel_peer(0x4000, t0 + Duration::from_secs(1099)),
+            Some(p1)
+        );
+        // Number to another peer, or peer to another number: conflict.
+        assert_eq!(a.bind_channel(c1, p2, t0, 8, 8), Err(BindError::Conflict));
+        assert_eq!(a.bind_channel(c2, p1, t0, 8, 8), Err(BindError::Conflict));
+        assert_eq!(a.bind_channel(c2, p2, t0, 1, 8), Err(BindError::Full));
+        assert_eq!(a.bind_channel(c2, p2, t0, 8, 8), Ok(()));
+        assert_eq!(a.channel_for(p2, t0), Some(0x4001));
+        assert_eq!(a.channel_for(p2, t0 + Duration::from_secs(600)), None);
+    }
+
+    #[test]
+    fn channel_numbers_are_validated() {
+        assert!(ChannelNumber::new(0x3FFF).is_none());
+        assert!(ChannelNumber::new(0x4000).is_some());
+        assert!(ChannelNumber::new(0x4FFF).is_some());
+        assert!(ChannelNumber::new(0x5000).is_none());
+    }
+}

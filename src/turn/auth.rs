@@ -1,0 +1,297 @@
+//! Long-term credentials (RFC 8489 §9.2) and the TURN REST API credentials
+//! that coturn popularised (draft-uberti-behave-turn-rest): a username
+//! `expiry:user` whose password is base64(HMAC-SHA1(secret, username)).
+//!
+//! Nonces are stateless: a nonce is the issue time plus an HMAC over that
+//! time and the client's transport address, so the server stores nothing
+//! for a client that has not authenticated and cannot be made to grow by
+//! unauthenticated requests.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use md5::{Digest, Md5};
+use sha1::Sha1;
+
+use crate::config::Secret;
+
+type HmacSha1 = Hmac<Sha1>;
+
+/// The MD5 long-term key: MD5(username ":" realm ":" password).
+pub type Key = [u8; 16];
+
+pub fn long_term_key(username: &str, realm: &str, password: &str) -> Key {
+    let mut h = Md5::new();
+    h.update(username.as_bytes());
+    h.update(b":");
+    h.update(realm.as_bytes());
+    h.update(b":");
+    h.update(password.as_bytes());
+    h.finalize().into()
+}
+
+/// Why a username has no usable key. Both answer 401; metrics tell them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    #[error("unknown user")]
+    UnknownUser,
+    #[error("REST credential expired")]
+    Expired,
+}
+
+/// The REST password for a username, as coturn computes it.
+pub fn rest_password(secret: &str, username: &str) -> String {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = HmacSha1::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(username.as_bytes());
+    B64.encode(mac.finalize().into_bytes())
+}
+
+/// A freshly minted REST credential.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RestCredential {
+    pub username: String,
+    pub password: String,
+    pub ttl_secs: u64,
+}
+
+pub fn mint(secret: &str, user: &str, now_unix: u64, ttl_secs: u64) -> RestCredential {
+    let expiry = now_unix.saturating_add(ttl_secs);
+    let username = if user.is_empty() {
+        expiry.to_string()
+    } else {
+        format!("{expiry}:{user}")
+    };
+    RestCredential {
+        password: rest_password(secret, &username),
+        username,
+        ttl_secs,
+    }
+}
+
+/// Who may allocate: static users and REST secrets. Swapped whole on reload.
+#[derive(Clone)]
+pub struct Credentials {
+    realm: String,
+    secrets: Vec<Secret>,
+    users: BTreeMap<String, Secret>,
+}
+
+impl Credentials {
+    pub fn new(realm: String, secrets: Vec<Secret>, users: BTreeMap<String, Secret>) -> Self {
+        Credentials {
+            realm,
+            secrets,
+            users,
+        }
+    }
+
+    pub fn realm(&self) -> &str {
+        &self.realm
+    }
+
+    /// The secret that mints new REST credentials.
+    pub fn minting_secret(&self) -> Option<&str> {
+        self.secrets.first().map(Secret::expose)
+    }
+
+    /// Candidate keys for a username: one for a static user, one per secret
+    /// for a REST username (the client does not say which secret it used).
+    pub fn keys(&self, username: &str, now_unix: u64) -> Result<Vec<Key>, CredentialError> {
+        if let Some(expiry) = rest_expiry(username) {
+            if expiry <= now_unix {
+                return Err(CredentialError::Expired);
+            }
+            if self.secrets.is_empty() {
+                return Err(CredentialError::UnknownUser);
+            }
+            return Ok(self
+                .secrets
+                .iter()
+                .map(|s| long_term_key(username, &self.realm, &rest_password(s.expose(), username)))
+                .collect());
+        }
+        match self.users.get(username) {
+            Some(pw) => Ok(vec![long_term_key(username, &self.realm, pw.expose())]),
+            None => Err(CredentialError::UnknownUser),
+        }
+    }
+}
+
+/// The expiry of a REST username (`expiry` or `expiry:user`), if it is one.
+fn rest_expiry(username: &str) -> Option<u64> {
+    let ts = username.split_once(':').map_or(username, |(ts, _)| ts);
+    if ts.is_empty() || ts.len() > 20 || !ts.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    ts.parse().ok()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NonceError {
+    #[error("nonce expired")]
+    Stale,
+    #[error("nonce not issued by this server for this client")]
+    Invalid,
+}
+
+/// Issues and checks stateless nonces.
+pub struct Nonces {
+    key: [u8; 32],
+    lifetime_secs: u64,
+}
+
+const NONCE_MAC_HEX: usize = 24;
+
+impl Nonces {
+    pub fn new(key: [u8; 32], lifetime_secs: u64) -> Self {
+        Nonces { key, lifetime_secs }
+    }
+
+    fn mac(&self, issued: u64, client: SocketAddr) -> [u8; NONCE_MAC_HEX / 2] {
+        let mut mac = HmacSha1::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(&issued.to_be_bytes());
+        match client.ip() {
+            std::net::IpAddr::V4(ip) => mac.update(&ip.octets()),
+            std::net::IpAddr::V6(ip) => mac.update(&ip.octets()),
+        }
+        mac.update(&client.port().to_be_bytes());
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; NONCE_MAC_HEX / 2];
+        out.copy_from_slice(&full[..NONCE_MAC_HEX / 2]);
+        out
+    }
+
+    pub fn issue(&self, now_unix: u64, client: SocketAddr) -> String {
+        let mut s = format!("{now_unix:016x}");
+        for b in self.mac(now_unix, client) {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    pub fn check(&self, nonce: &str, now_unix: u64, client: SocketAddr) -> Result<(), NonceError> {
+        if nonce.len() != 16 + NONCE_MAC_HEX || !nonce.is_ascii() {
+            return Err(NonceError::Invalid);
+        }
+        let (ts, mac_hex) = nonce.split_at(16);
+        let issued = u64::from_str_radix(ts, 16).map_err(|_| NonceError::Invalid)?;
+        let expected = self.mac(issued, client);
+        let mut diff = 0u8;
+        for (i, e) in expected.iter().enumerate() {
+            let got = u8::from_str_radix(&mac_hex[2 * i..2 * i + 2], 16)
+                .map_err(|_| NonceError::Invalid)?;
+            diff |= got ^ e;
+        }
+        if diff != 0 {
+            return Err(NonceError::Invalid);
+        }
+        if issued > now_unix.saturating_add(5)
+            || now_unix - issued.min(now_unix) >= self.lifetime_secs
+        {
+            return Err(NonceError::Stale);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds() -> Credentials {
+        let mut users = BTreeMap::new();
+        users.insert("alice".to_string(), Secret::new("wonderland"));
+        Credentials::new(
+            "turnkey".into(),
+            vec![
+                Secret::new("new-secret-0123456789"),
+                Secret::new("old-secret-0123456789"),
+            ],
+            users,
+        )
+    }
+
+    #[test]
+    fn key_matches_the_stun_crate() {
+        let ours = long_term_key("user", "realm", "pass");
+        let theirs = stun::integrity::MessageIntegrity::new_long_term_integrity(
+            "user".into(),
+            "realm".into(),
+            "pass".into(),
+        );
+        assert_eq!(&ours[..], &theirs.0[..]);
+    }
+
+    #[test]
+    fn rest_password_matches_known_vector() {
+        // echo -n "1700000000:bob" | openssl dgst -sha1 -hmac "secret" -binary | base64
+        assert_eq!(
+            rest_password("secret", "1700000000:bob"),
+            "YeMuUjjOaxvglmPbYS9o30UEIYg="
+        );
+    }
+
+    #[test]
+    fn static_user_has_one_key() {
+        let keys = creds().keys("alice", 0).unwrap();
+        assert_eq!(keys, vec![long_term_key("alice", "turnkey", "wonderland")]);
+        assert_eq!(
+            creds().keys("mallory", 0),
+            Err(CredentialError::UnknownUser)
+        );
+    }
+
+    #[test]
+    fn rest_user_has_a_key_per_secret_until_expiry() {
+        let c = creds();
+        let minted_old = mint("old-secret-0123456789", "bob", 1000, 60);
+        let keys = c.keys(&minted_old.username, 1059).unwrap();
+        assert_eq!(keys.len(), 2);
+        assert!(keys.contains(&long_term_key(
+            &minted_old.username,
+            "turnkey",
+            &minted_old.password
+        )));
+        assert_eq!(
+            c.keys(&minted_old.username, 1060),
+            Err(CredentialError::Expired)
+        );
+        // A bare expiry is a REST username too.
+        assert!(c.keys("99999999999", 5).is_ok());
+    }
+
+    #[test]
+    fn colon_without_digits_is_not_rest() {
+        assert_eq!(creds().keys("x:bob", 0), Err(CredentialError::UnknownUser));
+        assert_eq!(rest_expiry("123:bob"), Some(123));
+        assert_eq!(rest_expiry("123"), Some(123));
+        assert_eq!(rest_expiry(":bob"), None);
+        assert_eq!(rest_expiry("99999999999999999999999:x"), None);
+    }
+
+    #[test]
+    fn nonces_are_bound_to_client_and_time() {
+        let n = Nonces::new([7; 32], 600);
+        let a: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+        let b: SocketAddr = "192.0.2.1:1001".parse().unwrap();
+        let nonce = n.issue(5000, a);
+        assert_eq!(n.check(&nonce, 5000, a), Ok(()));
+        assert_eq!(n.check(&nonce, 5599, a), Ok(()));
+        assert_eq!(n.check(&nonce, 5600, a), Err(NonceError::Stale));
+        assert_eq!(n.check(&nonce, 5000, b), Err(NonceError::Invalid));
+        let other = Nonces::new([8; 32], 600);
+        assert_eq!(other.check(&nonce, 5000, a), Err(NonceError::Invalid));
+        for bad in [
+            "",
+            "zz",
+            &nonce[..nonce.len() - 1],
+            &format!("{}é", &nonce[..nonce.len() - 2]),
+        ] {
+            assert_eq!(n.check(bad, 5000, a), Err(NonceError::Invalid), "{bad}");
+        }
+    }
+}

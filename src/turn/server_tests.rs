@@ -1,0 +1,869 @@
+//! Deterministic tests of the TURN core: no sockets, time as a parameter.
+
+use super::*;
+use crate::config::Secret;
+use crate::turn::auth::{long_term_key, mint};
+use crate::turn::policy::PeerPolicy;
+use std::collections::BTreeMap;
+use stun::agent::TransactionId;
+use stun::error_code::ErrorCodeAttribute;
+use stun::fingerprint::FINGERPRINT;
+use stun::textattrs::TextAttribute;
+use turn::proto::data::Data;
+use turn::proto::peeraddr::PeerAddress;
+use turn::proto::reqfamily::REQUESTED_FAMILY_IPV6;
+use turn::proto::{Protocol, PROTO_TCP};
+
+const REALM: &str = "turnkey";
+const SECRET: &str = "test-secret-0123456789";
+const RELAY_IP: &str = "192.0.2.10";
+
+#[derive(Default)]
+struct Rec {
+    to_client: Vec<(FiveTuple, Vec<u8>)>,
+    to_peer: Vec<(u16, SocketAddr, Vec<u8>)>,
+    opened: Vec<u16>,
+    closed: Vec<u16>,
+    refuse_ports: Vec<u16>,
+}
+
+impl Io for Rec {
+    fn send_to_client(&mut self, to: &FiveTuple, data: &[u8]) {
+        self.to_client.push((*to, data.to_vec()));
+    }
+    fn send_to_peer(&mut self, relay_port: u16, peer: SocketAddr, data: &[u8]) {
+        self.to_peer.push((relay_port, peer, data.to_vec()));
+    }
+    fn open_relay(&mut self, port: u16, _df: bool) -> bool {
+        if self.refuse_ports.contains(&port) {
+            return false;
+        }
+        self.opened.push(port);
+        true
+    }
+    fn close_relay(&mut self, port: u16) {
+        self.closed.push(port);
+    }
+}
+
+struct Harness {
+    s: Server,
+    io: Rec,
+    now: Instant,
+    clock: Clock,
+    shared: Arc<Shared>,
+    stats: Arc<TurnStats>,
+}
+
+fn rules(user_quota: usize) -> Rules {
+    let mut users = BTreeMap::new();
+    users.insert("alice".to_string(), Secret::new("wonderland"));
+    users.insert("bob".to_string(), Secret::new("builder"));
+    Rules {
+        credentials: Credentials::new(REALM.into(), vec![Secret::new(SECRET)], users),
+        policy: PeerPolicy::new(
+            vec![],
+            vec![],
+            vec![RELAY_IP.parse().unwrap()],
+            50000..=50009,
+        ),
+        default_lifetime: Duration::from_secs(600),
+        max_lifetime: Duration::from_secs(3600),
+        user_quota,
+        total_quota: 0,
+        max_permissions: 4,
+        max_channels: 4,
+    }
+}
+
+fn harness_with(rules: Rules, ports: std::ops::RangeInclusive<u16>) -> Harness {
+    let now = Instant::now();
+    let clock = Clock {
+        mono0: now,
+        unix0: 1_700_000_000,
+    };
+    let shared = Arc::new(Shared::default());
+    let stats = Arc::new(TurnStats::default());
+    let cfg = CoreConfig {
+        advertised_ip: RELAY_IP.parse().unwrap(),
+        ports: ports.collect(),
+        nonce_key: [3; 32],
+        nonce_lifetime: Duration::from_secs(600),
+    };
+    let s = Server::new(
+        cfg,
+        clock,
+        Arc::new(ArcSwap::from_pointee(rules)),
+        shared.clone(),
+        stats.clone(),
+    );
+    Harness {
+        s,
+        io: Rec::default(),
+        now,
+        clock,
+        shared,
+        stats,
+    }
+}
+
+fn harness() -> Harness {
+    harness_with(rules(8), 50000..=50009)
+}
+
+fn ft(port: u16) -> FiveTuple {
+    FiveTuple {
+        client: SocketAddr::new("198.51.100.20".parse().unwrap(), port),
+        server: "192.0.2.10:3478".parse().unwrap(),
+        transport: Transport::Udp,
+    }
+}
+
+struct Cred {
+    user: String,
+    pass: String,
+    nonce: Option<String>,
+}
+
+fn cred(user: &str, pass: &str) -> Cred {
+    Cred {
+        user: user.into(),
+        pass: pass.into(),
+        nonce: None,
+    }
+}
+
+fn request(method: Method, attrs: Vec<Box<dyn Setter>>, c: Option<&Cred>) -> Vec<u8> {
+    let mut setters: Vec<Box<dyn Setter>> = vec![
+        Box::new(TransactionId::new()),
+        Box::new(MessageType::new(method, CLASS_REQUEST)),
+    ];
+    setters.extend(attrs);
+    if let Some(c) = c {
+        setters.push(Box::new(TextAttribute::new(ATTR_USERNAME, c.user.clone())));
+        setters.push(Box::new(TextAttribute::new(ATTR_REALM, REALM.into())));
+        setters.push(Box::new(TextAttribute::new(
+            ATTR_NONCE,
+            c.nonce.clone().unwrap_or_default(),
+        )));
+        setters.push(Box::new(MessageIntegrity::new_long_term_integrity(
+            c.user.clone(),
+            REALM.into(),
+            c.pass.clone(),
+        )));
+    }
+    setters.push(Box::new(FINGERPRINT));
+    let mut m = Message::new();
+    m.build(&setters).unwrap();
+    m.raw
+}
+
+fn decode(raw: &[u8]) -> Message {
+    let mut m = Message::new();
+    m.raw = raw.to_vec();
+    m.decode().unwrap();
+    m
+}
+
+fn error_code(m: &Message) -> Option<u16> {
+    let mut e = ErrorCodeAttribute::default();
+    e.get_from(m).ok().map(|_| e.code.0)
+}
+
+fn udp() -> Box<dyn Setter> {
+    Box::new(RequestedTransport {
+        protocol: PROTO_UDP,
+    })
+}
+
+impl Harness {
+    fn send(&mut self, from: FiveTuple, raw: &[u8]) -> Option<Message> {
+        let before = self.io.to_client.len();
+        self.s.handle_client(self.now, from, raw, &mut self.io);
+        self.io.to_client.get(before).map(|(_, b)| decode(b))
+    }
+
+    /// Sends a request, answering a 401 challenge once with the nonce.
+    fn authed(
+        &mut self,
+        from: FiveTuple,
+        method: Method,
+        attrs: impl Fn() -> Vec<Box<dyn Setter>>,
+        c: &mut Cred,
+    ) -> Message {
+        if c.nonce.is_none() {
+            let r = self
+                .send(from, &request(method, attrs(), None))
+                .expect("challenge");
+            assert_eq!(error_code(&r), Some(401));
+            c.nonce = Some(TextAttribute::get_from_as(&r, ATTR_NONCE).unwrap().text);
+        }
+        self.send(from, &request(method, attrs(), Some(c)))
+            .expect("answer")
+    }
+
+    fn allocate(&mut self, from: FiveTuple, c: &mut Cred) -> SocketAddr {
+        let r = self.authed(from, METHOD_ALLOCATE, || vec![udp()], c);
+        assert_eq!(
+            r.typ.class,
+            CLASS_SUCCESS_RESPONSE,
+            "allocate failed: {:?}",
+            error_code(&r)
+        );
+        let key = long_term_key(&c.user, REALM, &c.pass);
+        MessageIntegrity(key.to_vec())
+            .check(&mut r.clone())
+            .expect("answer is signed");
+        let mut ra = RelayedAddress::default();
+        ra.get_from(&r).unwrap();
+        SocketAddr::new(ra.ip, ra.port)
+    }
+}
+
+fn peer_attr(p: &str) -> Box<dyn Setter> {
+    let p: SocketAddr = p.parse().unwrap();
+    Box::new(PeerAddress {
+        ip: p.ip(),
+        port: p.port(),
+    })
+}
+
+#[test]
+fn binding_returns_the_source_address() {
+    let mut h = harness();
+    let r = h
+        .send(ft(4000), &request(METHOD_BINDING, vec![], None))
+        .unwrap();
+    assert_eq!(
+        r.typ,
+        MessageType::new(METHOD_BINDING, CLASS_SUCCESS_RESPONSE)
+    );
+    let mut x = XorMappedAddress::default();
+    x.get_from(&r).unwrap();
+    assert_eq!(SocketAddr::new(x.ip, x.port), ft(4000).client);
+    assert!(r.contains(ATTR_FINGERPRINT));
+}
+
+#[test]
+fn allocate_challenge_then_success() {
+    let mut h = harness();
+    let r = h
+        .send(ft(4000), &request(METHOD_ALLOCATE, vec![udp()], None))
+        .unwrap();
+    assert_eq!(error_code(&r), Some(401));
+    assert_eq!(
+        TextAttribute::get_from_as(&r, ATTR_REALM).unwrap().text,
+        REALM
+    );
+    assert!(!r.contains(ATTR_MESSAGE_INTEGRITY));
+    let relayed = h.allocate(ft(4000), &mut cred("alice", "wonderland"));
+    assert_eq!(relayed.ip().to_string(), RELAY_IP);
+    assert!((50000..=50009).contains(&relayed.port()));
+    assert_eq!(h.io.opened, vec![relayed.port()]);
+    assert_eq!(h.s.allocation_count(), 1);
+    assert_eq!(h.shared.total_allocations(), 1);
+}
+
+#[test]
+fn wrong_password_and_unknown_user_get_401() {
+    let mut h = harness();
+    for (u, p) in [("alice", "wrong"), ("mallory", "x")] {
+        let r = h.authed(ft(4000), METHOD_ALLOCATE, || vec![udp()], &mut cred(u, p));
+        assert_eq!(error_code(&r), Some(401));
+    }
+    assert_eq!(h.stats.auth_bad_credential.load(Ordering::Relaxed), 2);
+    assert_eq!(h.s.allocation_count(), 0);
+}
+
+#[test]
+fn rest_credentials_work_until_they_expire() {
+    let mut h = harness();
+    let unix = h.clock.unix(h.now);
+    let good = mint(SECRET, "carol", unix, 3600);
+    h.allocate(ft(4000), &mut cred(&good.username, &good.password));
+    let old = mint(SECRET, "carol", unix - 7200, 3600);
+    let r = h.authed(
+        ft(4001),
+        METHOD_ALLOCATE,
+        || vec![udp()],
+        &mut cred(&old.username, &old.password),
+    );
+    assert_eq!(error_code(&r), Some(401));
+    assert_eq!(h.stats.auth_expired.load(Ordering::Relaxed), 1);
+    let other = mint("another-secret-0123456", "carol", unix, 3600);
+    let r = h.authed(
+        ft(4002),
+        METHOD_ALLOCATE,
+        || vec![udp()],
+        &mut cred(&other.username, &other.password),
+    );
+    assert_eq!(error_code(&r), Some(401));
+}
+
+#[test]
+fn stale_and_forged_nonces_get_438() {
+    let mut h = harness();
+    let mut c = cred("alice", "wonderland");
+    let r = h
+        .send(ft(4000), &request(METHOD_ALLOCATE, vec![udp()], None))
+        .unwrap();
+    c.nonce = Some(TextAttribute::get_from_as(&r, ATTR_NONCE).unwrap().text);
+    h.now += Duration::from_secs(601);
+    let r = h
+        .send(ft(4000), &request(METHOD_ALLOCATE, vec![udp()], Some(&c)))
+        .unwrap();
+    assert_eq!(error_code(&r), Some(438));
+    assert!(r.contains(ATTR_NONCE) && r.contains(ATTR_REALM));
+    // A nonce issued to another client address is refused too.
+    let r2 = h
+        .send(ft(4001), &request(METHOD_ALLOCATE, vec![udp()], None))
+        .unwrap();
+    c.nonce = Some(TextAttribute::get_from_as(&r2, ATTR_NONCE).unwrap().text);
+    let r = h
+        .send(ft(4000), &request(METHOD_ALLOCATE, vec![udp()], Some(&c)))
+        .unwrap();
+    assert_eq!(error_code(&r), Some(438));
+    assert_eq!(h.stats.auth_stale_nonce.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn allocate_errors() {
+    let mut h = harness();
+    let mut c = cred("alice", "wonderland");
+    let r = h.authed(ft(4000), METHOD_ALLOCATE, Vec::new, &mut c);
+    assert_eq!(error_code(&r), Some(400), "missing REQUESTED-TRANSPORT");
+    let r = h.authed(
+        ft(4000),
+        METHOD_ALLOCATE,
+        || {
+            vec![Box::new(RequestedTransport {
+                protocol: PROTO_TCP,
+            })]
+        },
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(442));
+    let r = h.authed(
+        ft(4000),
+        METHOD_ALLOCATE,
+        || vec![udp(), Box::new(REQUESTED_FAMILY_IPV6)],
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(440));
+    let r = h.authed(
+        ft(4000),
+        METHOD_ALLOCATE,
+        || {
+            vec![
+                udp(),
+                Box::new(RawAttribute {
+                    typ: AttrType(0x0031),
+                    length: 4,
+                    value: vec![0; 4],
+                }),
+            ]
+        },
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(420));
+    let mut ua = UnknownAttributes(Vec::new());
+    ua.get_from(&r).unwrap();
+    assert_eq!(ua.0, vec![AttrType(0x0031)]);
+    let r = h.authed(
+        ft(4000),
+        METHOD_ALLOCATE,
+        || {
+            vec![
+                udp(),
+                Box::new(ReservationToken(vec![1; 8])),
+                Box::new(RawAttribute {
+                    typ: ATTR_EVEN_PORT,
+                    length: 1,
+                    value: vec![0],
+                }),
+            ]
+        },
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(400), "token with EVEN-PORT");
+    let r = h.authed(
+        ft(4000),
+        METHOD_ALLOCATE,
+        || vec![udp(), Box::new(ReservationToken(vec![1; 8]))],
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(508), "unknown token");
+    // Non-UDP protocol number that is not TCP either.
+    let r = h.authed(
+        ft(4000),
+        METHOD_ALLOCATE,
+        || {
+            vec![Box::new(RequestedTransport {
+                protocol: Protocol(99),
+            })]
+        },
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(442));
+    assert_eq!(h.s.allocation_count(), 0);
+}
+
+#[test]
+fn second_allocate_on_a_tuple_is_437_but_retransmit_succeeds() {
+    let mut h = harness();
+    let mut c = cred("alice", "wonderland");
+    let r0 = h
+        .send(ft(4000), &request(METHOD_ALLOCATE, vec![udp()], None))
+        .unwrap();
+    c.nonce = Some(TextAttribute::get_from_as(&r0, ATTR_NONCE).unwrap().text);
+    let raw = request(METHOD_ALLOCATE, vec![udp()], Some(&c));
+    let first = h.send(ft(4000), &raw).unwrap();
+    let again = h.send(ft(4000), &raw).unwrap();
+    assert_eq!(again.typ.class, CLASS_SUCCESS_RESPONSE);
+    assert_eq!(
+        first.get(ATTR_XOR_RELAYED_ADDRESS).unwrap(),
+        again.get(ATTR_XOR_RELAYED_ADDRESS).unwrap()
+    );
+    let r = h
+        .send(ft(4000), &request(METHOD_ALLOCATE, vec![udp()], Some(&c)))
+        .unwrap();
+    assert_eq!(error_code(&r), Some(437));
+    assert_eq!(h.s.allocation_count(), 1);
+}
+
+#[test]
+fn requests_without_allocation_get_437_and_other_users_441() {
+    let mut h = harness();
+    let mut a = cred("alice", "wonderland");
+    let r = h.authed(ft(4000), METHOD_REFRESH, Vec::new, &mut a);
+    assert_eq!(error_code(&r), Some(437));
+    h.allocate(ft(4000), &mut a);
+    let mut b = cred("bob", "builder");
+    let r = h.authed(ft(4000), METHOD_REFRESH, Vec::new, &mut b);
+    assert_eq!(error_code(&r), Some(441));
+}
+
+#[test]
+fn user_quota_gives_486() {
+    let mut h = harness_with(rules(1), 50000..=50009);
+    let mut a = cred("alice", "wonderland");
+    h.allocate(ft(4000), &mut a);
+    let r = h.authed(
+        ft(4001),
+        METHOD_ALLOCATE,
+        || vec![udp()],
+        &mut cred("alice", "wonderland"),
+    );
+    assert_eq!(error_code(&r), Some(486));
+    h.allocate(ft(4002), &mut cred("bob", "builder"));
+    assert_eq!(h.stats.quota_rejections.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn exhausted_ports_give_508_and_taken_ports_are_skipped() {
+    let mut h = harness_with(rules(8), 50000..=50001);
+    h.io.refuse_ports = vec![50000];
+    let relayed = h.allocate(ft(4000), &mut cred("alice", "wonderland"));
+    assert_eq!(relayed.port(), 50001);
+    let r = h.authed(
+        ft(4001),
+        METHOD_ALLOCATE,
+        || vec![udp()],
+        &mut cred("bob", "builder"),
+    );
+    assert_eq!(error_code(&r), Some(508));
+}
+
+#[test]
+fn permissions_follow_the_peer_policy() {
+    let mut h = harness();
+    let mut c = cred("alice", "wonderland");
+    h.allocate(ft(4000), &mut c);
+    for denied in [
+        "127.0.0.1:5000",
+        "169.254.169.254:80",
+        "10.0.0.1:1",
+        "192.168.1.1:2",
+    ] {
+        let r = h.authed(
+            ft(4000),
+            METHOD_CREATE_PERMISSION,
+            || vec![peer_attr(denied)],
+            &mut c,
+        );
+        assert_eq!(error_code(&r), Some(403), "{denied}");
+    }
+    // One bad address refuses the whole request and installs nothing.
+    let r = h.authed(
+        ft(4000),
+        METHOD_CREATE_PERMISSION,
+        || vec![peer_attr("8.8.8.8:1"), peer_attr("127.0.0.1:1")],
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(403));
+    let r = h.authed(
+        ft(4000),
+        METHOD_CREATE_PERMISSION,
+        || {
+            vec![
+                peer_attr("8.8.8.8:1"),
+                peer_attr("1.1.1.1:1"),
+                peer_attr(&format!("{RELAY_IP}:50003")),
+            ]
+        },
+        &mut c,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    let r = h.authed(
+        ft(4000),
+        METHOD_CREATE_PERMISSION,
+        || vec![peer_attr("[2606:4700::1111]:1")],
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(443));
+    let r = h.authed(ft(4000), METHOD_CREATE_PERMISSION, Vec::new, &mut c);
+    assert_eq!(error_code(&r), Some(400));
+    let r = h.authed(
+        ft(4000),
+        METHOD_CREATE_PERMISSION,
+        || vec![peer_attr("9.9.9.9:1"), peer_attr("9.9.9.10:1")],
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(508), "max_permissions is 4");
+}
+
+#[test]
+fn channel_bind_rules() {
+    let mut h = harness();
+    let mut c = cred("alice", "wonderland");
+    h.allocate(ft(4000), &mut c);
+    let num = |n: u16| -> Box<dyn Setter> { Box::new(ProtoChannelNumber(n)) };
+    let r = h.authed(
+        ft(4000),
+        METHOD_CHANNEL_BIND,
+        || vec![num(0x3FFF), peer_attr("8.8.8.8:53")],
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(400));
+    let r = h.authed(
+        ft(4000),
+        METHOD_CHANNEL_BIND,
+        || vec![num(0x5000), peer_attr("8.8.8.8:53")],
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(400));
+    let r = h.authed(ft(4000), METHOD_CHANNEL_BIND, || vec![num(0x4000)], &mut c);
+    assert_eq!(error_code(&r), Some(400));
+    let r = h.authed(
+        ft(4000),
+        METHOD_CHANNEL_BIND,
+        || vec![num(0x4000), peer_attr("127.0.0.1:53")],
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(403));
+    let r = h.authed(
+        ft(4000),
+        METHOD_CHANNEL_BIND,
+        || vec![num(0x4000), peer_attr(&format!("{RELAY_IP}:22"))],
+        &mut c,
+    );
+    assert_eq!(
+        error_code(&r),
+        Some(403),
+        "own address outside the relay range"
+    );
+    let r = h.authed(
+        ft(4000),
+        METHOD_CHANNEL_BIND,
+        || vec![num(0x4000), peer_attr("8.8.8.8:53")],
+        &mut c,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    let r = h.authed(
+        ft(4000),
+        METHOD_CHANNEL_BIND,
+        || vec![num(0x4000), peer_attr("8.8.8.8:53")],
+        &mut c,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE, "refresh");
+    let r = h.authed(
+        ft(4000),
+        METHOD_CHANNEL_BIND,
+        || vec![num(0x4000), peer_attr("8.8.4.4:53")],
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(400), "number bound to another peer");
+    let r = h.authed(
+        ft(4000),
+        METHOD_CHANNEL_BIND,
+        || vec![num(0x4001), peer_attr("8.8.8.8:53")],
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(400), "peer bound to another number");
+}
+
+#[test]
+fn data_flows_both_ways_through_indications_and_channels() {
+    let mut h = harness();
+    let mut c = cred("alice", "wonderland");
+    let relayed = h.allocate(ft(4000), &mut c);
+    let peer: SocketAddr = "8.8.8.8:5000".parse().unwrap();
+    let send = |payload: &[u8]| -> Vec<u8> {
+        let mut m = Message::new();
+        let setters: Vec<Box<dyn Setter>> = vec![
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(METHOD_SEND, CLASS_INDICATION)),
+            Box::new(PeerAddress {
+                ip: peer.ip(),
+                port: peer.port(),
+            }),
+            Box::new(Data(payload.to_vec())),
+        ];
+        m.build(&setters).unwrap();
+        m.raw
+    };
+    // No permission yet: dropped.
+    h.send(ft(4000), &send(b"early"));
+    assert!(h.io.to_peer.is_empty());
+    assert_eq!(h.stats.dropped_no_permission.load(Ordering::Relaxed), 1);
+    // Peer traffic without permission is dropped too.
+    h.s.peer_datagram(h.now, relayed.port(), peer, b"nope", &mut h.io);
+    assert!(h.io.to_client.iter().all(|(_, b)| b[0] < 0x40));
+    let r = h.authed(
+        ft(4000),
+        METHOD_CREATE_PERMISSION,
+        || vec![peer_attr("8.8.8.8:1")],
+        &mut c,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    h.send(ft(4000), &send(b"hello"));
+    assert_eq!(
+        h.io.to_peer,
+        vec![(relayed.port(), peer, b"hello".to_vec())]
+    );
+    // Peer → client as a Data indication.
+    let n = h.io.to_client.len();
+    h.s.peer_datagram(h.now, relayed.port(), peer, b"world", &mut h.io);
+    let di = decode(&h.io.to_client[n].1);
+    assert_eq!(di.typ.value(), wire::DATA_INDICATION);
+    let mut d = Data::default();
+    d.get_from(&di).unwrap();
+    assert_eq!(d.0, b"world");
+    // Bind a channel: both directions switch to ChannelData.
+    let r = h.authed(
+        ft(4000),
+        METHOD_CHANNEL_BIND,
+        || {
+            vec![
+                Box::new(ProtoChannelNumber(0x4001)),
+                peer_attr("8.8.8.8:5000"),
+            ]
+        },
+        &mut c,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    h.s.handle_client(
+        h.now,
+        ft(4000),
+        &[0x40, 0x01, 0x00, 0x03, b'a', b'b', b'c', 0],
+        &mut h.io,
+    );
+    assert_eq!(
+        h.io.to_peer.last().unwrap(),
+        &(relayed.port(), peer, b"abc".to_vec())
+    );
+    h.s.peer_datagram(h.now, relayed.port(), peer, b"xyz", &mut h.io);
+    assert_eq!(
+        h.io.to_client.last().unwrap().1,
+        vec![0x40, 0x01, 0x00, 0x03, b'x', b'y', b'z']
+    );
+    // Unbound channel and truncated ChannelData are dropped.
+    h.s.handle_client(h.now, ft(4000), &[0x40, 0x02, 0x00, 0x01, 0], &mut h.io);
+    h.s.handle_client(h.now, ft(4000), &[0x40, 0x01, 0x00, 0x09, 0], &mut h.io);
+    assert_eq!(h.io.to_peer.len(), 2);
+    assert_eq!(h.stats.c2p_channel_packets.load(Ordering::Relaxed), 1);
+    assert_eq!(h.stats.p2c_channel_bytes.load(Ordering::Relaxed), 3);
+    // After 300 s without refresh the permission lapses (the channel lives on).
+    h.now += Duration::from_secs(301);
+    h.s.handle_client(h.now, ft(4000), &[0x40, 0x01, 0x00, 0x01, b'q'], &mut h.io);
+    assert_eq!(h.io.to_peer.len(), 2);
+}
+
+#[test]
+fn refresh_zero_deletes_and_frees_the_port() {
+    let mut h = harness_with(rules(8), 50000..=50000);
+    let mut c = cred("alice", "wonderland");
+    let relayed = h.allocate(ft(4000), &mut c);
+    let r = h.authed(
+        ft(4000),
+        METHOD_REFRESH,
+        || vec![Box::new(Lifetime(Duration::from_secs(0)))],
+        &mut c,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    let mut l = Lifetime::default();
+    l.get_from(&r).unwrap();
+    assert_eq!(l.0, Duration::ZERO);
+    assert_eq!(h.io.closed, vec![relayed.port()]);
+    assert_eq!(h.s.allocation_count(), 0);
+    assert_eq!(h.s.free_ports(), 1);
+    // The only port is usable again.
+    h.allocate(ft(4001), &mut cred("bob", "builder"));
+}
+
+#[test]
+fn refresh_caps_lifetime_and_expiry_deletes() {
+    let mut h = harness();
+    let mut c = cred("alice", "wonderland");
+    let relayed = h.allocate(ft(4000), &mut c);
+    let r = h.authed(
+        ft(4000),
+        METHOD_REFRESH,
+        || vec![Box::new(Lifetime(Duration::from_secs(99999)))],
+        &mut c,
+    );
+    let mut l = Lifetime::default();
+    l.get_from(&r).unwrap();
+    assert_eq!(l.0, Duration::from_secs(3600));
+    assert!(h.s.poll_timeout().is_some());
+    h.now += Duration::from_secs(3599);
+    h.s.handle_timeout(h.now, &mut h.io);
+    assert_eq!(h.s.allocation_count(), 1);
+    h.now += Duration::from_secs(2);
+    h.s.handle_timeout(h.now, &mut h.io);
+    assert_eq!(h.s.allocation_count(), 0);
+    assert_eq!(h.io.closed, vec![relayed.port()]);
+    assert_eq!(h.stats.allocations_expired.load(Ordering::Relaxed), 1);
+    assert_eq!(h.shared.total_allocations(), 0);
+    assert!(h.s.poll_timeout().is_none());
+}
+
+#[test]
+fn even_port_with_reservation() {
+    let mut h = harness();
+    let mut c = cred("alice", "wonderland");
+    let even_r = || -> Vec<Box<dyn Setter>> {
+        vec![
+            udp(),
+            Box::new(RawAttribute {
+                typ: ATTR_EVEN_PORT,
+                length: 1,
+                value: vec![0x80],
+            }),
+        ]
+    };
+    let r = h.authed(ft(4000), METHOD_ALLOCATE, even_r, &mut c);
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    let mut ra = RelayedAddress::default();
+    ra.get_from(&r).unwrap();
+    assert_eq!(ra.port % 2, 0);
+    let mut token = ReservationToken::default();
+    token.get_from(&r).unwrap();
+    let mut b = cred("bob", "builder");
+    let tok = token.0.clone();
+    let r = h.authed(
+        ft(4001),
+        METHOD_ALLOCATE,
+        || vec![udp(), Box::new(ReservationToken(tok.clone()))],
+        &mut b,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    let mut rb = RelayedAddress::default();
+    rb.get_from(&r).unwrap();
+    assert_eq!(rb.port, ra.port + 1);
+}
+
+#[test]
+fn unreserved_pair_port_returns_after_30s() {
+    let mut h = harness_with(rules(8), 50000..=50001);
+    let mut c = cred("alice", "wonderland");
+    let r = h.authed(
+        ft(4000),
+        METHOD_ALLOCATE,
+        || {
+            vec![
+                udp(),
+                Box::new(RawAttribute {
+                    typ: ATTR_EVEN_PORT,
+                    length: 1,
+                    value: vec![0x80],
+                }),
+            ]
+        },
+        &mut c,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    assert_eq!(h.s.free_ports(), 0);
+    h.now += Duration::from_secs(31);
+    h.s.handle_timeout(h.now, &mut h.io);
+    assert_eq!(h.s.free_ports(), 1);
+}
+
+#[test]
+fn draining_refuses_new_allocations() {
+    let mut h = harness();
+    h.shared.draining.store(true, Ordering::Relaxed);
+    let r = h.authed(
+        ft(4000),
+        METHOD_ALLOCATE,
+        || vec![udp()],
+        &mut cred("alice", "wonderland"),
+    );
+    assert_eq!(error_code(&r), Some(403));
+}
+
+#[test]
+fn garbage_never_panics() {
+    let mut h = harness();
+    let mut c = cred("alice", "wonderland");
+    let relayed = h.allocate(ft(4000), &mut c);
+    let seeds: Vec<Vec<u8>> = vec![
+        request(METHOD_ALLOCATE, vec![udp()], Some(&c)),
+        request(
+            METHOD_CREATE_PERMISSION,
+            vec![peer_attr("8.8.8.8:1")],
+            Some(&c),
+        ),
+        request(
+            METHOD_CHANNEL_BIND,
+            vec![Box::new(ProtoChannelNumber(0x4000)), peer_attr("8.8.8.8:1")],
+            Some(&c),
+        ),
+        request(
+            METHOD_REFRESH,
+            vec![Box::new(Lifetime(Duration::from_secs(60)))],
+            Some(&c),
+        ),
+        request(METHOD_BINDING, vec![], None),
+        vec![0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4],
+    ];
+    let mut rng = SmallRng::seed_from_u64(7);
+    for i in 0..20_000 {
+        let mut m = seeds[i % seeds.len()].clone();
+        for _ in 0..rng.random_range(1..6) {
+            let at = rng.random_range(0..m.len());
+            match rng.random_range(0..4) {
+                0 => m[at] = rng.random(),
+                1 => m.truncate(at),
+                2 => m.insert(at, rng.random()),
+                _ => {
+                    if m.len() > 3 {
+                        m[2] = rng.random();
+                        m[3] = rng.random();
+                    }
+                }
+            }
+            if m.is_empty() {
+                break;
+            }
+        }
+        h.s.handle_client(h.now, ft(4000 + (i % 3) as u16), &m, &mut h.io);
+        h.s.peer_datagram(
+            h.now,
+            relayed.port(),
+            "8.8.8.8:1".parse().unwrap(),
+            &m,
+            &mut h.io,
+        );
+    }
+}

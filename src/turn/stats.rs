@@ -1,0 +1,64 @@
+//! Counters of one relay shard. Each shard owns its own block, so the
+//! per-packet increments never contend between cores; the metrics module
+//! sums the blocks at scrape time.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use super::policy::Denial;
+
+/// Slots for peer denials, indexed by the reason's position in `Denial::ALL`.
+pub const DENIAL_SLOTS: usize = 24;
+
+#[derive(Default)]
+pub struct TurnStats {
+    pub allocations_active: AtomicI64,
+    pub allocations_created: AtomicU64,
+    pub allocations_expired: AtomicU64,
+    pub allocations_deleted: AtomicU64,
+    pub relay_ports_used: AtomicI64,
+
+    pub c2p_channel_packets: AtomicU64,
+    pub c2p_channel_bytes: AtomicU64,
+    pub c2p_send_packets: AtomicU64,
+    pub c2p_send_bytes: AtomicU64,
+    pub p2c_channel_packets: AtomicU64,
+    pub p2c_channel_bytes: AtomicU64,
+    pub p2c_data_packets: AtomicU64,
+    pub p2c_data_bytes: AtomicU64,
+
+    pub binding_requests: AtomicU64,
+    pub auth_bad_credential: AtomicU64,
+    pub auth_expired: AtomicU64,
+    pub auth_stale_nonce: AtomicU64,
+    pub peer_denied: [AtomicU64; DENIAL_SLOTS],
+    pub quota_rejections: AtomicU64,
+    pub capacity_rejections: AtomicU64,
+
+    /// Datagrams dropped: malformed, no allocation, no permission, unknown channel.
+    pub dropped_malformed: AtomicU64,
+    pub dropped_no_allocation: AtomicU64,
+    pub dropped_no_permission: AtomicU64,
+    /// Socket errors, counted and skipped (never fatal to a loop).
+    pub send_errors: AtomicU64,
+    pub recv_errors: AtomicU64,
+}
+
+#[inline]
+pub fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+#[inline]
+pub fn add(c: &AtomicU64, n: usize) {
+    c.fetch_add(n as u64, Relaxed);
+}
+
+impl TurnStats {
+    pub fn denied(&self, reason: Denial) {
+        if let Some(i) = Denial::ALL.iter().position(|d| *d == reason) {
+            if let Some(c) = self.peer_denied.get(i) {
+                inc(c);
+            }
+        }
+    }
+}
