@@ -1,1 +1,116 @@
-fn main() {}
+//! The `turnkey` command: serve, check a config, mint a credential.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use turnkey::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "turnkey",
+    version,
+    about = "STUN/TURN relay, WebRTC signaling and a demo video-chat page in one binary"
+)]
+struct Cli {
+    /// Configuration file (TOML); without it, the embedded defaults.
+    #[arg(long, short, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file and print the effective config, secrets masked.
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Mint a TURN REST credential from the configured secret.
+    Credentials {
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds (default: auth.rest_ttl_secs).
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+}
+
+fn load(file: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    Config::load(file, std::env::vars()).map_err(|e| {
+        eprintln!("turnkey: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { file }) => match load(Some(&file)) {
+            Ok(cfg) => {
+                print!("{}", cfg.to_masked_toml());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Some(Command::Credentials { user, ttl }) => {
+            let cfg = match load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let Some(secret) = cfg.auth.secrets.first() else {
+                eprintln!("turnkey: config key `auth.secrets`: no secret configured (a server without one generates a random secret that only it knows)");
+                return ExitCode::from(2);
+            };
+            let ttl = ttl.unwrap_or(cfg.auth.rest_ttl_secs);
+            let cred =
+                turnkey::turn::auth::mint(secret.expose(), &user, turnkey::app::unix_now(), ttl);
+            match serde_json::to_string_pretty(&cred) {
+                Ok(s) => println!("{s}"),
+                Err(e) => {
+                    eprintln!("turnkey: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        None => {
+            let cfg = match load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_tracing(&cfg);
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("turnkey: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(turnkey::app::serve(cfg, cli.config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}

@@ -278,7 +278,7 @@ mod tests {
     fn channel_numbers_are_validated() {
         assert!(ChannelNumber::new(0x3FFF).is_none());
         assert!(ChannelNumber::new(0x4000).is_some());
-        assert!(ChannelNumber::new(0x4FFF).is_some());
-        assert!(ChannelNumber::new(0x5000).is_none());
+        assert!(ChannelNumber::new(0x7FFF).is_some());
+        assert!(ChannelNumber::new(0x8000).is_none());
     }
 }

@@ -59,17 +59,51 @@ pub struct Rules {
     pub max_channels: usize,
 }
 
-/// State shared by all shards: allocation counts for quotas, drain flag.
-#[derive(Default)]
+/// State shared by all shards, touched only on the control path: the
+/// relay port pool and EVEN-PORT reservations (a reserved port may be
+/// claimed by a client that the kernel hashes to another shard),
+/// allocation counts for quotas, and the drain flag.
 pub struct Shared {
+    ports: Mutex<PortState>,
+    ports_range: std::ops::RangeInclusive<u16>,
     users: Mutex<HashMap<String, usize>>,
     total: AtomicUsize,
+    reservations: AtomicUsize,
     pub draining: AtomicBool,
 }
 
+struct PortState {
+    pool: PortPool,
+    reservations: HashMap<[u8; 8], (u16, Instant)>,
+}
+
 impl Shared {
+    pub fn new(ports: std::ops::RangeInclusive<u16>) -> Self {
+        Shared {
+            ports: Mutex::new(PortState {
+                pool: PortPool::new(ports.clone(), &mut rand::rng()),
+                reservations: HashMap::new(),
+            }),
+            ports_range: ports,
+            users: Mutex::new(HashMap::new()),
+            total: AtomicUsize::new(0),
+            reservations: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+        }
+    }
+
     pub fn total_allocations(&self) -> usize {
         self.total.load(Ordering::Relaxed)
+    }
+
+    pub fn free_ports(&self) -> usize {
+        self.lock_ports().pool.free_count()
+    }
+
+    fn lock_ports(&self) -> std::sync::MutexGuard<'_, PortState> {
+        // A panic elsewhere cannot leave the pool half-updated in a way that
+        // matters more than refusing all allocations would.
+        self.ports.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -77,8 +111,6 @@ impl Shared {
 pub struct CoreConfig {
     /// The address put into XOR-RELAYED-ADDRESS.
     pub advertised_ip: IpAddr,
-    /// This shard's share of the relay port range.
-    pub ports: Vec<u16>,
     pub nonce_key: [u8; 32],
     pub nonce_lifetime: Duration,
 }
@@ -115,11 +147,9 @@ pub struct Server {
     shared: Arc<Shared>,
     stats: Arc<TurnStats>,
     nonces: Nonces,
-    pool: PortPool,
     port_base: u16,
     slots: Vec<Option<Box<Allocation>>>,
     by_client: HashMap<FiveTuple, u16>,
-    reservations: HashMap<[u8; 8], (u16, Instant)>,
     next_sweep: Instant,
     rng: SmallRng,
     scratch: Box<[u8]>,
@@ -133,15 +163,9 @@ impl Server {
         shared: Arc<Shared>,
         stats: Arc<TurnStats>,
     ) -> Self {
-        let mut rng = SmallRng::from_os_rng();
-        let pool = PortPool::new(cfg.ports.iter().copied(), &mut rng);
-        let port_base = cfg.ports.iter().copied().min().unwrap_or(0);
-        let top = cfg.ports.iter().copied().max().unwrap_or(0);
-        let nslots = if cfg.ports.is_empty() {
-            0
-        } else {
-            usize::from(top - port_base) + 1
-        };
+        let rng = SmallRng::from_os_rng();
+        let port_base = *shared.ports_range.start();
+        let nslots = shared.ports_range.clone().count();
         Server {
             nonces: Nonces::new(cfg.nonce_key, cfg.nonce_lifetime.as_secs()),
             cfg,
@@ -149,11 +173,9 @@ impl Server {
             rules,
             shared,
             stats,
-            pool,
             port_base,
             slots: (0..nslots).map(|_| None).collect(),
             by_client: HashMap::new(),
-            reservations: HashMap::new(),
             next_sweep: clock.mono0 + SWEEP_INTERVAL,
             rng,
             scratch: vec![0u8; SCRATCH_LEN].into_boxed_slice(),
@@ -162,10 +184,6 @@ impl Server {
 
     pub fn allocation_count(&self) -> usize {
         self.by_client.len()
-    }
-
-    pub fn free_ports(&self) -> usize {
-        self.pool.free_count()
     }
 
     fn slot(&self, port: u16) -> Option<&Allocation> {
@@ -273,7 +291,8 @@ impl Server {
 
     /// When the core next wants `handle_timeout`.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        (!self.by_client.is_empty() || !self.reservations.is_empty()).then_some(self.next_sweep)
+        (!self.by_client.is_empty() || self.shared.reservations.load(Ordering::Relaxed) > 0)
+            .then_some(self.next_sweep)
     }
 
     /// Expires allocations, permissions, channels and reservations.
@@ -295,21 +314,26 @@ impl Server {
         for slot in self.slots.iter_mut().flatten() {
             slot.prune(now);
         }
-        let stale: Vec<[u8; 8]> = self
-            .reservations
-            .iter()
-            .filter(|(_, (_, exp))| *exp <= now)
-            .map(|(k, _)| *k)
-            .collect();
-        for token in stale {
-            if let Some((port, _)) = self.reservations.remove(&token) {
-                self.release_port(port);
+        if self.shared.reservations.load(Ordering::Relaxed) > 0 {
+            let mut ports = self.shared.lock_ports();
+            let stale: Vec<[u8; 8]> = ports
+                .reservations
+                .iter()
+                .filter(|(_, (_, exp))| *exp <= now)
+                .map(|(k, _)| *k)
+                .collect();
+            for token in stale {
+                if let Some((port, _)) = ports.reservations.remove(&token) {
+                    ports.pool.give_back(port);
+                    self.shared.reservations.fetch_sub(1, Ordering::Relaxed);
+                    self.stats.relay_ports_used.fetch_sub(1, Ordering::Relaxed);
+                }
             }
         }
     }
 
     fn release_port(&mut self, port: u16) {
-        self.pool.give_back(port);
+        self.shared.lock_ports().pool.give_back(port);
         self.stats.relay_ports_used.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -382,6 +406,7 @@ impl Server {
         r: Reject,
         key: Option<&Key>,
     ) -> Option<Vec<u8>> {
+        tracing::debug!(client = %ft.client, method = %m.typ.method, code = r.code().0, "request refused: {r:?}");
         let mut attrs: Vec<Box<dyn Setter>> = vec![Box::new(r.error_attribute())];
         match &r {
             Reject::Unauthorized | Reject::StaleNonce => {
@@ -557,7 +582,11 @@ impl Server {
                 .as_slice()
                 .try_into()
                 .map_err(|_| (Reject::BadRequest, Some(key)))?;
-            match self.reservations.remove(&t) {
+            let claimed = self.shared.lock_ports().reservations.remove(&t);
+            if claimed.is_some() {
+                self.shared.reservations.fetch_sub(1, Ordering::Relaxed);
+            }
+            match claimed {
                 Some((p, exp)) if exp > now && io.open_relay(p, dont_fragment) => (p, false),
                 Some((p, _)) => {
                     self.release_port(p);
@@ -578,8 +607,11 @@ impl Server {
         let mut token_out = None;
         if reserve {
             let t: [u8; 8] = self.rng.random();
-            self.reservations
+            self.shared
+                .lock_ports()
+                .reservations
                 .insert(t, (port + 1, now + RESERVATION_LIFETIME));
+            self.shared.reservations.fetch_add(1, Ordering::Relaxed);
             token_out = Some(t);
         }
         let lifetime = {
@@ -631,7 +663,7 @@ impl Server {
         io: &mut impl Io,
     ) -> Option<u16> {
         for _ in 0..16 {
-            let port = self.pool.take(even, pair)?;
+            let port = self.shared.lock_ports().pool.take(even, pair)?;
             if io.open_relay(port, dont_fragment) {
                 self.stats
                     .relay_ports_used
@@ -639,7 +671,7 @@ impl Server {
                 return Some(port);
             }
             if pair {
-                self.pool.give_back(port + 1);
+                self.shared.lock_ports().pool.give_back(port + 1);
             }
         }
         None

@@ -82,11 +82,10 @@ fn harness_with(rules: Rules, ports: std::ops::RangeInclusive<u16>) -> Harness {
         mono0: now,
         unix0: 1_700_000_000,
     };
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared::new(ports));
     let stats = Arc::new(TurnStats::default());
     let cfg = CoreConfig {
         advertised_ip: RELAY_IP.parse().unwrap(),
-        ports: ports.collect(),
         nonce_key: [3; 32],
         nonce_lifetime: Duration::from_secs(600),
     };
@@ -548,7 +547,7 @@ fn channel_bind_rules() {
     let r = h.authed(
         ft(4000),
         METHOD_CHANNEL_BIND,
-        || vec![num(0x5000), peer_attr("8.8.8.8:53")],
+        || vec![num(0x8000), peer_attr("8.8.8.8:53")],
         &mut c,
     );
     assert_eq!(error_code(&r), Some(400));
@@ -706,7 +705,7 @@ fn refresh_zero_deletes_and_frees_the_port() {
     assert_eq!(l.0, Duration::ZERO);
     assert_eq!(h.io.closed, vec![relayed.port()]);
     assert_eq!(h.s.allocation_count(), 0);
-    assert_eq!(h.s.free_ports(), 1);
+    assert_eq!(h.shared.free_ports(), 1);
     // The only port is usable again.
     h.allocate(ft(4001), &mut cred("bob", "builder"));
 }
@@ -793,10 +792,10 @@ fn unreserved_pair_port_returns_after_30s() {
         &mut c,
     );
     assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
-    assert_eq!(h.s.free_ports(), 0);
+    assert_eq!(h.shared.free_ports(), 0);
     h.now += Duration::from_secs(31);
     h.s.handle_timeout(h.now, &mut h.io);
-    assert_eq!(h.s.free_ports(), 1);
+    assert_eq!(h.shared.free_ports(), 1);
 }
 
 #[test]

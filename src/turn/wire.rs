@@ -18,9 +18,12 @@ pub const ATTR_DATA: u16 = 0x0013;
 pub const SEND_INDICATION: u16 = 0x0016;
 pub const DATA_INDICATION: u16 = 0x0017;
 
-/// Channel numbers a client may bind (RFC 8656 §12: 0x4000 through 0x4FFF).
+/// Channel numbers a client may bind. RFC 8656 §12 narrowed the range to
+/// 0x4000–0x4FFF, but RFC 5766 clients (coturn's own among them) still pick
+/// numbers up to 0x7FFF; on a TURN port nothing else starts with 0x40–0x7F,
+/// so accepting the old range costs nothing and keeps them working.
 pub const CHANNEL_MIN: u16 = 0x4000;
-pub const CHANNEL_MAX: u16 = 0x4FFF;
+pub const CHANNEL_MAX: u16 = 0x7FFF;
 
 /// Largest Data indication header: STUN header, XOR-PEER-ADDRESS for IPv6
 /// (4 + 20) and the DATA attribute header.
@@ -38,7 +41,7 @@ pub enum Kind {
 pub fn classify(b: &[u8]) -> Kind {
     match b.first() {
         Some(0..=3) if b.len() >= HEADER_LEN => Kind::Stun,
-        Some(0x40..=0x4F) if b.len() >= CHANNEL_HEADER_LEN => Kind::ChannelData,
+        Some(0x40..=0x7F) if b.len() >= CHANNEL_HEADER_LEN => Kind::ChannelData,
         _ => Kind::Other,
     }
 }
@@ -55,7 +58,7 @@ pub enum WireError {
     MissingAttribute,
     #[error("malformed address attribute")]
     BadAddress,
-    #[error("channel number outside 0x4000-0x4FFF")]
+    #[error("channel number outside 0x4000-0x7FFF")]
     BadChannel,
 }
 
@@ -228,7 +231,8 @@ mod tests {
         assert_eq!(classify(&[0u8; 19]), Kind::Other);
         assert_eq!(classify(&[0x40, 0, 0, 0]), Kind::ChannelData);
         assert_eq!(classify(&[0x4F, 0xFF, 0, 0]), Kind::ChannelData);
-        assert_eq!(classify(&[0x50, 0, 0, 0]), Kind::Other);
+        assert_eq!(classify(&[0x7F, 0, 0, 0]), Kind::ChannelData);
+        assert_eq!(classify(&[0x80, 0, 0, 0]), Kind::Other);
         assert_eq!(classify(&[0x40, 0]), Kind::Other);
         assert_eq!(classify(&[]), Kind::Other);
     }
@@ -256,7 +260,7 @@ mod tests {
             Err(WireError::Truncated)
         );
         assert_eq!(
-            parse_channel_data(&[0x50, 0x00, 0x00, 0x00]),
+            parse_channel_data(&[0x80, 0x00, 0x00, 0x00]),
             Err(WireError::BadChannel)
         );
         assert_eq!(

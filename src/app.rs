@@ -1,0 +1,385 @@
+//! Wiring: builds the relay shards, the signaling service and the HTTP
+//! server from one `Config`, and runs them until a signal says stop.
+//!
+//! Signals: SIGINT/SIGTERM stop (SIGTERM drains first, up to
+//! `drain.grace_secs`), SIGHUP reloads the config file (secrets, users,
+//! peer policy, limits; a bad file is refused and the old one stays),
+//! SIGUSR1 drains: `/readyz` turns 503, new allocations get 403 and new
+//! joins an error, and the process exits when the last allocation ends.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use rand::Rng;
+
+use crate::config::{Config, Secret};
+use crate::http::{IceServer, IceServers};
+use crate::metrics::Metrics;
+use crate::relay::{Relay, ShardSpec};
+use crate::signal::{SignalConfig, Signaling};
+use crate::turn::auth::{mint, Credentials};
+use crate::turn::policy::PeerPolicy;
+use crate::turn::server::{Clock, CoreConfig, Rules, Server, Shared};
+use crate::turn::stats::TurnStats;
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub rules: Arc<ArcSwap<Rules>>,
+    pub shared: Arc<Shared>,
+    pub signaling: Arc<Signaling>,
+    pub metrics: Arc<Metrics>,
+    pub static_dir: Option<PathBuf>,
+    pub serve_metrics_here: bool,
+    ice: Arc<IceSettings>,
+}
+
+/// What goes into `iceServers` URLs.
+struct IceSettings {
+    public_host: Option<String>,
+    advertised_ip: IpAddr,
+    turn_port: u16,
+    rest_ttl_secs: u64,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl AppState {
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Relaxed)
+    }
+
+    /// A fresh `RTCConfiguration` for a client that reached us as `host`.
+    pub fn ice_servers(&self, host: Option<&str>) -> IceServers {
+        let ice = &self.ice;
+        let host = ice
+            .public_host
+            .clone()
+            .or_else(|| host.map(str::to_string))
+            .unwrap_or_else(|| match ice.advertised_ip {
+                IpAddr::V6(v6) => format!("[{v6}]"),
+                v4 => v4.to_string(),
+            });
+        let port = ice.turn_port;
+        let mut servers = vec![IceServer {
+            urls: vec![format!("stun:{host}:{port}")],
+            username: None,
+            credential: None,
+        }];
+        let rules = self.rules.load();
+        if let Some(secret) = rules.credentials.minting_secret() {
+            let id: u64 = rand::rng().random();
+            let cred = mint(secret, &format!("{id:016x}"), unix_now(), ice.rest_ttl_secs);
+            servers.push(IceServer {
+                urls: vec![format!("turn:{host}:{port}?transport=udp")],
+                username: Some(cred.username),
+                credential: Some(cred.password),
+            });
+        }
+        IceServers {
+            ice_servers: servers,
+            ttl: ice.rest_ttl_secs,
+        }
+    }
+}
+
+/// Rules (the reloadable part of the config) from a config.
+pub fn rules_from(cfg: &Config, secrets: Vec<Secret>, relay_ips: Vec<IpAddr>) -> Rules {
+    let t = &cfg.turn;
+    Rules {
+        credentials: Credentials::new(t.realm.clone(), secrets, cfg.auth.users.clone()),
+        policy: PeerPolicy::new(
+            t.allowed_peer_ranges.clone(),
+            t.denied_peer_ranges.clone(),
+            relay_ips,
+            t.relay_ports(),
+        ),
+        default_lifetime: t.default_lifetime(),
+        max_lifetime: t.max_lifetime(),
+        user_quota: t.user_quota,
+        total_quota: t.total_quota,
+        max_permissions: t.max_permissions,
+        max_channels: t.max_channels,
+    }
+}
+
+/// The secrets in force: the configured ones, or one generated now.
+fn secrets_or_generated(cfg: &Config, generated: &Secret) -> Vec<Secret> {
+    if cfg.auth.secrets.is_empty() {
+        vec![generated.clone()]
+    } else {
+        cfg.auth.secrets.clone()
+    }
+}
+
+/// The address of the interface that routes to the internet, found by a
+/// UDP connect (which sends nothing).
+fn default_route_ip() -> Option<IpAddr> {
+    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+fn signal_config(cfg: &Config) -> SignalConfig {
+    SignalConfig {
+        room_capacity: cfg.signaling.room_capacity,
+        max_message_bytes: cfg.signaling.max_message_bytes,
+        ping_interval: Duration::from_millis(cfg.signaling.ping_interval_ms),
+        pong_timeout: Duration::from_millis(cfg.signaling.pong_timeout_ms),
+    }
+}
+
+/// Runs the appliance until SIGINT/SIGTERM (or the end of a drain).
+pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let t = &cfg.turn;
+    let first_listen = t.listen[0].ip();
+    let relay_bind = t.relay_ip.unwrap_or(first_listen);
+    let advertised_ip = match (t.external_ip, relay_bind) {
+        (Some(ip), _) => ip,
+        (None, ip) if !ip.is_unspecified() => ip,
+        (None, _) => default_route_ip().unwrap_or_else(|| {
+            tracing::warn!("no default route; advertising 127.0.0.1 as the relay address (set turn.external_ip)");
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        }),
+    };
+    let mut relay_ips = vec![advertised_ip];
+    if !relay_bind.is_unspecified() && relay_bind != advertised_ip {
+        relay_ips.push(relay_bind);
+    }
+    let generated = Secret::new(hex(&rand::rng().random::<[u8; 32]>()));
+    if cfg.auth.secrets.is_empty() {
+        tracing::info!("no auth.secrets configured: generated a random REST secret for this run");
+    }
+    let rules = Arc::new(ArcSwap::from_pointee(rules_from(
+        &cfg,
+        secrets_or_generated(&cfg, &generated),
+        relay_ips.clone(),
+    )));
+    let shared = Arc::new(Shared::new(t.relay_ports()));
+    let threads = match t.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let clock = Clock {
+        mono0: Instant::now(),
+        unix0: unix_now(),
+    };
+    let nonce_key: [u8; 32] = rand::rng().random();
+    let mut specs = Vec::new();
+    let mut shard_stats = Vec::new();
+    for i in 0..threads {
+        let stats = Arc::new(TurnStats::default());
+        let core = Server::new(
+            CoreConfig {
+                advertised_ip,
+                nonce_key,
+                nonce_lifetime: t.nonce_lifetime(),
+            },
+            clock,
+            rules.clone(),
+            shared.clone(),
+            stats.clone(),
+        );
+        shard_stats.push(stats.clone());
+        specs.push(ShardSpec {
+            index: i,
+            listen: t.listen.clone(),
+            relay_bind,
+            core,
+            stats,
+        });
+    }
+    let relay = Relay::start(specs).context("starting the TURN listeners")?;
+    let turn_addrs = relay.local_addrs().to_vec();
+    let turn_port = turn_addrs.first().map_or(3478, SocketAddr::port);
+
+    let ice = Arc::new(IceSettings {
+        public_host: cfg.http.public_host.clone(),
+        advertised_ip,
+        turn_port,
+        rest_ttl_secs: cfg.auth.rest_ttl_secs,
+    });
+    // The signaling service asks the app state for iceServers; the state
+    // holds the signaling service, so the closure gets it through a cell.
+    let state_cell: Arc<std::sync::OnceLock<AppState>> = Arc::new(std::sync::OnceLock::new());
+    let cell = state_cell.clone();
+    let signaling = Signaling::new(
+        signal_config(&cfg),
+        Arc::new(move |host: Option<&str>| match cell.get() {
+            Some(state) => {
+                let s = state.ice_servers(host);
+                (
+                    serde_json::to_value(&s.ice_servers).unwrap_or_default(),
+                    Duration::from_secs(s.ttl),
+                )
+            }
+            None => (serde_json::Value::Array(Vec::new()), Duration::ZERO),
+        }),
+    );
+    let relay_ports_total = usize::from(t.relay_port_max - t.relay_port_min) + 1;
+    let metrics = Arc::new(Metrics::new(
+        shard_stats,
+        signaling.clone(),
+        relay_ports_total,
+    )?);
+    let state = AppState {
+        rules: rules.clone(),
+        shared: shared.clone(),
+        signaling: signaling.clone(),
+        metrics,
+        static_dir: cfg.http.static_dir.clone(),
+        serve_metrics_here: true,
+        ice,
+    };
+    let _ = state_cell.set(state.clone());
+
+    let listener = tokio::net::TcpListener::bind(cfg.http.listen)
+        .await
+        .with_context(|| format!("binding http.listen {}", cfg.http.listen))?;
+    let http_addr = listener.local_addr()?;
+    let turn_list: Vec<String> = turn_addrs.iter().map(|a| a.to_string()).collect();
+    tracing::info!(
+        "ready: http={http_addr} turn={} relay={advertised_ip} ports={}-{} shards={threads}",
+        turn_list.join(","),
+        t.relay_port_min,
+        t.relay_port_max
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let app = crate::http::router(state.clone());
+    let mut http_stop = stop_rx.clone();
+    let http = tokio::spawn(async move {
+        // Signaling messages are small; Nagle would hold them back.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    control_loop(&cfg, config_path, &state, &generated, relay_ips).await;
+
+    signaling.shutdown();
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+    relay.stop();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Waits for signals: reload on SIGHUP, drain on SIGUSR1, stop on
+/// SIGINT/SIGTERM. Returns when the process should stop.
+async fn control_loop(
+    cfg: &Config,
+    config_path: Option<PathBuf>,
+    state: &AppState,
+    generated: &Secret,
+    relay_ips: Vec<IpAddr>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut hup), Ok(mut usr1), Ok(mut term)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
+        signal(SignalKind::terminate()),
+    ) else {
+        tracing::error!("cannot install signal handlers; Ctrl-C only");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("SIGINT: stopping");
+                return;
+            }
+            _ = term.recv() => {
+                if drain_deadline.is_some() {
+                    tracing::info!("second SIGTERM: stopping now");
+                    return;
+                }
+                tracing::info!("SIGTERM: draining before stop");
+                drain_deadline = Some(start_drain(state));
+            }
+            _ = usr1.recv() => {
+                if drain_deadline.is_none() {
+                    tracing::info!("SIGUSR1: draining");
+                    drain_deadline = Some(start_drain(state));
+                }
+            }
+            _ = hup.recv() => reload(cfg, config_path.as_deref(), state, generated, &relay_ips),
+            _ = tick.tick() => {
+                if let Some(deadline) = drain_deadline {
+                    let left = state.shared.total_allocations();
+                    if left == 0 {
+                        tracing::info!("drained: no allocations left");
+                        return;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::info!(allocations = left, "drain grace period over");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Grace period of a drain before the process stops anyway.
+const DRAIN_GRACE: Duration = Duration::from_secs(3600);
+
+fn start_drain(state: &AppState) -> tokio::time::Instant {
+    state.shared.draining.store(true, Ordering::Relaxed);
+    state.signaling.set_draining(true);
+    tokio::time::Instant::now() + DRAIN_GRACE
+}
+
+fn reload(
+    old: &Config,
+    path: Option<&std::path::Path>,
+    state: &AppState,
+    generated: &Secret,
+    relay_ips: &[IpAddr],
+) {
+    let Some(path) = path else {
+        tracing::warn!("SIGHUP: no config file to reload (started without --config)");
+        return;
+    };
+    match Config::load(Some(path), std::env::vars()) {
+        Ok(new) => {
+            let rules = rules_from(
+                &new,
+                secrets_or_generated(&new, generated),
+                relay_ips.to_vec(),
+            );
+            state.rules.store(Arc::new(rules));
+            state.signaling.set_config(signal_config(&new));
+            if new.turn.listen != old.turn.listen || new.http.listen != old.http.listen {
+                tracing::warn!("SIGHUP: listen addresses change only on restart");
+            }
+            tracing::info!(file = %path.display(), "SIGHUP: configuration reloaded");
+        }
+        Err(e) => {
+            tracing::error!(file = %path.display(), "SIGHUP: new configuration refused, the old one stays: {e}")
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

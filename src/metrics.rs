@@ -1,0 +1,372 @@
+//! Prometheus exposition. The relay shards and the signaling service count
+//! in plain atomics of their own; a scrape sums them into `prometheus`
+//! metrics here, so the packet path never touches the registry.
+//!
+//! Names follow the Prometheus conventions: prefix `turnkey_`, units in the
+//! name, counters ending in `_total`, and small fixed label sets (never a
+//! user name or an address).
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::signal::{ErrorCode, SignalStats};
+use crate::turn::policy::Denial;
+use crate::turn::stats::TurnStats;
+
+pub struct Metrics {
+    registry: Registry,
+    shards: Vec<Arc<TurnStats>>,
+    signaling: Arc<crate::signal::Signaling>,
+    relay_ports_total: i64,
+    counters: Vec<(IntCounterVec, Vec<String>, Source)>,
+    gauges: Vec<(IntGaugeVec, Vec<String>, GaugeSource)>,
+    /// Serialises scrapes so counter deltas are computed once.
+    scrape: Mutex<()>,
+}
+
+/// Where a counter's value comes from.
+type Source = Box<dyn Fn(&[Arc<TurnStats>], &SignalStats) -> u64 + Send + Sync>;
+type GaugeSource = Box<dyn Fn(&[Arc<TurnStats>], &SignalStats, i64) -> i64 + Send + Sync>;
+
+fn sum(shards: &[Arc<TurnStats>], f: impl Fn(&TurnStats) -> &AtomicU64) -> u64 {
+    shards.iter().map(|s| f(s).load(Relaxed)).sum()
+}
+
+fn sum_i(shards: &[Arc<TurnStats>], f: impl Fn(&TurnStats) -> &AtomicI64) -> i64 {
+    shards.iter().map(|s| f(s).load(Relaxed)).sum()
+}
+
+impl Metrics {
+    pub fn new(
+        shards: Vec<Arc<TurnStats>>,
+        signaling: Arc<crate::signal::Signaling>,
+        relay_ports_total: usize,
+    ) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::new(
+                std::process::id() as i32,
+                "turnkey",
+            ),
+        ))?;
+        let mut m = Metrics {
+            registry,
+            shards,
+            signaling,
+            relay_ports_total: relay_ports_total as i64,
+            counters: Vec::new(),
+            gauges: Vec::new(),
+            scrape: Mutex::new(()),
+        };
+        m.turn()?;
+        m.signal()?;
+        Ok(m)
+    }
+
+    fn counter(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        series: Vec<(Vec<&str>, Source)>,
+    ) -> Result<(), prometheus::Error> {
+        let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
+        self.registry.register(Box::new(vec.clone()))?;
+        for (values, src) in series {
+            // Touch every series so it is exported as 0 before first use.
+            vec.with_label_values(&values);
+            self.counters.push((
+                vec.clone(),
+                values.iter().map(|s| s.to_string()).collect(),
+                src,
+            ));
+        }
+        Ok(())
+    }
+
+    fn gauge(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        series: Vec<(Vec<&str>, GaugeSource)>,
+    ) -> Result<(), prometheus::Error> {
+        let vec = IntGaugeVec::new(Opts::new(name, help), labels)?;
+        self.registry.register(Box::new(vec.clone()))?;
+        for (values, src) in series {
+            vec.with_label_values(&values);
+            self.gauges.push((
+                vec.clone(),
+                values.iter().map(|s| s.to_string()).collect(),
+                src,
+            ));
+        }
+        Ok(())
+    }
+
+    fn turn(&mut self) -> Result<(), prometheus::Error> {
+        macro_rules! c {
+            ($field:ident) => {
+                Box::new(|s: &[Arc<TurnStats>], _: &SignalStats| sum(s, |t| &t.$field)) as Source
+            };
+        }
+        self.gauge(
+            "turnkey_turn_allocations",
+            "TURN allocations that exist now.",
+            &[],
+            vec![(
+                vec![],
+                Box::new(|s: &[Arc<TurnStats>], _: &SignalStats, _| {
+                    sum_i(s, |t| &t.allocations_active)
+                }),
+            )],
+        )?;
+        self.counter(
+            "turnkey_turn_allocations_total",
+            "TURN allocations by what happened to them: created, expired (lifetime ran out), deleted (refresh 0 or connection closed).",
+            &["event"],
+            vec![
+                (vec!["created"], c!(allocations_created)),
+                (vec!["expired"], c!(allocations_expired)),
+                (vec!["deleted"], c!(allocations_deleted)),
+            ],
+        )?;
+        let relayed = |bytes: bool| {
+            let pick = move |dir: &'static str, framing: &'static str| -> Source {
+                Box::new(
+                    move |s: &[Arc<TurnStats>], _: &SignalStats| match (dir, framing, bytes) {
+                        ("client_to_peer", "channel_data", true) => {
+                            sum(s, |t| &t.c2p_channel_bytes)
+                        }
+                        ("client_to_peer", "channel_data", false) => {
+                            sum(s, |t| &t.c2p_channel_packets)
+                        }
+                        ("client_to_peer", _, true) => sum(s, |t| &t.c2p_send_bytes),
+                        ("client_to_peer", _, false) => sum(s, |t| &t.c2p_send_packets),
+                        (_, "channel_data", true) => sum(s, |t| &t.p2c_channel_bytes),
+                        (_, "channel_data", false) => sum(s, |t| &t.p2c_channel_packets),
+                        (_, _, true) => sum(s, |t| &t.p2c_data_bytes),
+                        (_, _, false) => sum(s, |t| &t.p2c_data_packets),
+                    },
+                )
+            };
+            vec![
+                (
+                    vec!["client_to_peer", "udp", "channel_data"],
+                    pick("client_to_peer", "channel_data"),
+                ),
+                (
+                    vec!["client_to_peer", "udp", "indication"],
+                    pick("client_to_peer", "indication"),
+                ),
+                (
+                    vec!["peer_to_client", "udp", "channel_data"],
+                    pick("peer_to_client", "channel_data"),
+                ),
+                (
+                    vec!["peer_to_client", "udp", "indication"],
+                    pick("peer_to_client", "indication"),
+                ),
+            ]
+        };
+        let labels = &["direction", "transport", "framing"];
+        self.counter(
+            "turnkey_turn_relayed_bytes_total",
+            "Application bytes relayed (TURN framing excluded).",
+            labels,
+            relayed(true),
+        )?;
+        self.counter(
+            "turnkey_turn_relayed_packets_total",
+            "Datagrams relayed.",
+            labels,
+            relayed(false),
+        )?;
+        self.counter(
+            "turnkey_stun_binding_requests_total",
+            "STUN Binding requests answered.",
+            &[],
+            vec![(vec![], c!(binding_requests))],
+        )?;
+        self.counter(
+            "turnkey_turn_auth_failures_total",
+            "Requests refused for their credentials.",
+            &["reason"],
+            vec![
+                (vec!["bad_credential"], c!(auth_bad_credential)),
+                (vec!["expired"], c!(auth_expired)),
+                (vec!["stale_nonce"], c!(auth_stale_nonce)),
+            ],
+        )?;
+        let denials: Vec<(Vec<&str>, Source)> = Denial::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                (
+                    vec![d.as_str()],
+                    Box::new(move |s: &[Arc<TurnStats>], _: &SignalStats| {
+                        s.iter()
+                            .map(|t| t.peer_denied.get(i).map_or(0, |c| c.load(Relaxed)))
+                            .sum()
+                    }) as Source,
+                )
+            })
+            .collect();
+        self.counter(
+            "turnkey_turn_peer_denied_total",
+            "Peers refused by the peer address policy.",
+            &["reason"],
+            denials,
+        )?;
+        self.counter(
+            "turnkey_turn_quota_rejections_total",
+            "Allocations refused: per-user quota (486) or server capacity (508).",
+            &["kind"],
+            vec![
+                (vec!["user"], c!(quota_rejections)),
+                (vec!["capacity"], c!(capacity_rejections)),
+            ],
+        )?;
+        self.counter(
+            "turnkey_turn_dropped_packets_total",
+            "Datagrams dropped without an answer.",
+            &["reason"],
+            vec![
+                (vec!["malformed"], c!(dropped_malformed)),
+                (vec!["no_allocation"], c!(dropped_no_allocation)),
+                (vec!["no_permission"], c!(dropped_no_permission)),
+            ],
+        )?;
+        self.counter(
+            "turnkey_turn_socket_errors_total",
+            "Socket errors counted and skipped.",
+            &["op"],
+            vec![
+                (vec!["send"], c!(send_errors)),
+                (vec!["recv"], c!(recv_errors)),
+            ],
+        )?;
+        self.gauge(
+            "turnkey_turn_relay_ports",
+            "Relay ports by state.",
+            &["state"],
+            vec![
+                (
+                    vec!["used"],
+                    Box::new(|s: &[Arc<TurnStats>], _: &SignalStats, _| {
+                        sum_i(s, |t| &t.relay_ports_used)
+                    }),
+                ),
+                (
+                    vec!["free"],
+                    Box::new(|s: &[Arc<TurnStats>], _: &SignalStats, total| {
+                        total - sum_i(s, |t| &t.relay_ports_used)
+                    }),
+                ),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn signal(&mut self) -> Result<(), prometheus::Error> {
+        macro_rules! c {
+            ($field:ident) => {
+                Box::new(|_: &[Arc<TurnStats>], g: &SignalStats| g.$field.load(Relaxed)) as Source
+            };
+        }
+        macro_rules! g {
+            ($field:ident) => {
+                Box::new(|_: &[Arc<TurnStats>], g: &SignalStats, _| g.$field.load(Relaxed) as i64)
+                    as GaugeSource
+            };
+        }
+        self.gauge(
+            "turnkey_signaling_peers",
+            "Open signaling WebSocket connections.",
+            &[],
+            vec![(vec![], g!(connected_peers))],
+        )?;
+        self.gauge(
+            "turnkey_signaling_rooms",
+            "Rooms with at least one peer.",
+            &[],
+            vec![(vec![], g!(rooms))],
+        )?;
+        self.counter(
+            "turnkey_signaling_joins_total",
+            "Successful room joins.",
+            &[],
+            vec![(vec![], c!(joins_total))],
+        )?;
+        self.counter(
+            "turnkey_signaling_full_total",
+            "Joins answered with `full`.",
+            &[],
+            vec![(vec![], c!(full_total))],
+        )?;
+        self.counter(
+            "turnkey_signaling_messages_relayed_total",
+            "Signal messages delivered to a peer.",
+            &[],
+            vec![(vec![], c!(messages_relayed_total))],
+        )?;
+        self.counter(
+            "turnkey_signaling_ice_refreshes_total",
+            "iceServers refreshes sent before credentials expire.",
+            &[],
+            vec![(vec![], c!(ice_refreshes_total))],
+        )?;
+        self.counter(
+            "turnkey_signaling_dropped_peers_total",
+            "Peers dropped by the server.",
+            &["reason"],
+            vec![
+                (vec!["heartbeat"], c!(heartbeat_drops_total)),
+                (vec!["slow_consumer"], c!(slow_consumer_drops_total)),
+            ],
+        )?;
+        let errors: Vec<(Vec<&str>, Source)> = ErrorCode::ALL
+            .iter()
+            .map(|code| {
+                let code = *code;
+                (
+                    vec![code.as_str()],
+                    Box::new(move |_: &[Arc<TurnStats>], g: &SignalStats| g.errors(code)) as Source,
+                )
+            })
+            .collect();
+        self.counter(
+            "turnkey_signaling_errors_total",
+            "Error messages sent to signaling clients, by code.",
+            &["code"],
+            errors,
+        )?;
+        Ok(())
+    }
+
+    /// The text exposition of every metric, with current values.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let _guard = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        let sig = self.signaling.stats();
+        for (vec, labels, src) in &self.counters {
+            let values: Vec<&str> = labels.iter().map(String::as_str).collect();
+            let c = vec.with_label_values(&values);
+            let now = src(&self.shards, sig);
+            let seen = c.get();
+            if now > seen {
+                c.inc_by(now - seen);
+            }
+        }
+        for (vec, labels, src) in &self.gauges {
+            let values: Vec<&str> = labels.iter().map(String::as_str).collect();
+            vec.with_label_values(&values)
+                .set(src(&self.shards, sig, self.relay_ports_total));
+        }
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}

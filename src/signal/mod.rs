@@ -1,0 +1,196 @@
+//! WebSocket signaling: peers meet in named rooms and relay opaque JSON
+//! (SDP offers/answers, ICE candidates) to each other, and receive the ICE
+//! server list with fresh TURN credentials.
+//!
+//! The module is split the usual way: [`protocol`] is the wire format,
+//! [`rooms`] the registry (plain data, unit-tested), [`timers`] the
+//! per-connection deadlines (plain data too), and `ws` the thin axum shell
+//! that owns sockets and tasks. This file is the surface the rest of the
+//! application uses: [`Signaling`], [`SignalConfig`], [`SignalStats`] and
+//! [`router`].
+//!
+//! Lifecycle: [`Signaling::set_draining`] refuses new joins while running
+//! calls continue; [`Signaling::shutdown`] closes every connection with
+//! 1001 "going away" and [`Signaling::wait_idle`] tells when they are gone.
+
+pub mod ids;
+pub mod protocol;
+pub mod rooms;
+pub mod timers;
+mod ws;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+pub use ids::{PeerId, RoomName};
+pub use protocol::{ClientMessage, ErrorCode, ServerMessage};
+pub use rooms::Rooms;
+pub use ws::router;
+
+/// Settings of the signaling service. `room_capacity` applies to the next
+/// join after [`Signaling::set_config`]; the others to connections opened
+/// afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignalConfig {
+    /// Most peers in one room: 2 for 1:1 calls, more for small mesh calls.
+    pub room_capacity: usize,
+    /// Largest accepted text message, in bytes. Messages somewhat larger are
+    /// answered with `too-large`; far larger ones close the connection (see
+    /// `ws.rs`).
+    pub max_message_bytes: usize,
+    /// How often the server pings each connection.
+    pub ping_interval: Duration,
+    /// A connection that sent nothing (not even a pong) for this long is
+    /// dropped and announced as `peer-left`.
+    pub pong_timeout: Duration,
+}
+
+impl Default for SignalConfig {
+    fn default() -> Self {
+        Self {
+            room_capacity: 2,
+            max_message_bytes: 64 * 1024,
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(45),
+        }
+    }
+}
+
+/// Supplies the `iceServers` list (a JSON array of RTCIceServer-shaped
+/// objects) and how long its credentials live, for the HTTP host the client
+/// used (`None` when the request had no usable `Host`). Called once per join
+/// and once per refresh, never while a lock is held. A zero ttl means the
+/// list holds no expiring credential, so no refresh is scheduled.
+pub type IceServersFn = Arc<dyn Fn(Option<&str>) -> (serde_json::Value, Duration) + Send + Sync>;
+
+/// Counters and gauges, plain atomics so the hot path pays one relaxed add;
+/// the metrics module reads them at scrape time.
+#[derive(Debug, Default)]
+pub struct SignalStats {
+    /// Open WebSocket connections (joined or not).
+    pub connected_peers: AtomicU64,
+    /// Rooms with at least one member.
+    pub rooms: AtomicU64,
+    pub joins_total: AtomicU64,
+    /// Joins answered with `full`.
+    pub full_total: AtomicU64,
+    /// `signal` messages queued to their recipient.
+    pub messages_relayed_total: AtomicU64,
+    /// `ice-servers` refreshes sent.
+    pub ice_refreshes_total: AtomicU64,
+    /// `error` messages sent, indexed by [`ErrorCode::index`].
+    pub errors_total: [AtomicU64; ErrorCode::COUNT],
+    /// Connections dropped for sending nothing within `pong_timeout`.
+    pub heartbeat_drops_total: AtomicU64,
+    /// Connections dropped because their outgoing queue was full.
+    pub slow_consumer_drops_total: AtomicU64,
+}
+
+impl SignalStats {
+    /// `error` messages sent with `code` so far.
+    pub fn errors(&self, code: ErrorCode) -> u64 {
+        self.errors_total
+            .get(code.index())
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    fn count_error(&self, code: ErrorCode) {
+        if let Some(counter) = self.errors_total.get(code.index()) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The signaling service state shared by all connections.
+pub struct Signaling {
+    config: RwLock<SignalConfig>,
+    ice: IceServersFn,
+    /// Held only for one registry call, never across an await.
+    rooms: Mutex<Rooms>,
+    /// Outgoing queues of every open connection, joined or not.
+    peers: Mutex<HashMap<PeerId, ws::PeerHandle>>,
+    stats: SignalStats,
+    /// Flips to `true` once, on shutdown; every connection watches it.
+    shutdown: watch::Sender<bool>,
+    /// Woken when the last connection goes away.
+    idle: Notify,
+}
+
+impl Signaling {
+    pub fn new(cfg: SignalConfig, ice: IceServersFn) -> Arc<Self> {
+        Arc::new(Self {
+            config: RwLock::new(cfg),
+            ice,
+            rooms: Mutex::new(Rooms::new(cfg.room_capacity)),
+            peers: Mutex::new(HashMap::new()),
+            stats: SignalStats::default(),
+            shutdown: watch::Sender::new(false),
+            idle: Notify::new(),
+        })
+    }
+
+    pub fn config(&self) -> SignalConfig {
+        *self.config.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Swaps the configuration (e.g. on reload). Existing connections keep
+    /// their heartbeat and size settings; room capacity applies at once.
+    pub fn set_config(&self, cfg: SignalConfig) {
+        *self.config.write().unwrap_or_else(PoisonError::into_inner) = cfg;
+        self.with_rooms(|rooms| rooms.set_capacity(cfg.room_capacity));
+    }
+
+    /// While draining, `join` is answered with the `draining` error; peers
+    /// already in rooms keep signaling. Set it when the process is asked to
+    /// stop (or taken out of a load balancer), before [`Self::shutdown`].
+    pub fn set_draining(&self, on: bool) {
+        self.with_rooms(|rooms| rooms.set_draining(on));
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.with_rooms(|rooms| rooms.is_draining())
+    }
+
+    /// Drains and closes every connection with 1001 "going away"; new
+    /// connections are closed the same way. Final: there is no undo.
+    pub fn shutdown(&self) {
+        self.set_draining(true);
+        self.shutdown.send_replace(true);
+    }
+
+    /// Resolves once no connection is open (at once if none is).
+    pub async fn wait_idle(&self) {
+        loop {
+            // Created before the check so a wake-up in between is not lost.
+            let notified = self.idle.notified();
+            if self.lock_peers().is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn stats(&self) -> &SignalStats {
+        &self.stats
+    }
+
+    /// Runs one registry operation and refreshes the rooms gauge.
+    fn with_rooms<R>(&self, op: impl FnOnce(&mut Rooms) -> R) -> R {
+        // A panic elsewhere must not take signaling down with it; the
+        // registry's operations leave it consistent at every return.
+        let mut rooms = self.rooms.lock().unwrap_or_else(PoisonError::into_inner);
+        let out = op(&mut rooms);
+        self.stats
+            .rooms
+            .store(rooms.room_count() as u64, Ordering::Relaxed);
+        out
+    }
+
+    fn lock_peers(&self) -> MutexGuard<'_, HashMap<PeerId, ws::PeerHandle>> {
+        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}

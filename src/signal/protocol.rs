@@ -1,0 +1,420 @@
+//! The signaling wire protocol: JSON text messages with a `type` field.
+//!
+//! Client → server: `join`, `signal`, `leave`. Server → client: `joined`,
+//! `peer-joined`, `peer-left`, `full`, `signal`, `ice-servers`, `error`.
+//! Every message is built and read through serde; nothing here assembles
+//! JSON by hand.
+//!
+//! Parsing is two-step on purpose: serde alone reports "missing field",
+//! "unknown variant" and "invalid type" as one opaque error, but clients need
+//! a stable code to act on. So [`parse_client`] first looks at the message as
+//! a generic JSON object (to tell bad JSON, an unknown type and a missing
+//! field apart) and only then lets serde build the typed [`ClientMessage`].
+//! Fields we do not know are ignored, so clients may send extensions.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::ids::{PeerId, RoomName};
+
+/// A message from a client.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ClientMessage {
+    /// Enter `room`; answered by `joined`, `full` or an error.
+    Join { room: RoomName },
+    /// Relay `data` (any JSON) to peer `to` in the sender's room.
+    Signal { to: PeerId, data: Value },
+    /// Leave the current room; the connection stays open.
+    Leave,
+}
+
+/// A message to a client.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ServerMessage {
+    /// You are in `room` as `id`; `peers` were there before you.
+    Joined {
+        room: RoomName,
+        id: PeerId,
+        peers: Vec<PeerId>,
+        #[serde(rename = "iceServers")]
+        ice_servers: Value,
+        /// Seconds the credentials in `ice_servers` stay valid.
+        ttl: u64,
+    },
+    PeerJoined {
+        id: PeerId,
+    },
+    PeerLeft {
+        id: PeerId,
+    },
+    /// The room is at capacity; the client is not in any room.
+    Full {
+        room: RoomName,
+    },
+    Signal {
+        from: PeerId,
+        data: Value,
+    },
+    /// Fresh credentials, sent before the previous ones expire.
+    IceServers {
+        #[serde(rename = "iceServers")]
+        ice_servers: Value,
+        ttl: u64,
+    },
+    /// A refused request. Connection and room membership are unaffected.
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+impl ServerMessage {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Error {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// The stable `code` strings of `error` messages. Clients switch on these,
+/// so a variant's spelling never changes once released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// The text frame is not JSON.
+    BadJson,
+    /// JSON of the wrong shape: not an object, or a field of the wrong type.
+    BadMessage,
+    /// `type` names no client message.
+    UnknownType,
+    /// A required field (or `type` itself) is absent.
+    MissingField,
+    /// `to` is not a peer of the sender's room.
+    UnknownPeer,
+    /// The message exceeds `max_message_bytes`.
+    TooLarge,
+    /// A binary frame; the protocol is JSON text only.
+    BinaryFrame,
+    /// The room name is not 1–64 characters of `[A-Za-z0-9_.-]`.
+    InvalidRoom,
+    /// `signal` or `leave` without being in a room.
+    NotJoined,
+    /// `join` while already in a room (send `leave` first).
+    AlreadyJoined,
+    /// The server is draining and accepts no new joins.
+    Draining,
+}
+
+impl ErrorCode {
+    /// Every code, in index order; exporters iterate this.
+    pub const ALL: [ErrorCode; 11] = [
+        Self::BadJson,
+        Self::BadMessage,
+        Self::UnknownType,
+        Self::MissingField,
+        Self::UnknownPeer,
+        Self::TooLarge,
+        Self::BinaryFrame,
+        Self::InvalidRoom,
+        Self::NotJoined,
+        Self::AlreadyJoined,
+        Self::Draining,
+    ];
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// Position in [`Self::ALL`], for per-code counter arrays.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::BadJson => "bad-json",
+            Self::BadMessage => "bad-message",
+            Self::UnknownType => "unknown-type",
+            Self::MissingField => "missing-field",
+            Self::UnknownPeer => "unknown-peer",
+            Self::TooLarge => "too-large",
+            Self::BinaryFrame => "binary-frame",
+            Self::InvalidRoom => "invalid-room",
+            Self::NotJoined => "not-joined",
+            Self::AlreadyJoined => "already-joined",
+            Self::Draining => "draining",
+        }
+    }
+}
+
+/// Why an inbound frame did not become a [`ClientMessage`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("message is {size} bytes, the limit is {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("binary frames are not supported; send JSON text")]
+    Binary,
+    #[error("not valid JSON: {0}")]
+    BadJson(String),
+    #[error("{0}")]
+    BadMessage(String),
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    #[error("missing field {0:?}")]
+    MissingField(&'static str),
+    #[error("{0}")]
+    InvalidRoom(#[from] super::ids::InvalidRoomName),
+    #[error("no such peer in your room")]
+    UnknownPeer,
+}
+
+impl ParseError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::TooLarge { .. } => ErrorCode::TooLarge,
+            Self::Binary => ErrorCode::BinaryFrame,
+            Self::BadJson(_) => ErrorCode::BadJson,
+            Self::BadMessage(_) => ErrorCode::BadMessage,
+            Self::UnknownType(_) => ErrorCode::UnknownType,
+            Self::MissingField(_) => ErrorCode::MissingField,
+            Self::InvalidRoom(_) => ErrorCode::InvalidRoom,
+            Self::UnknownPeer => ErrorCode::UnknownPeer,
+        }
+    }
+
+    /// The `error` message that answers this.
+    pub fn reply(&self) -> ServerMessage {
+        ServerMessage::error(self.code(), self.to_string())
+    }
+}
+
+/// Parses one text frame, enforcing the size cap first so oversized input
+/// is never handed to the JSON parser.
+pub fn parse_client(text: &str, max_bytes: usize) -> Result<ClientMessage, ParseError> {
+    if text.len() > max_bytes {
+        return Err(ParseError::TooLarge {
+            size: text.len(),
+            max: max_bytes,
+        });
+    }
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| ParseError::BadJson(e.to_string()))?;
+    let Value::Object(fields) = &value else {
+        return Err(ParseError::BadMessage(
+            "a message must be a JSON object".into(),
+        ));
+    };
+    let kind = match fields.get("type") {
+        None => return Err(ParseError::MissingField("type")),
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(_) => return Err(ParseError::BadMessage("\"type\" must be a string".into())),
+    };
+    let required: &[&'static str] = match kind {
+        "join" => &["room"],
+        "signal" => &["to", "data"],
+        "leave" => &[],
+        other => return Err(ParseError::UnknownType(truncated(other))),
+    };
+    if let Some(missing) = required.iter().find(|f| !fields.contains_key(**f)) {
+        return Err(ParseError::MissingField(missing));
+    }
+    check_names(kind, fields)?;
+    // Everything serde can still object to is a field of the wrong JSON type.
+    serde_json::from_value(value).map_err(|e| ParseError::BadMessage(e.to_string()))
+}
+
+/// Names that are well-typed strings but not valid names get their own
+/// codes: a bad room name is a user typo, a bad peer id is a peer that
+/// cannot exist.
+fn check_names(kind: &str, fields: &Map<String, Value>) -> Result<(), ParseError> {
+    match (kind, fields.get("room"), fields.get("to")) {
+        ("join", Some(Value::String(room)), _) => {
+            RoomName::new(room.as_str())?;
+        }
+        ("signal", _, Some(Value::String(to))) => {
+            to.parse::<PeerId>().map_err(|_| ParseError::UnknownPeer)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Echoing an unknown `type` helps debugging, but a peer must not be able to
+/// make us send back (and log) an arbitrarily long string.
+fn truncated(s: &str) -> String {
+    const MAX: usize = 32;
+    let mut short: String = s.chars().take(MAX).collect();
+    if short.len() < s.len() {
+        short.push('…');
+    }
+    short
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const MAX: usize = 1024;
+
+    fn code_of(text: &str) -> ErrorCode {
+        match parse_client(text, MAX) {
+            Ok(msg) => panic!("{text} parsed as {msg:?}"),
+            Err(e) => e.code(),
+        }
+    }
+
+    #[test]
+    fn parses_the_three_client_messages() {
+        let room = RoomName::new("lobby").unwrap();
+        assert_eq!(
+            parse_client(r#"{"type":"join","room":"lobby"}"#, MAX),
+            Ok(ClientMessage::Join { room })
+        );
+        let to: PeerId = "00000000000000ff".parse().unwrap();
+        let signal = r#"{"type":"signal","to":"00000000000000ff","data":{"sdp":"v=0"}}"#;
+        assert_eq!(
+            parse_client(signal, MAX),
+            Ok(ClientMessage::Signal {
+                to,
+                data: json!({"sdp":"v=0"})
+            })
+        );
+        assert_eq!(
+            parse_client(r#"{"type":"leave"}"#, MAX),
+            Ok(ClientMessage::Leave)
+        );
+    }
+
+    #[test]
+    fn data_may_be_any_json_and_unknown_fields_are_ignored() {
+        for data in ["null", "1", "\"x\"", "[1,2]", "{}"] {
+            let text =
+                format!(r#"{{"type":"signal","to":"0000000000000001","data":{data},"v":2}}"#);
+            assert!(parse_client(&text, MAX).is_ok(), "{text}");
+        }
+        assert_eq!(
+            parse_client(r#"{"type":"leave","reason":"bye"}"#, MAX),
+            Ok(ClientMessage::Leave)
+        );
+    }
+
+    #[test]
+    fn classifies_malformed_input() {
+        let cases = [
+            ("not json", ErrorCode::BadJson),
+            ("{\"type\":\"join\"", ErrorCode::BadJson),
+            ("[1,2]", ErrorCode::BadMessage),
+            (r#"{"type":7}"#, ErrorCode::BadMessage),
+            (r#"{"room":"a"}"#, ErrorCode::MissingField),
+            (r#"{"type":"dance"}"#, ErrorCode::UnknownType),
+            (r#"{"type":"JOIN","room":"a"}"#, ErrorCode::UnknownType),
+            (r#"{"type":"join"}"#, ErrorCode::MissingField),
+            (
+                r#"{"type":"signal","to":"0000000000000001"}"#,
+                ErrorCode::MissingField,
+            ),
+            (r#"{"type":"signal","data":{}}"#, ErrorCode::MissingField),
+            (r#"{"type":"join","room":5}"#, ErrorCode::BadMessage),
+            (
+                r#"{"type":"signal","to":1,"data":{}}"#,
+                ErrorCode::BadMessage,
+            ),
+            (
+                r#"{"type":"join","room":"no spaces"}"#,
+                ErrorCode::InvalidRoom,
+            ),
+            (r#"{"type":"join","room":""}"#, ErrorCode::InvalidRoom),
+            (
+                r#"{"type":"signal","to":"alice","data":{}}"#,
+                ErrorCode::UnknownPeer,
+            ),
+        ];
+        for (text, code) in cases {
+            assert_eq!(code_of(text), code, "{text}");
+        }
+    }
+
+    #[test]
+    fn enforces_the_size_cap_before_parsing() {
+        let big = format!(r#"{{"type":"leave","pad":"{}"}}"#, "x".repeat(MAX));
+        assert_eq!(
+            parse_client(&big, MAX),
+            Err(ParseError::TooLarge {
+                size: big.len(),
+                max: MAX
+            })
+        );
+        assert_eq!(code_of(&"{".repeat(MAX + 1)), ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn unknown_type_is_echoed_truncated() {
+        let long = "ü".repeat(100);
+        let err = parse_client(&format!(r#"{{"type":"{long}"}}"#), MAX).unwrap_err();
+        assert!(
+            matches!(&err, ParseError::UnknownType(t) if t.chars().count() == 33),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn server_messages_have_the_documented_shape() {
+        let id: PeerId = "000000000000000a".parse().unwrap();
+        let room = RoomName::new("r").unwrap();
+        let joined = ServerMessage::Joined {
+            room: room.clone(),
+            id,
+            peers: vec![],
+            ice_servers: json!([{"urls": ["stun:x"]}]),
+            ttl: 60,
+        };
+        let cases = [
+            (
+                joined,
+                json!({"type":"joined","room":"r","id":"000000000000000a","peers":[],"iceServers":[{"urls":["stun:x"]}],"ttl":60}),
+            ),
+            (
+                ServerMessage::PeerJoined { id },
+                json!({"type":"peer-joined","id":"000000000000000a"}),
+            ),
+            (
+                ServerMessage::PeerLeft { id },
+                json!({"type":"peer-left","id":"000000000000000a"}),
+            ),
+            (
+                ServerMessage::Full { room },
+                json!({"type":"full","room":"r"}),
+            ),
+            (
+                ServerMessage::Signal {
+                    from: id,
+                    data: json!({"a":1}),
+                },
+                json!({"type":"signal","from":"000000000000000a","data":{"a":1}}),
+            ),
+            (
+                ServerMessage::IceServers {
+                    ice_servers: json!([]),
+                    ttl: 5,
+                },
+                json!({"type":"ice-servers","iceServers":[],"ttl":5}),
+            ),
+            (
+                ServerMessage::error(ErrorCode::NotJoined, "join first"),
+                json!({"type":"error","code":"not-joined","message":"join first"}),
+            ),
+        ];
+        for (msg, want) in cases {
+            assert_eq!(serde_json::to_value(&msg).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn error_codes_index_and_spell_consistently() {
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(code.index(), i);
+            assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));
+        }
+    }
+}

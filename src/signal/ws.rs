@@ -1,0 +1,466 @@
+//! The axum shell around the registry: `GET /ws` upgrades, and each
+//! connection gets a reader loop (this task) and a writer task fed by a
+//! bounded queue. All decisions live in `protocol`, `rooms` and `timers`;
+//! this file only moves frames and fires timers.
+//!
+//! Why a separate writer: a peer that stops reading eventually blocks the
+//! socket write, and that must never stall the reader loop (heartbeats,
+//! kicks) or, worse, whoever is sending to that peer. Senders only
+//! `try_send` into the queue; a full queue marks the peer as a slow
+//! consumer and it is dropped.
+//!
+//! Message size: the transport accepts frames up to [`transport_limit`], a
+//! bit above `max_message_bytes`, so a message slightly over the cap gets a
+//! polite `too-large` error and the connection lives on. Beyond the
+//! transport limit the WebSocket library refuses the frame before reading
+//! it, the connection is closed without a JSON answer (browsers report
+//! 1006) and the room sees `peer-left`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{header, HeaderMap};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::protocol::{self, ClientMessage, ParseError, ServerMessage};
+use super::rooms::{Delivery, IceGrant, RoomError};
+use super::timers::{self, Beat, Heartbeat};
+use super::{PeerId, RoomName, SignalConfig, Signaling};
+
+/// Messages a connection may have queued before it counts as a slow
+/// consumer. Signaling is bursty but small: an offer, an answer and a few
+/// dozen candidates fit comfortably.
+const OUTGOING_QUEUE: usize = 64;
+/// Per-connection read and write buffers. axum's default is 128 KiB each,
+/// which is 256 MiB for 1000 idle peers; signaling messages are small, and
+/// the read buffer still grows on demand for a large message.
+const SOCKET_BUFFER: usize = 4 * 1024;
+/// How long a server-initiated close may take to flush before we give up.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// `GET /ws` and nothing else; the caller merges it into the app router.
+pub fn router(sig: Arc<Signaling>) -> Router {
+    Router::new().route("/ws", get(upgrade)).with_state(sig)
+}
+
+/// The largest message the transport accepts for a given cap.
+pub fn transport_limit(max_message_bytes: usize) -> usize {
+    max_message_bytes.saturating_add((max_message_bytes / 4).max(1024))
+}
+
+async fn upgrade(
+    State(sig): State<Arc<Signaling>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let cfg = sig.config();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ice_host)
+        .map(str::to_owned);
+    let limit = transport_limit(cfg.max_message_bytes);
+    ws.read_buffer_size(SOCKET_BUFFER)
+        .write_buffer_size(SOCKET_BUFFER)
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| serve(sig, socket, host, cfg))
+}
+
+/// The host part of a `Host` header, without the port, if it is a plain DNS
+/// name or IP literal. IPv6 literals keep their brackets so the value can go
+/// straight into a `turn:` URI. Anything else is `None`: the header is
+/// client-controlled and ends up inside URLs we hand out.
+pub fn ice_host(header: &str) -> Option<&str> {
+    let split = if header.starts_with('[') {
+        header.find(']')? + 1
+    } else {
+        header.find(':').unwrap_or(header.len())
+    };
+    let (host, port) = header.split_at_checked(split)?;
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => {
+            !v6.is_empty()
+                && v6
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        }
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        }
+    };
+    (port_ok && host_ok).then_some(host)
+}
+
+/// What the writer task sends.
+pub(super) enum Outgoing {
+    Text(Utf8Bytes),
+    Ping,
+    Close(u16, &'static str),
+}
+
+/// How other tasks reach a connection: its queue, and a way to make it stop.
+pub(super) struct PeerHandle {
+    tx: mpsc::Sender<Outgoing>,
+    kick: Arc<Kick>,
+}
+
+/// A one-shot "drop this connection" signal; `Notify` keeps the permit if
+/// the connection is busy, so the kick is never lost.
+#[derive(Default)]
+struct Kick {
+    fired: AtomicBool,
+    notify: Notify,
+}
+
+impl Signaling {
+    /// Queues each delivery to its recipients without ever waiting. Counts
+    /// what is sent, so statistics match what peers saw.
+    fn deliver(&self, deliveries: Vec<Delivery>) {
+        for Delivery { to, msg } in deliveries {
+            match &msg {
+                ServerMessage::Error { code, .. } => self.stats.count_error(*code),
+                ServerMessage::Joined { .. } => bump(&self.stats.joins_total),
+                ServerMessage::Full { .. } => bump(&self.stats.full_total),
+                ServerMessage::IceServers { .. } => bump(&self.stats.ice_refreshes_total),
+                _ => {}
+            }
+            let text = match serde_json::to_string(&msg) {
+                Ok(text) => Utf8Bytes::from(text),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot serialize a signaling message");
+                    continue;
+                }
+            };
+            let relayed = matches!(msg, ServerMessage::Signal { .. });
+            let peers = self.lock_peers();
+            for handle in to.iter().filter_map(|id| peers.get(id)) {
+                if self.push(&handle.tx, &handle.kick, Outgoing::Text(text.clone())) && relayed {
+                    bump(&self.stats.messages_relayed_total);
+                }
+            }
+        }
+    }
+
+    /// Queues one item; a full queue kicks the connection (once).
+    fn push(&self, tx: &mpsc::Sender<Outgoing>, kick: &Kick, out: Outgoing) -> bool {
+        match tx.try_send(out) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                if !kick.fired.swap(true, Ordering::Relaxed) {
+                    bump(&self.stats.slow_consumer_drops_total);
+                    kick.notify.notify_one();
+                }
+                false
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn register(&self, handle: PeerHandle) -> PeerId {
+        let mut peers = self.lock_peers();
+        let id = loop {
+            let id = PeerId::random();
+            if !peers.contains_key(&id) {
+                break id;
+            }
+        };
+        peers.insert(id, handle);
+        self.stats
+            .connected_peers
+            .store(peers.len() as u64, Ordering::Relaxed);
+        id
+    }
+
+    fn unregister(&self, id: PeerId) {
+        let farewell = self.with_rooms(|rooms| rooms.disconnect(id));
+        self.deliver(farewell);
+        let mut peers = self.lock_peers();
+        peers.remove(&id);
+        self.stats
+            .connected_peers
+            .store(peers.len() as u64, Ordering::Relaxed);
+        if peers.is_empty() {
+            self.idle.notify_waiters();
+        }
+    }
+}
+
+fn bump(counter: &std::sync::atomic::AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Why a connection's reader loop ended.
+enum End {
+    /// The socket closed or failed; nothing more can be sent.
+    Gone,
+    /// Heartbeat timeout or slow consumer: drop without ceremony.
+    Dropped,
+    /// We close: send a close frame, then stop.
+    Close(u16, &'static str),
+}
+
+/// One connection's state as seen by its reader loop. Dropping it takes the
+/// peer out of its room (announcing `peer-left`) — also when the task is
+/// cancelled, so no path leaves a ghost member behind.
+struct Conn {
+    sig: Arc<Signaling>,
+    id: PeerId,
+    host: Option<String>,
+    cfg: SignalConfig,
+    tx: mpsc::Sender<Outgoing>,
+    kick: Arc<Kick>,
+    heartbeat: Heartbeat,
+    refresh_at: Option<Instant>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.sig.unregister(self.id);
+        tracing::debug!(peer = %self.id, "signaling connection closed");
+    }
+}
+
+async fn serve(sig: Arc<Signaling>, socket: WebSocket, host: Option<String>, cfg: SignalConfig) {
+    let (tx, rx) = mpsc::channel(OUTGOING_QUEUE);
+    let kick = Arc::new(Kick::default());
+    let id = sig.register(PeerHandle {
+        tx: tx.clone(),
+        kick: kick.clone(),
+    });
+    tracing::debug!(peer = %id, host = host.as_deref(), "signaling connection opened");
+    let shutdown = sig.shutdown.subscribe();
+    let now = Instant::now();
+    let mut conn = Conn {
+        sig,
+        id,
+        host,
+        cfg,
+        tx,
+        kick,
+        heartbeat: Heartbeat::new(now.into_std(), cfg.ping_interval, cfg.pong_timeout),
+        refresh_at: None,
+    };
+
+    let (sink, stream) = socket.split();
+    let writer = tokio::spawn(write_loop(sink, rx));
+    let end = conn.read_loop(stream, shutdown).await;
+    if let End::Close(code, reason) = end {
+        let _ = conn.tx.try_send(Outgoing::Close(code, reason));
+    }
+    // Unregister first so the room hears `peer-left` without waiting for
+    // the close handshake; this also drops the last queue senders, so the
+    // writer ends after flushing what is queued.
+    drop(conn);
+    match end {
+        End::Close(..) => {
+            let abort = writer.abort_handle();
+            if tokio::time::timeout(CLOSE_GRACE, writer).await.is_err() {
+                abort.abort();
+            }
+        }
+        End::Gone | End::Dropped => writer.abort(),
+    }
+}
+
+impl Conn {
+    async fn read_loop(
+        &mut self,
+        mut stream: SplitStream<WebSocket>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> End {
+        let kick = self.kick.clone();
+        let timer = tokio::time::sleep_until(self.next_wakeup());
+        tokio::pin!(timer);
+        loop {
+            timer.as_mut().reset(self.next_wakeup());
+            tokio::select! {
+                frame = stream.next() => {
+                    let frame = match frame {
+                        Some(Ok(frame)) => frame,
+                        Some(Err(e)) => {
+                            tracing::debug!(peer = %self.id, error = %e, "signaling socket failed");
+                            return End::Gone;
+                        }
+                        None => return End::Gone,
+                    };
+                    self.heartbeat.heard(Instant::now().into_std());
+                    match frame {
+                        Message::Text(text) => self.on_text(&text),
+                        Message::Binary(_) => self.reply(ParseError::Binary.reply()),
+                        // Pings are answered by the library, and a close is
+                        // acknowledged on the next read, which then ends.
+                        Message::Ping(_) | Message::Pong(_) | Message::Close(_) => {}
+                    }
+                }
+                () = &mut timer => {
+                    if let Some(end) = self.on_timer() {
+                        return end;
+                    }
+                }
+                () = kick.notify.notified() => {
+                    tracing::info!(peer = %self.id, "dropping a signaling peer that stopped reading");
+                    return End::Dropped;
+                }
+                _ = shutdown.wait_for(|closing| *closing) => return End::Close(1001, "server shutting down"),
+            }
+        }
+    }
+
+    fn next_wakeup(&self) -> Instant {
+        let beat = Instant::from_std(self.heartbeat.next_deadline());
+        self.refresh_at.map_or(beat, |at| at.min(beat))
+    }
+
+    fn on_timer(&mut self) -> Option<End> {
+        let now = Instant::now();
+        if self.refresh_at.is_some_and(|at| at <= now) {
+            self.refresh_ice(now);
+        }
+        match self.heartbeat.poll(now.into_std()) {
+            Beat::Nothing => None,
+            Beat::Ping => {
+                self.sig.push(&self.tx, &self.kick, Outgoing::Ping);
+                None
+            }
+            Beat::Dead => {
+                bump(&self.sig.stats.heartbeat_drops_total);
+                tracing::debug!(peer = %self.id, "signaling peer silent past the pong timeout");
+                Some(End::Dropped)
+            }
+        }
+    }
+
+    fn on_text(&mut self, text: &str) {
+        let msg = match protocol::parse_client(text, self.cfg.max_message_bytes) {
+            Ok(msg) => msg,
+            Err(e) => return self.reply(e.reply()),
+        };
+        let id = self.id;
+        let outcome = match msg {
+            ClientMessage::Join { room } => self.join(room),
+            ClientMessage::Signal { to, data } => self
+                .sig
+                .with_rooms(|rooms| rooms.route(id, to, data))
+                .map(|d| vec![d]),
+            ClientMessage::Leave => {
+                let left = self.sig.with_rooms(|rooms| rooms.leave(id));
+                if left.is_ok() {
+                    self.refresh_at = None;
+                }
+                left
+            }
+        };
+        match outcome {
+            Ok(deliveries) => self.sig.deliver(deliveries),
+            Err(e) => self.reply(e.reply()),
+        }
+    }
+
+    fn join(&mut self, room: RoomName) -> Result<Vec<Delivery>, RoomError> {
+        let (servers, ttl) = (self.sig.ice)(self.host.as_deref());
+        let id = self.id;
+        let out = self
+            .sig
+            .with_rooms(|rooms| rooms.join(id, room, IceGrant { servers, ttl }))?;
+        self.refresh_at = timers::refresh_after(ttl).map(|after| Instant::now() + after);
+        Ok(out)
+    }
+
+    fn refresh_ice(&mut self, now: Instant) {
+        let (servers, ttl) = (self.sig.ice)(self.host.as_deref());
+        self.refresh_at = timers::refresh_after(ttl).map(|after| now + after);
+        self.reply(ServerMessage::IceServers {
+            ice_servers: servers,
+            ttl: ttl.as_secs(),
+        });
+    }
+
+    fn reply(&self, msg: ServerMessage) {
+        self.sig.deliver(vec![Delivery {
+            to: vec![self.id],
+            msg,
+        }]);
+    }
+}
+
+/// Drains the queue into the socket, flushing whenever the queue runs dry
+/// so bursts go out in one write.
+async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Receiver<Outgoing>) {
+    while let Some(out) = rx.recv().await {
+        let frame = match out {
+            Outgoing::Text(text) => Message::Text(text),
+            Outgoing::Ping => Message::Ping(Default::default()),
+            Outgoing::Close(code, reason) => {
+                let _ = sink
+                    .send(Message::Close(Some(CloseFrame {
+                        code,
+                        reason: reason.into(),
+                    })))
+                    .await;
+                return;
+            }
+        };
+        if sink.feed(frame).await.is_err() {
+            return;
+        }
+        if rx.is_empty() && sink.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.flush().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ice_host_strips_ports_and_keeps_plain_names() {
+        let cases = [
+            ("example.org", Some("example.org")),
+            ("example.org:8443", Some("example.org")),
+            ("127.0.0.1:3000", Some("127.0.0.1")),
+            ("[::1]:8080", Some("[::1]")),
+            ("[2001:db8::1]", Some("[2001:db8::1]")),
+            ("", None),
+            (":80", None),
+            ("example.org:", None),
+            ("example.org:80x", None),
+            ("evil.org/path?x=", None),
+            ("a b", None),
+            ("[::1", None),
+            ("[]:80", None),
+            ("[::1]x", None),
+            ("[zz::1]", None),
+        ];
+        for (header, want) in cases {
+            assert_eq!(ice_host(header), want, "{header:?}");
+        }
+    }
+
+    #[test]
+    fn transport_limit_leaves_room_for_a_polite_refusal() {
+        assert_eq!(transport_limit(64 * 1024), 80 * 1024);
+        assert_eq!(transport_limit(100), 1124);
+        assert_eq!(transport_limit(usize::MAX), usize::MAX);
+    }
+}
