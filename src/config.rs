@@ -299,8 +299,8 @@ impl Config {
                 "must be between 1 and turn.max_lifetime_secs",
             ));
         }
-        if t.nonce_lifetime_secs < 30 {
-            return Err(invalid("turn.nonce_lifetime_secs", "must be at least 30"));
+        if t.nonce_lifetime_secs == 0 {
+            return Err(invalid("turn.nonce_lifetime_secs", "must be at least 1"));
         }
         if t.max_permissions == 0 {
             return Err(invalid("turn.max_permissions", "must be at least 1"));

@@ -1,0 +1,225 @@
+//! Runs the real `turnkey` binary for end-to-end tests: a config file in a
+//! temp dir, loopback listeners on free ports, the process killed on drop.
+#![allow(dead_code)]
+
+pub mod raw;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct Turnkey {
+    pub child: Child,
+    pub http: SocketAddr,
+    pub turn: SocketAddr,
+    pub config_path: PathBuf,
+    pub dir: PathBuf,
+    /// Every line the process logged so far.
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+/// A fresh directory under target/ for one test's files.
+pub fn test_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create test dir");
+    dir
+}
+
+/// The base config every test starts from: loopback, any free port, one
+/// shard, a fixed REST secret and two static users.
+pub fn base_config(extra: &str) -> String {
+    format!(
+        r#"
+[log]
+level = "info,turnkey=debug"
+[http]
+listen = "127.0.0.1:0"
+[turn]
+listen = ["127.0.0.1:0"]
+threads = 1
+{extra}
+"#
+    )
+}
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+
+/// Config sections for auth: appended by tests that want the defaults.
+pub fn auth_section() -> String {
+    format!(
+        r#"
+[auth]
+secrets = ["{SECRET}"]
+[auth.users]
+alice = "wonderland"
+bob = "builder"
+"#
+    )
+}
+
+impl Turnkey {
+    /// Starts turnkey with `config` (a full TOML text) and waits until it
+    /// logs its ready line.
+    pub fn start(name: &str, config: &str) -> Turnkey {
+        let dir = test_dir(name);
+        let config_path = dir.join("turnkey.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_turnkey"))
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn turnkey");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("ready: ") {
+                    let _ = tx.send(line.clone());
+                }
+                if std::env::var_os("TURNKEY_TEST_LOG").is_some() {
+                    eprintln!("[turnkey] {line}");
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let ready = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("turnkey did not become ready; log:\n{}", log.lock().unwrap().join("\n"));
+            }
+        };
+        let field = |k: &str| -> SocketAddr {
+            let start = ready.find(&format!("{k}=")).expect("field in ready line") + k.len() + 1;
+            let rest = &ready[start..];
+            let end = rest.find([' ', ',']).unwrap_or(rest.len());
+            rest[..end].parse().expect("address in ready line")
+        };
+        Turnkey {
+            http: field("http"),
+            turn: field("turn"),
+            child,
+            config_path,
+            dir,
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    /// A blocking HTTP GET on loopback: (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.http, path)
+    }
+
+    /// The value of one metric series from /metrics (0 when absent).
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, body) = self.get("/metrics");
+        body.lines()
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == series).then(|| value.parse().ok()).flatten()
+            })
+            .unwrap_or(0.0)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    /// Waits for the process to exit within `d`; its status if it did.
+    pub fn wait_exit(&mut self, d: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + d;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Turnkey {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect http");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    // Chunked bodies: good enough to strip the chunk-size lines for text.
+    (status, dechunk(&body))
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else { return body.to_string() };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_string() };
+        if n == 0 {
+            return out;
+        }
+        if after.len() < n {
+            return body.to_string();
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+}
+
+/// Whether a command is on PATH.
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Fails the test when a required tool is missing: the suite never skips
+/// silently (`.ci/run` installs these).
+pub fn require(cmd: &str, package: &str) {
+    assert!(
+        have(cmd),
+        "`{cmd}` is required for this test: install the Debian package `{package}` (.ci/run does)"
+    );
+}
