@@ -5,7 +5,8 @@
 //! `drain.grace_secs`), SIGHUP reloads the config file (secrets, users,
 //! peer policy, limits; a bad file is refused and the old one stays),
 //! SIGUSR1 drains: `/readyz` turns 503, new allocations get 403 and new
-//! joins an error, and the process exits when the last allocation ends.
+//! joins an error, and the process exits when the last allocation ends and
+//! the last signaling room empties (or `drain.grace_secs` pass).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -110,6 +111,7 @@ pub fn rules_from(cfg: &Config, secrets: Vec<Secret>, relay_ips: Vec<IpAddr>) ->
         total_quota: t.total_quota,
         max_permissions: t.max_permissions,
         max_channels: t.max_channels,
+        alternate_server: cfg.drain.alternate_server,
     }
 }
 
@@ -239,7 +241,7 @@ pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<
         signaling: signaling.clone(),
         metrics,
         static_dir: cfg.http.static_dir.clone(),
-        serve_metrics_here: true,
+        serve_metrics_here: cfg.metrics.listen.is_none(),
         ice,
     };
     let _ = state_cell.set(state.clone());
@@ -249,14 +251,31 @@ pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<
         .with_context(|| format!("binding http.listen {}", cfg.http.listen))?;
     let http_addr = listener.local_addr()?;
     let turn_list: Vec<String> = turn_addrs.iter().map(|a| a.to_string()).collect();
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut metrics_addr = None;
+    if let Some(addr) = cfg.metrics.listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics.listen {addr}"))?;
+        metrics_addr = Some(l.local_addr()?);
+        let app = crate::http::metrics_router(state.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        });
+    }
+    let metrics_at = metrics_addr.map_or_else(|| format!("{http_addr}"), |a| a.to_string());
     tracing::info!(
-        "ready: http={http_addr} turn={} relay={advertised_ip} ports={}-{} shards={threads}",
+        "ready: http={http_addr} turn={} metrics={metrics_at} relay={advertised_ip} ports={}-{} shards={threads}",
         turn_list.join(","),
         t.relay_port_min,
         t.relay_port_max
     );
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let app = crate::http::router(state.clone());
     let mut http_stop = stop_rx.clone();
     let http = tokio::spawn(async move {
@@ -314,24 +333,25 @@ async fn control_loop(
                     return;
                 }
                 tracing::info!("SIGTERM: draining before stop");
-                drain_deadline = Some(start_drain(state));
+                drain_deadline = Some(start_drain(state, Duration::from_secs(cfg.drain.grace_secs)));
             }
             _ = usr1.recv() => {
                 if drain_deadline.is_none() {
                     tracing::info!("SIGUSR1: draining");
-                    drain_deadline = Some(start_drain(state));
+                    drain_deadline = Some(start_drain(state, Duration::from_secs(cfg.drain.grace_secs)));
                 }
             }
             _ = hup.recv() => reload(cfg, config_path.as_deref(), state, generated, &relay_ips),
             _ = tick.tick() => {
                 if let Some(deadline) = drain_deadline {
                     let left = state.shared.total_allocations();
-                    if left == 0 {
-                        tracing::info!("drained: no allocations left");
+                    let rooms = state.signaling.stats().rooms.load(Ordering::Relaxed);
+                    if left == 0 && rooms == 0 {
+                        tracing::info!("drained: no allocations or rooms left");
                         return;
                     }
                     if tokio::time::Instant::now() >= deadline {
-                        tracing::info!(allocations = left, "drain grace period over");
+                        tracing::info!(allocations = left, rooms, "drain grace period over");
                         return;
                     }
                 }
@@ -340,13 +360,10 @@ async fn control_loop(
     }
 }
 
-/// Grace period of a drain before the process stops anyway.
-const DRAIN_GRACE: Duration = Duration::from_secs(3600);
-
-fn start_drain(state: &AppState) -> tokio::time::Instant {
+fn start_drain(state: &AppState, grace: Duration) -> tokio::time::Instant {
     state.shared.draining.store(true, Ordering::Relaxed);
     state.signaling.set_draining(true);
-    tokio::time::Instant::now() + DRAIN_GRACE
+    tokio::time::Instant::now() + grace
 }
 
 fn reload(

@@ -72,6 +72,36 @@ pub struct Config {
     pub turn: TurnConfig,
     pub auth: AuthConfig,
     pub signaling: SignalingConfig,
+    pub metrics: MetricsConfig,
+    pub drain: DrainConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` on this separate address instead of `http.listen`
+    /// (so it need not be public).
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// After SIGTERM or SIGUSR1, how long to wait for allocations to end
+    /// before stopping anyway.
+    pub grace_secs: u64,
+    /// While draining, answer Allocate with 300 Try Alternate pointing
+    /// here instead of 403 Forbidden.
+    pub alternate_server: Option<SocketAddr>,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            grace_secs: 300,
+            alternate_server: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -160,6 +190,8 @@ impl Default for Config {
             turn: TurnConfig::default(),
             auth: AuthConfig::default(),
             signaling: SignalingConfig::default(),
+            metrics: MetricsConfig::default(),
+            drain: DrainConfig::default(),
         }
     }
 }
@@ -361,6 +393,14 @@ impl Config {
                 "signaling.pong_timeout_ms",
                 "must be greater than signaling.ping_interval_ms (> 0)",
             ));
+        }
+        if let Some(m) = self.metrics.listen {
+            if m == self.http.listen && m.port() != 0 {
+                return Err(invalid(
+                    "metrics.listen",
+                    "is the same as http.listen; leave it unset to serve /metrics there",
+                ));
+            }
         }
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "is empty"));

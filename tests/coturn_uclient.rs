@@ -22,14 +22,27 @@ fn uclient(tk: &Turnkey, extra: &[&str]) -> (u64, u64, u64) {
         .args(&args)
         .output()
         .expect("run turnutils_uclient");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let grab = |key: &str| -> Option<u64> {
         text.lines()
             .filter_map(|l| l.split(key).nth(1))
-            .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .filter_map(|rest| {
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
             .last()
     };
-    let (Some(sent), Some(recv), Some(lost)) = (grab("tot_send_msgs="), grab("tot_recv_msgs="), grab("Total lost packets ")) else {
+    let (Some(sent), Some(recv), Some(lost)) = (
+        grab("tot_send_msgs="),
+        grab("tot_recv_msgs="),
+        grab("Total lost packets "),
+    ) else {
         panic!("uclient {args:?} gave no summary:\n{text}");
     };
     (sent, recv, lost)
@@ -44,7 +57,10 @@ fn check(extra: &[&str], name: &str) {
     // Relayed through us, not around us.
     let relayed = tk.metric(r#"turnkey_turn_relayed_bytes_total{direction="peer_to_client",framing="channel_data",transport="udp"}"#)
         + tk.metric(r#"turnkey_turn_relayed_bytes_total{direction="peer_to_client",framing="indication",transport="udp"}"#);
-    assert!(relayed >= (sent * 500) as f64, "only {relayed} bytes relayed");
+    assert!(
+        relayed >= (sent * 500) as f64,
+        "only {relayed} bytes relayed"
+    );
 }
 
 #[test]
@@ -54,7 +70,10 @@ fn uclient_with_channels() {
 
 #[test]
 fn uclient_without_channels() {
-    check(&["-c", "-u", "alice", "-w", "wonderland"], "uclient-nochannels");
+    check(
+        &["-c", "-u", "alice", "-w", "wonderland"],
+        "uclient-nochannels",
+    );
 }
 
 #[test]

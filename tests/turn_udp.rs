@@ -67,16 +67,36 @@ fn two_clients_relay_through_indications_and_channels() {
     // Channels both ways: ChannelData out and in.
     a.bind_channel(0x4001, rb).expect("alice binds");
     b.bind_channel(0x4002, ra).expect("bob binds");
-    let (_, ch) = deliver(|| a.channel_data(0x4001, b"over a channel"), &b, b"over a channel");
+    let (_, ch) = deliver(
+        || a.channel_data(0x4001, b"over a channel"),
+        &b,
+        b"over a channel",
+    );
     assert_eq!(ch, Some(0x4002), "bob receives on his channel for alice");
     let (_, ch) = deliver(|| b.channel_data(0x4002, b"and back"), &a, b"and back");
     assert_eq!(ch, Some(0x4001));
 
     let m = |s: &str| tk.metric(s);
-    assert!(m(r#"turnkey_turn_relayed_packets_total{direction="client_to_peer",framing="indication",transport="udp"}"#) >= 2.0);
-    assert!(m(r#"turnkey_turn_relayed_packets_total{direction="peer_to_client",framing="indication",transport="udp"}"#) >= 2.0);
-    assert!(m(r#"turnkey_turn_relayed_packets_total{direction="client_to_peer",framing="channel_data",transport="udp"}"#) >= 2.0);
-    assert!(m(r#"turnkey_turn_relayed_packets_total{direction="peer_to_client",framing="channel_data",transport="udp"}"#) >= 2.0);
+    assert!(
+        m(
+            r#"turnkey_turn_relayed_packets_total{direction="client_to_peer",framing="indication",transport="udp"}"#
+        ) >= 2.0
+    );
+    assert!(
+        m(
+            r#"turnkey_turn_relayed_packets_total{direction="peer_to_client",framing="indication",transport="udp"}"#
+        ) >= 2.0
+    );
+    assert!(
+        m(
+            r#"turnkey_turn_relayed_packets_total{direction="client_to_peer",framing="channel_data",transport="udp"}"#
+        ) >= 2.0
+    );
+    assert!(
+        m(
+            r#"turnkey_turn_relayed_packets_total{direction="peer_to_client",framing="channel_data",transport="udp"}"#
+        ) >= 2.0
+    );
     assert_eq!(m("turnkey_turn_allocations"), 2.0);
 }
 
@@ -91,8 +111,14 @@ fn wrong_password_and_expired_rest_credential_get_401() {
     let (user, pass) = rest_credential("carol", 600);
     let mut c = Raw::new(tk.turn, &user, &pass);
     assert!(c.allocate().is_ok(), "a valid REST credential allocates");
-    assert_eq!(tk.metric(r#"turnkey_turn_auth_failures_total{reason="bad_credential"}"#), 1.0);
-    assert_eq!(tk.metric(r#"turnkey_turn_auth_failures_total{reason="expired"}"#), 1.0);
+    assert_eq!(
+        tk.metric(r#"turnkey_turn_auth_failures_total{reason="bad_credential"}"#),
+        1.0
+    );
+    assert_eq!(
+        tk.metric(r#"turnkey_turn_auth_failures_total{reason="expired"}"#),
+        1.0
+    );
 }
 
 #[test]
@@ -138,13 +164,34 @@ fn permissions_to_private_and_metadata_addresses_get_403() {
     let mut c = Raw::new(tk.turn, "alice", "wonderland");
     let relayed = c.allocate().expect("allocates");
     assert_eq!(relayed.ip().to_string(), "127.0.0.2");
-    for peer in ["127.0.0.1:9", "169.254.169.254:80", "10.1.2.3:5000", "192.168.0.1:1"] {
-        assert_eq!(c.permit(peer.parse().unwrap()).map(|_| ()), Err(403), "{peer}");
+    for peer in [
+        "127.0.0.1:9",
+        "169.254.169.254:80",
+        "10.1.2.3:5000",
+        "192.168.0.1:1",
+    ] {
+        assert_eq!(
+            c.permit(peer.parse().unwrap()).map(|_| ()),
+            Err(403),
+            "{peer}"
+        );
     }
-    assert!(c.permit(relayed).is_ok(), "our own relay address is allowed");
-    assert_eq!(tk.metric(r#"turnkey_turn_peer_denied_total{reason="loopback"}"#), 1.0);
-    assert_eq!(tk.metric(r#"turnkey_turn_peer_denied_total{reason="metadata"}"#), 1.0);
-    assert_eq!(tk.metric(r#"turnkey_turn_peer_denied_total{reason="private"}"#), 2.0);
+    assert!(
+        c.permit(relayed).is_ok(),
+        "our own relay address is allowed"
+    );
+    assert_eq!(
+        tk.metric(r#"turnkey_turn_peer_denied_total{reason="loopback"}"#),
+        1.0
+    );
+    assert_eq!(
+        tk.metric(r#"turnkey_turn_peer_denied_total{reason="metadata"}"#),
+        1.0
+    );
+    assert_eq!(
+        tk.metric(r#"turnkey_turn_peer_denied_total{reason="private"}"#),
+        2.0
+    );
 }
 
 #[test]
@@ -160,7 +207,11 @@ fn garbage_is_dropped_and_the_server_keeps_serving() {
         let mut d: Vec<u8> = (0..len).map(|j| (rng >> (j % 56)) as u8).collect();
         if let Some(b) = d.first_mut() {
             // Aim at both parsers: STUN (00..03) and ChannelData (40..7F).
-            *b = if i % 2 == 0 { *b & 0x03 } else { 0x40 | (*b & 0x3F) };
+            *b = if i % 2 == 0 {
+                *b & 0x03
+            } else {
+                0x40 | (*b & 0x3F)
+            };
         }
         if d.len() >= 8 && i % 4 == 0 {
             d[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
@@ -210,16 +261,27 @@ async fn webrtc_rs_turn_clients_exchange_data() {
     let mut buf = vec![0u8; 1500];
     let mut i = 0u32;
     while !(got_a && got_b) {
-        assert!(Instant::now() < deadline, "no data exchanged (a={got_a}, b={got_b})");
+        assert!(
+            Instant::now() < deadline,
+            "no data exchanged (a={got_a}, b={got_b})"
+        );
         i += 1;
-        ra.send_to(format!("from a {i}").as_bytes(), addr_b).await.expect("a sends");
-        rb.send_to(format!("from b {i}").as_bytes(), addr_a).await.expect("b sends");
-        if let Ok(Ok((n, from))) = tokio::time::timeout(Duration::from_millis(200), rb.recv_from(&mut buf)).await {
+        ra.send_to(format!("from a {i}").as_bytes(), addr_b)
+            .await
+            .expect("a sends");
+        rb.send_to(format!("from b {i}").as_bytes(), addr_a)
+            .await
+            .expect("b sends");
+        if let Ok(Ok((n, from))) =
+            tokio::time::timeout(Duration::from_millis(200), rb.recv_from(&mut buf)).await
+        {
             assert!(buf[..n].starts_with(b"from a "));
             assert_eq!(from, addr_a);
             got_b = true;
         }
-        if let Ok(Ok((n, from))) = tokio::time::timeout(Duration::from_millis(200), ra.recv_from(&mut buf)).await {
+        if let Ok(Ok((n, from))) =
+            tokio::time::timeout(Duration::from_millis(200), ra.recv_from(&mut buf)).await
+        {
             assert!(buf[..n].starts_with(b"from b "));
             assert_eq!(from, addr_b);
             got_a = true;
@@ -234,7 +296,10 @@ async fn webrtc_rs_turn_clients_exchange_data() {
         if tk.metric(series) > 0.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "turn::client never used a channel");
+        assert!(
+            Instant::now() < deadline,
+            "turn::client never used a channel"
+        );
     }
     let _ = ra.close().await;
     let _ = rb.close().await;

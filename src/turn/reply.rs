@@ -13,6 +13,7 @@ use super::policy::Denial;
 /// Why a request is refused. Each maps to exactly one STUN error code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reject {
+    TryAlternate(std::net::SocketAddr),
     BadRequest,
     Unauthorized,
     Forbidden(Option<Denial>),
@@ -30,6 +31,7 @@ pub enum Reject {
 impl Reject {
     pub fn code(&self) -> (u16, &'static str) {
         match self {
+            Reject::TryAlternate(_) => (300, "Try Alternate"),
             Reject::BadRequest => (400, "Bad Request"),
             Reject::Unauthorized => (401, "Unauthorized"),
             Reject::Forbidden(_) => (403, "Forbidden"),
@@ -76,4 +78,17 @@ pub fn answer(
     let mut m = Message::new();
     m.build(&setters).ok()?;
     Some(m.raw)
+}
+
+/// ALTERNATE-SERVER (RFC 8489 §14.15): a plain (not XOR) address.
+pub struct AlternateServer(pub std::net::SocketAddr);
+
+impl Setter for AlternateServer {
+    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
+        stun::addr::MappedAddress {
+            ip: self.0.ip(),
+            port: self.0.port(),
+        }
+        .add_to_as(m, stun::attributes::ATTR_ALTERNATE_SERVER)
+    }
 }

@@ -33,7 +33,7 @@ use super::allocation::{Allocation, BindError, ChannelNumber, FiveTuple, Transpo
 use super::auth::{CredentialError, Credentials, Key, NonceError, Nonces};
 use super::policy::PeerPolicy;
 use super::ports::PortPool;
-use super::reply::{answer, Reject};
+use super::reply::{answer, AlternateServer, Reject};
 use super::stats::{add, inc, TurnStats};
 use super::wire;
 
@@ -57,6 +57,8 @@ pub struct Rules {
     pub total_quota: usize,
     pub max_permissions: usize,
     pub max_channels: usize,
+    /// Where a draining server sends new allocations (300 Try Alternate).
+    pub alternate_server: Option<SocketAddr>,
 }
 
 /// State shared by all shards, touched only on the control path: the
@@ -425,6 +427,7 @@ impl Server {
                     list.iter().map(|t| AttrType(*t)).collect(),
                 )));
             }
+            Reject::TryAlternate(alt) => attrs.push(Box::new(AlternateServer(*alt))),
             Reject::QuotaReached => inc(&self.stats.quota_rejections),
             Reject::InsufficientCapacity => inc(&self.stats.capacity_rejections),
             Reject::Forbidden(Some(d)) => self.stats.denied(*d),
@@ -539,7 +542,10 @@ impl Server {
         }
         unknown_attributes(m).map_err(|r| (r, Some(key)))?;
         if self.shared.draining.load(Ordering::Relaxed) {
-            return fail(Reject::Forbidden(None));
+            return fail(match self.rules.load().alternate_server {
+                Some(alt) => Reject::TryAlternate(alt),
+                None => Reject::Forbidden(None),
+            });
         }
         let mut transport = RequestedTransport::default();
         if transport.get_from(m).is_err() {

@@ -73,6 +73,7 @@ fn rules(user_quota: usize) -> Rules {
         total_quota: 0,
         max_permissions: 4,
         max_channels: 4,
+        alternate_server: None,
     }
 }
 
@@ -809,6 +810,26 @@ fn draining_refuses_new_allocations() {
         &mut cred("alice", "wonderland"),
     );
     assert_eq!(error_code(&r), Some(403));
+}
+#[test]
+fn draining_with_an_alternate_answers_300() {
+    let mut r = rules(8);
+    r.alternate_server = Some("203.0.113.8:3478".parse().unwrap());
+    let mut h = harness_with(r, 50000..=50009);
+    h.shared.draining.store(true, Ordering::Relaxed);
+    let r = h.authed(
+        ft(4000),
+        METHOD_ALLOCATE,
+        || vec![udp()],
+        &mut cred("alice", "wonderland"),
+    );
+    assert_eq!(error_code(&r), Some(300));
+    let mut alt = stun::addr::MappedAddress::default();
+    alt.get_from_as(&r, ATTR_ALTERNATE_SERVER).unwrap();
+    assert_eq!(
+        SocketAddr::new(alt.ip, alt.port),
+        "203.0.113.8:3478".parse::<SocketAddr>().unwrap()
+    );
 }
 
 #[test]

@@ -16,6 +16,7 @@ pub struct Turnkey {
     pub child: Child,
     pub http: SocketAddr,
     pub turn: SocketAddr,
+    pub metrics: SocketAddr,
     pub config_path: PathBuf,
     pub dir: PathBuf,
     /// Every line the process logged so far.
@@ -100,7 +101,10 @@ impl Turnkey {
             Ok(l) => l,
             Err(_) => {
                 let _ = child.kill();
-                panic!("turnkey did not become ready; log:\n{}", log.lock().unwrap().join("\n"));
+                panic!(
+                    "turnkey did not become ready; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
             }
         };
         let field = |k: &str| -> SocketAddr {
@@ -112,6 +116,7 @@ impl Turnkey {
         Turnkey {
             http: field("http"),
             turn: field("turn"),
+            metrics: field("metrics"),
             child,
             config_path,
             dir,
@@ -130,7 +135,7 @@ impl Turnkey {
 
     /// The value of one metric series from /metrics (0 when absent).
     pub fn metric(&self, series: &str) -> f64 {
-        let (_, body) = self.get("/metrics");
+        let (_, body) = http_get(self.metrics, "/metrics");
         body.lines()
             .find_map(|l| {
                 let (name, value) = l.rsplit_once(' ')?;
@@ -172,9 +177,14 @@ impl Drop for Turnkey {
 
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect http");
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect http");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf).to_string();
@@ -183,7 +193,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     // Chunked bodies: good enough to strip the chunk-size lines for text.
     (status, dechunk(&body))
 }
@@ -192,8 +205,12 @@ fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
     loop {
-        let Some((size, after)) = rest.split_once("\r\n") else { return body.to_string() };
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_string() };
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            return body.to_string();
+        };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            return body.to_string();
+        };
         if n == 0 {
             return out;
         }

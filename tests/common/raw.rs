@@ -42,7 +42,8 @@ pub fn error_code(m: &Message) -> Option<u16> {
 impl Raw {
     pub fn new(server: SocketAddr, user: &str, pass: &str) -> Raw {
         let sock = UdpSocket::bind("127.0.0.1:0").expect("bind client");
-        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         Raw {
             sock,
             server,
@@ -57,14 +58,27 @@ impl Raw {
         self.sock.local_addr().unwrap()
     }
 
-    fn build(&self, method: Method, class: MessageClass, attrs: Vec<Box<dyn Setter>>, auth: bool) -> (Vec<u8>, TransactionId) {
+    fn build(
+        &self,
+        method: Method,
+        class: MessageClass,
+        attrs: Vec<Box<dyn Setter>>,
+        auth: bool,
+    ) -> (Vec<u8>, TransactionId) {
         let tid = TransactionId::new();
-        let mut setters: Vec<Box<dyn Setter>> = vec![Box::new(tid), Box::new(MessageType::new(method, class))];
+        let mut setters: Vec<Box<dyn Setter>> =
+            vec![Box::new(tid), Box::new(MessageType::new(method, class))];
         setters.extend(attrs);
         if auth {
-            setters.push(Box::new(TextAttribute::new(ATTR_USERNAME, self.user.clone())));
+            setters.push(Box::new(TextAttribute::new(
+                ATTR_USERNAME,
+                self.user.clone(),
+            )));
             setters.push(Box::new(TextAttribute::new(ATTR_REALM, self.realm.clone())));
-            setters.push(Box::new(TextAttribute::new(ATTR_NONCE, self.nonce.clone().unwrap_or_default())));
+            setters.push(Box::new(TextAttribute::new(
+                ATTR_NONCE,
+                self.nonce.clone().unwrap_or_default(),
+            )));
             setters.push(Box::new(MessageIntegrity::new_long_term_integrity(
                 self.user.clone(),
                 self.realm.clone(),
@@ -86,7 +100,9 @@ impl Raw {
             self.sock.send_to(raw, self.server).expect("send");
             let until = Instant::now() + Duration::from_millis(500);
             while Instant::now() < until {
-                let Ok((n, _)) = self.sock.recv_from(&mut buf) else { break };
+                let Ok((n, _)) = self.sock.recv_from(&mut buf) else {
+                    break;
+                };
                 let mut m = Message::new();
                 m.raw = buf[..n].to_vec();
                 if m.decode().is_ok() && m.transaction_id == tid {
@@ -106,8 +122,14 @@ impl Raw {
             match error_code(&m) {
                 None => return Ok(m),
                 Some(401) if !auth => {
-                    self.nonce = Some(TextAttribute::get_from_as(&m, ATTR_NONCE).expect("nonce").text);
-                    self.realm = TextAttribute::get_from_as(&m, ATTR_REALM).expect("realm").text;
+                    self.nonce = Some(
+                        TextAttribute::get_from_as(&m, ATTR_NONCE)
+                            .expect("nonce")
+                            .text,
+                    );
+                    self.realm = TextAttribute::get_from_as(&m, ATTR_REALM)
+                        .expect("realm")
+                        .text;
                 }
                 Some(code) => return Err(code),
             }
@@ -134,19 +156,28 @@ impl Raw {
     }
 
     pub fn allocate(&mut self) -> Result<SocketAddr, u16> {
-        let m = self.request(METHOD_ALLOCATE, || vec![Box::new(RequestedTransport { protocol: PROTO_UDP })])?;
+        let m = self.request(METHOD_ALLOCATE, || {
+            vec![Box::new(RequestedTransport {
+                protocol: PROTO_UDP,
+            })]
+        })?;
         let mut r = RelayedAddress::default();
         r.get_from(&m).expect("XOR-RELAYED-ADDRESS");
         Ok(SocketAddr::new(r.ip, r.port))
     }
 
     pub fn refresh(&mut self, secs: u64) -> Answer {
-        self.request(METHOD_REFRESH, || vec![Box::new(Lifetime(Duration::from_secs(secs)))])
+        self.request(METHOD_REFRESH, || {
+            vec![Box::new(Lifetime(Duration::from_secs(secs)))]
+        })
     }
 
     pub fn permit(&mut self, peer: SocketAddr) -> Answer {
         self.request(METHOD_CREATE_PERMISSION, || {
-            vec![Box::new(PeerAddress { ip: peer.ip(), port: peer.port() })]
+            vec![Box::new(PeerAddress {
+                ip: peer.ip(),
+                port: peer.port(),
+            })]
         })
     }
 
@@ -154,7 +185,10 @@ impl Raw {
         self.request(METHOD_CHANNEL_BIND, || {
             vec![
                 Box::new(ChannelNumber(number)),
-                Box::new(PeerAddress { ip: peer.ip(), port: peer.port() }),
+                Box::new(PeerAddress {
+                    ip: peer.ip(),
+                    port: peer.port(),
+                }),
             ]
         })
     }
@@ -164,12 +198,17 @@ impl Raw {
             METHOD_SEND,
             CLASS_INDICATION,
             vec![
-                Box::new(PeerAddress { ip: peer.ip(), port: peer.port() }),
+                Box::new(PeerAddress {
+                    ip: peer.ip(),
+                    port: peer.port(),
+                }),
                 Box::new(Data(data.to_vec())),
             ],
             false,
         );
-        self.sock.send_to(&raw, self.server).expect("send indication");
+        self.sock
+            .send_to(&raw, self.server)
+            .expect("send indication");
     }
 
     pub fn channel_data(&self, number: u16, data: &[u8]) {
@@ -177,20 +216,31 @@ impl Raw {
         b.extend_from_slice(&number.to_be_bytes());
         b.extend_from_slice(&(data.len() as u16).to_be_bytes());
         b.extend_from_slice(data);
-        self.sock.send_to(&b, self.server).expect("send channel data");
+        self.sock
+            .send_to(&b, self.server)
+            .expect("send channel data");
     }
 
     /// The next datagram from the server, decoded: Data indication →
     /// (Some(peer), data); ChannelData → (None, data) with the channel.
-    pub fn recv_data(&self, within: Duration) -> Option<(Option<SocketAddr>, Option<u16>, Vec<u8>)> {
+    pub fn recv_data(
+        &self,
+        within: Duration,
+    ) -> Option<(Option<SocketAddr>, Option<u16>, Vec<u8>)> {
         let deadline = Instant::now() + within;
         let mut buf = [0u8; 65536];
         while Instant::now() < deadline {
-            let Ok((n, _)) = self.sock.recv_from(&mut buf) else { continue };
+            let Ok((n, _)) = self.sock.recv_from(&mut buf) else {
+                continue;
+            };
             let b = &buf[..n];
             if (0x40..=0x7F).contains(&b[0]) && n >= 4 {
                 let len = u16::from_be_bytes([b[2], b[3]]) as usize;
-                return Some((None, Some(u16::from_be_bytes([b[0], b[1]])), b[4..4 + len].to_vec()));
+                return Some((
+                    None,
+                    Some(u16::from_be_bytes([b[0], b[1]])),
+                    b[4..4 + len].to_vec(),
+                ));
             }
             let mut m = Message::new();
             m.raw = b.to_vec();
