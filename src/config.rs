@@ -64,7 +64,7 @@ impl Serialize for Secret {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub log: LogConfig,
@@ -180,20 +180,6 @@ pub struct SignalingConfig {
     pub max_message_bytes: usize,
     pub ping_interval_ms: u64,
     pub pong_timeout_ms: u64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            log: LogConfig::default(),
-            http: HttpConfig::default(),
-            turn: TurnConfig::default(),
-            auth: AuthConfig::default(),
-            signaling: SignalingConfig::default(),
-            metrics: MetricsConfig::default(),
-            drain: DrainConfig::default(),
-        }
-    }
 }
 
 impl Default for LogConfig {

@@ -29,6 +29,7 @@ fn uclient(tk: &Turnkey, extra: &[&str]) -> (u64, u64, u64) {
     );
     let grab = |key: &str| -> Option<u64> {
         text.lines()
+            .rev()
             .filter_map(|l| l.split(key).nth(1))
             .filter_map(|rest| {
                 rest.split(|c: char| !c.is_ascii_digit())
@@ -36,7 +37,7 @@ fn uclient(tk: &Turnkey, extra: &[&str]) -> (u64, u64, u64) {
                     .parse()
                     .ok()
             })
-            .last()
+            .next()
     };
     let (Some(sent), Some(recv), Some(lost)) = (
         grab("tot_send_msgs="),

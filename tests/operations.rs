@@ -489,3 +489,39 @@ fn api_ice_servers_gives_a_working_rest_credential() {
     assert_eq!(status, 200);
     assert!(page.contains("<"), "{page}");
 }
+
+#[test]
+fn every_metric_on_the_grafana_dashboard_exists() {
+    let tk = Turnkey::start(
+        "dashboard",
+        &format!("{}{}", base_config(""), auth_section()),
+    );
+    let (_, scrape) = common::http_get(tk.metrics, "/metrics");
+    let exported: Vec<&str> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana-dashboard.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut used = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("turnkey_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    exported.contains(&name.as_str()),
+                    "dashboard uses {name}, which /metrics does not export"
+                );
+                used += 1;
+            }
+        }
+    }
+    assert!(used > 15);
+}
