@@ -124,6 +124,55 @@ fn secrets_or_generated(cfg: &Config, generated: &Secret) -> Vec<Secret> {
     }
 }
 
+/// Where relays bind and what they advertise, per family (IPv4 [0], IPv6 [1]).
+struct RelayFamilies {
+    bind: [Option<IpAddr>; 2],
+    advertised: [Option<IpAddr>; 2],
+}
+
+impl RelayFamilies {
+    fn from_config(t: &crate::config::TurnConfig) -> Self {
+        let first = |v6: bool| {
+            t.listen
+                .iter()
+                .find(|a| a.is_ipv6() == v6)
+                .map(SocketAddr::ip)
+        };
+        let bind_v4 = t.relay_ip.or(first(false));
+        let adv_v4 = bind_v4.map(|b| match t.external_ip {
+            Some(ip) => ip,
+            None if !b.is_unspecified() => b,
+            None => default_route_ip().unwrap_or_else(|| {
+                tracing::warn!("no default route; advertising 127.0.0.1 as the relay address (set turn.external_ip)");
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            }),
+        });
+        let bind_v6 = t.relay_ip_v6.or(first(true));
+        let adv_v6 = bind_v6.and_then(|b| {
+            let adv = t.external_ip_v6.or((!b.is_unspecified()).then_some(b));
+            if adv.is_none() {
+                tracing::warn!("IPv6 relays need turn.external_ip_v6 (or a concrete turn.relay_ip_v6); IPv6 allocations get 440");
+            }
+            adv
+        });
+        RelayFamilies {
+            bind: [bind_v4, bind_v6.filter(|_| adv_v6.is_some())],
+            advertised: [adv_v4, adv_v6],
+        }
+    }
+
+    /// Our own relay addresses, which the peer policy always allows.
+    fn relay_ips(&self) -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = self.advertised.iter().flatten().copied().collect();
+        for b in self.bind.iter().flatten() {
+            if !b.is_unspecified() && !ips.contains(b) {
+                ips.push(*b);
+            }
+        }
+        ips
+    }
+}
+
 /// The address of the interface that routes to the internet, found by a
 /// UDP connect (which sends nothing).
 fn default_route_ip() -> Option<IpAddr> {
@@ -145,20 +194,15 @@ fn signal_config(cfg: &Config) -> SignalConfig {
 /// Runs the appliance until SIGINT/SIGTERM (or the end of a drain).
 pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let t = &cfg.turn;
-    let first_listen = t.listen[0].ip();
-    let relay_bind = t.relay_ip.unwrap_or(first_listen);
-    let advertised_ip = match (t.external_ip, relay_bind) {
-        (Some(ip), _) => ip,
-        (None, ip) if !ip.is_unspecified() => ip,
-        (None, _) => default_route_ip().unwrap_or_else(|| {
-            tracing::warn!("no default route; advertising 127.0.0.1 as the relay address (set turn.external_ip)");
-            IpAddr::V4(Ipv4Addr::LOCALHOST)
-        }),
-    };
-    let mut relay_ips = vec![advertised_ip];
-    if !relay_bind.is_unspecified() && relay_bind != advertised_ip {
-        relay_ips.push(relay_bind);
-    }
+    let families = RelayFamilies::from_config(t);
+    let relay_ips = families.relay_ips();
+    let advertised_ip = families
+        .advertised
+        .iter()
+        .flatten()
+        .copied()
+        .next()
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let generated = Secret::new(hex(&rand::rng().random::<[u8; 32]>()));
     if cfg.auth.secrets.is_empty() {
         tracing::info!("no auth.secrets configured: generated a random REST secret for this run");
@@ -184,7 +228,8 @@ pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<
         let stats = Arc::new(TurnStats::default());
         let core = Server::new(
             CoreConfig {
-                advertised_ip,
+                relay_v4: families.advertised[0],
+                relay_v6: families.advertised[1],
                 nonce_key,
                 nonce_lifetime: t.nonce_lifetime(),
             },
@@ -197,7 +242,7 @@ pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<
         specs.push(ShardSpec {
             index: i,
             listen: t.listen.clone(),
-            relay_bind,
+            relay_bind: families.bind,
             core,
             stats,
         });

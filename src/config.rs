@@ -74,6 +74,32 @@ pub struct Config {
     pub signaling: SignalingConfig,
     pub metrics: MetricsConfig,
     pub drain: DrainConfig,
+    pub tls: TlsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// TLS listeners: TURN over TLS (`turns:`), and HTTPS/WSS on the same
+    /// port, told apart per connection (ALPN, then the first bytes).
+    /// `["0.0.0.0:443"]` serves the whole appliance on one port.
+    pub listen: Vec<SocketAddr>,
+    /// PEM certificate chain and private key; re-read on SIGHUP and when
+    /// the files change.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            listen: Vec::new(),
+            cert_file: None,
+            key_file: None,
+            handshake_timeout_ms: 5000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -139,6 +165,23 @@ pub struct TurnConfig {
     pub relay_ip: Option<IpAddr>,
     /// Address advertised in XOR-RELAYED-ADDRESS (VPS behind 1:1 NAT).
     pub external_ip: Option<IpAddr>,
+    /// IPv6 relays: the bind address (unset = the first IPv6 listener's)
+    /// and the advertised one. Without either, IPv6 allocations get 440.
+    pub relay_ip_v6: Option<IpAddr>,
+    pub external_ip_v6: Option<IpAddr>,
+    /// TCP listeners for STUN/TURN (RFC 8656 §3.2 framing). Plain HTTP on
+    /// the same port is recognised and served too.
+    pub tcp_listen: Vec<SocketAddr>,
+    /// A TCP/TLS connection with no allocation is closed after this long.
+    pub tcp_unauth_timeout_secs: u64,
+    /// Connections without an allocation, per source IP and in total.
+    pub tcp_unauth_per_ip: usize,
+    pub tcp_unauth_total: usize,
+    /// A TCP/TLS connection that sends nothing for this long is closed.
+    pub tcp_idle_timeout_secs: u64,
+    /// Load balancers whose TCP/TLS connections start with a PROXY
+    /// protocol v2 header carrying the client's real address.
+    pub proxy_protocol_from: Vec<IpNet>,
     pub relay_port_min: u16,
     pub relay_port_max: u16,
     /// Relay event-loop threads (SO_REUSEPORT shards); 0 = one per core.
@@ -207,6 +250,14 @@ impl Default for TurnConfig {
             listen: vec![SocketAddr::from(([0, 0, 0, 0], 3478))],
             relay_ip: None,
             external_ip: None,
+            relay_ip_v6: None,
+            external_ip_v6: None,
+            tcp_listen: vec![SocketAddr::from(([0, 0, 0, 0], 3478))],
+            tcp_unauth_timeout_secs: 10,
+            tcp_unauth_per_ip: 32,
+            tcp_unauth_total: 2048,
+            tcp_idle_timeout_secs: 300,
+            proxy_protocol_from: Vec::new(),
             relay_port_min: 49152,
             relay_port_max: 65535,
             threads: 0,
@@ -271,6 +322,9 @@ impl Config {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("turn.listen")
+                .with_list_parse_key("turn.tcp_listen")
+                .with_list_parse_key("turn.proxy_protocol_from")
+                .with_list_parse_key("tls.listen")
                 .with_list_parse_key("turn.allowed_peer_ranges")
                 .with_list_parse_key("turn.denied_peer_ranges")
                 .with_list_parse_key("auth.secrets")
@@ -379,6 +433,57 @@ impl Config {
                 "signaling.pong_timeout_ms",
                 "must be greater than signaling.ping_interval_ms (> 0)",
             ));
+        }
+        for (key, ip) in [
+            ("turn.relay_ip_v6", t.relay_ip_v6),
+            ("turn.external_ip_v6", t.external_ip_v6),
+        ] {
+            if ip.is_some_and(|ip| !ip.is_ipv6()) {
+                return Err(invalid(key, "must be an IPv6 address"));
+            }
+        }
+        for (key, ip) in [
+            ("turn.relay_ip", t.relay_ip),
+            ("turn.external_ip", t.external_ip),
+        ] {
+            if ip.is_some_and(|ip| !ip.is_ipv4()) {
+                return Err(invalid(
+                    key,
+                    "must be an IPv4 address (use the _v6 key for IPv6)",
+                ));
+            }
+        }
+        if t.tcp_unauth_timeout_secs == 0 || t.tcp_idle_timeout_secs == 0 {
+            return Err(invalid(
+                "turn.tcp_unauth_timeout_secs",
+                "timeouts must be at least 1 second",
+            ));
+        }
+        if t.tcp_unauth_per_ip == 0 || t.tcp_unauth_total == 0 {
+            return Err(invalid(
+                "turn.tcp_unauth_per_ip",
+                "connection caps must be at least 1",
+            ));
+        }
+        if !self.tls.listen.is_empty() {
+            for (key, file) in [
+                ("tls.cert_file", &self.tls.cert_file),
+                ("tls.key_file", &self.tls.key_file),
+            ] {
+                match file {
+                    None => return Err(invalid(key, "is required when tls.listen is set")),
+                    Some(f) if !f.is_file() => {
+                        return Err(invalid(
+                            key,
+                            format!("{} does not exist or is not a file", f.display()),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if self.tls.handshake_timeout_ms == 0 {
+            return Err(invalid("tls.handshake_timeout_ms", "must be at least 1"));
         }
         if let Some(m) = self.metrics.listen {
             if m == self.http.listen && m.port() != 0 {

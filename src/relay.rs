@@ -1,28 +1,35 @@
-//! The UDP shell around the TURN core: one event-loop thread per shard.
+//! The shell around the TURN core: one event-loop thread per shard.
 //!
-//! Each shard owns a core, its own SO_REUSEPORT listener socket per listen
+//! Each shard owns a core, its own SO_REUSEPORT UDP listener per listen
 //! address (the kernel hashes a client's 4-tuple to one shard, so a client
-//! always meets the same allocation table), its slice of the relay port
-//! range and those relay sockets. Nothing is shared on the packet path: no
-//! lock, no channel, no allocation, no log line. A tokio task cannot wait on
-//! thousands of relay sockets at once without a task each and a channel
-//! between them, so the shard drives `mio` (tokio's own poller) directly.
+//! always meets the same allocation table) and the relay sockets of its
+//! allocations, IPv4 and IPv6. Nothing is shared on the UDP packet path:
+//! no lock, no channel, no allocation, no log line. A tokio task cannot
+//! wait on thousands of relay sockets at once without a task each and a
+//! channel between them, so the shard drives `mio` (tokio's own poller)
+//! directly.
+//!
+//! TCP and TLS clients (see `stream.rs`) live in tokio tasks; their framed
+//! messages reach the shard through a bounded channel and a waker, and
+//! answers go back through each connection's own bounded queue.
 //!
 //! Socket errors on one send or receive (an unreachable peer, ICMP-induced
 //! refusal, a full buffer) are counted and skipped; they never end a loop.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::mpsc;
 
-use crate::turn::allocation::{FiveTuple, Transport};
+use crate::turn::allocation::{FiveTuple, RelayId, Transport};
 use crate::turn::server::{Io, Server};
 use crate::turn::stats::{inc, TurnStats};
 
@@ -33,31 +40,72 @@ const BUDGET: usize = 256;
 /// Consecutive receive errors tolerated on one socket in one turn.
 const MAX_ERRORS: usize = 64;
 const RECV_BUF: usize = 65536;
+/// Stream events queued towards one shard before senders wait.
+const STREAM_QUEUE: usize = 4096;
+
+/// What a TCP/TLS connection task tells its shard.
+pub enum StreamEvent {
+    /// A new connection; answers for it go into `tx`. `authed` is set once
+    /// the connection holds an allocation (it then no longer counts against
+    /// the unauthenticated-connection caps).
+    Open {
+        ft: FiveTuple,
+        tx: mpsc::Sender<Vec<u8>>,
+        authed: Arc<AtomicBool>,
+    },
+    /// One framed STUN message or ChannelData.
+    Data {
+        ft: FiveTuple,
+        msg: Vec<u8>,
+    },
+    Closed {
+        ft: FiveTuple,
+    },
+}
+
+/// How a connection task reaches a shard.
+#[derive(Clone)]
+pub struct ShardHandle {
+    tx: mpsc::Sender<StreamEvent>,
+    waker: Arc<Waker>,
+}
+
+impl ShardHandle {
+    /// Queues an event, waiting while the shard is behind (backpressure
+    /// onto the connection that is sending).
+    pub async fn send(&self, ev: StreamEvent) -> bool {
+        let ok = self.tx.send(ev).await.is_ok();
+        let _ = self.waker.wake();
+        ok
+    }
+}
 
 /// Everything a shard thread needs to start.
 pub struct ShardSpec {
     pub index: usize,
     pub listen: Vec<SocketAddr>,
-    pub relay_bind: IpAddr,
+    /// Addresses relay sockets bind to, per family.
+    pub relay_bind: [Option<IpAddr>; 2],
     pub core: Server,
     pub stats: Arc<TurnStats>,
 }
 
-/// A handle on the running shards: stop them and wait.
+/// A handle on the running shards: reach them, stop them.
 pub struct Relay {
     local_addrs: Vec<SocketAddr>,
+    handles: Vec<ShardHandle>,
     stop: Arc<AtomicBool>,
-    wakers: Vec<Arc<Waker>>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Relay {
     pub fn start(specs: Vec<ShardSpec>) -> io::Result<Relay> {
         let stop = Arc::new(AtomicBool::new(false));
-        let mut wakers = Vec::new();
+        let mut handles = Vec::new();
         let mut threads = Vec::new();
         // Port 0 means "any": the first shard picks, the others follow it.
         let mut resolved: Option<Vec<SocketAddr>> = None;
+        let reserved = Arc::new(Mutex::new(HashMap::new()));
         for spec in specs {
             let poll = Poll::new()?;
             let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -71,41 +119,47 @@ impl Relay {
                 listeners.push((sock, local));
             }
             resolved.get_or_insert_with(|| listeners.iter().map(|(_, a)| *a).collect());
+            let (tx, rx) = mpsc::channel(STREAM_QUEUE);
             let io = ShardIo {
                 registry: poll.registry().try_clone()?,
                 listeners,
-                relays: Vec::new(),
+                relays: [Vec::new(), Vec::new()],
                 relay_bind: spec.relay_bind,
+                streams: HashMap::new(),
+                reserved: reserved.clone(),
                 stats: spec.stats.clone(),
             };
             let stop = stop.clone();
-            let name = format!("turn-shard-{}", spec.index);
             let core = spec.core;
             threads.push(
                 std::thread::Builder::new()
-                    .name(name)
-                    .spawn(move || run(poll, io, core, stop))?,
+                    .name(format!("turn-shard-{}", spec.index))
+                    .spawn(move || run(poll, io, core, rx, stop))?,
             );
-            wakers.push(waker);
+            handles.push(ShardHandle { tx, waker });
         }
         let local_addrs = resolved.unwrap_or_default();
         Ok(Relay {
             local_addrs,
+            handles,
             stop,
-            wakers,
             threads,
         })
     }
 
-    /// The bound listener addresses (the real ports when 0 was asked for).
+    /// The bound UDP listener addresses (the real ports when 0 was asked for).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
     }
 
+    pub fn handles(&self) -> Vec<ShardHandle> {
+        self.handles.clone()
+    }
+
     pub fn stop(self) {
         self.stop.store(true, Ordering::SeqCst);
-        for w in &self.wakers {
-            let _ = w.wake();
+        for h in &self.handles {
+            let _ = h.waker.wake();
         }
         for t in self.threads {
             let _ = t.join();
@@ -129,8 +183,11 @@ fn bind_listener(addr: SocketAddr) -> io::Result<UdpSocket> {
 
 fn bind_relay(addr: SocketAddr, dont_fragment: bool) -> io::Result<UdpSocket> {
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
     if dont_fragment {
-        set_dont_fragment(&sock, addr.is_ipv4())?;
+        set_dont_fragment(&socket2::SockRef::from(&sock), addr.is_ipv4())?;
     }
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
@@ -138,7 +195,7 @@ fn bind_relay(addr: SocketAddr, dont_fragment: bool) -> io::Result<UdpSocket> {
 }
 
 /// DONT-FRAGMENT (RFC 8656 §14.8): set DF on every datagram of this relay.
-fn set_dont_fragment(sock: &Socket, v4: bool) -> io::Result<()> {
+fn set_dont_fragment(sock: &socket2::SockRef<'_>, v4: bool) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let (level, name) = if v4 {
         (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER)
@@ -163,17 +220,39 @@ fn set_dont_fragment(sock: &Socket, v4: bool) -> io::Result<()> {
     }
 }
 
+struct StreamConn {
+    tx: mpsc::Sender<Vec<u8>>,
+    authed: Arc<AtomicBool>,
+}
+
 struct ShardIo {
     registry: Registry,
     listeners: Vec<(UdpSocket, SocketAddr)>,
-    /// Relay sockets indexed by port.
-    relays: Vec<Option<UdpSocket>>,
-    relay_bind: IpAddr,
+    /// Relay sockets indexed by port, IPv4 [0] and IPv6 [1].
+    relays: [Vec<Option<UdpSocket>>; 2],
+    relay_bind: [Option<IpAddr>; 2],
+    streams: HashMap<FiveTuple, StreamConn>,
+    /// Sockets bound for EVEN-PORT reservations, shared by all shards: the
+    /// client that claims one may be hashed to any shard.
+    reserved: Arc<Mutex<HashMap<RelayId, UdpSocket>>>,
     stats: Arc<TurnStats>,
 }
 
 impl Io for ShardIo {
     fn send_to_client(&mut self, to: &FiveTuple, data: &[u8]) {
+        if to.transport.is_stream() {
+            let Some(conn) = self.streams.get(to) else {
+                return;
+            };
+            // A client that stops reading is cut off, not buffered without
+            // bound: its connection task sees the queue close and ends.
+            if conn.tx.try_send(data.to_vec()).is_err() {
+                inc(&self.stats.send_errors);
+                inc(&self.stats.stream_overflows);
+                self.streams.remove(to);
+            }
+            return;
+        }
         let sock = match self.listeners.as_slice() {
             [(s, _)] => s,
             many => match many.iter().find(|(_, local)| *local == to.server) {
@@ -186,19 +265,32 @@ impl Io for ShardIo {
         }
     }
 
-    fn send_to_peer(&mut self, relay_port: u16, peer: SocketAddr, data: &[u8]) {
-        if let Some(Some(sock)) = self.relays.get(usize::from(relay_port)) {
+    fn send_to_peer(&mut self, relay: RelayId, peer: SocketAddr, data: &[u8]) {
+        if let Some(Some(sock)) = self.relays[usize::from(relay.v6)].get(usize::from(relay.port)) {
             if sock.send_to(data, peer).is_err() {
                 inc(&self.stats.send_errors);
             }
         }
     }
 
-    fn open_relay(&mut self, port: u16, dont_fragment: bool) -> bool {
-        let Ok(mut sock) = bind_relay(SocketAddr::new(self.relay_bind, port), dont_fragment) else {
+    fn open_relay(&mut self, relay: RelayId, dont_fragment: bool) -> bool {
+        let Some(ip) = self.relay_bind[usize::from(relay.v6)] else {
             return false;
         };
-        let token = Token(RELAY_BASE + usize::from(port));
+        let held = self.lock_reserved().remove(&relay);
+        let sock = match held {
+            Some(s) => {
+                if dont_fragment {
+                    let _ = set_dont_fragment(&socket2::SockRef::from(&s), !relay.v6);
+                }
+                Ok(s)
+            }
+            None => bind_relay(SocketAddr::new(ip, relay.port), dont_fragment),
+        };
+        let Ok(mut sock) = sock else {
+            return false;
+        };
+        let token = Token(RELAY_BASE + (usize::from(relay.v6) << 16) + usize::from(relay.port));
         if self
             .registry
             .register(&mut sock, token, Interest::READABLE)
@@ -206,31 +298,62 @@ impl Io for ShardIo {
         {
             return false;
         }
-        let i = usize::from(port);
-        if self.relays.len() <= i {
-            self.relays.resize_with(i + 1, || None);
+        let table = &mut self.relays[usize::from(relay.v6)];
+        let i = usize::from(relay.port);
+        if table.len() <= i {
+            table.resize_with(i + 1, || None);
         }
-        self.relays[i] = Some(sock);
+        table[i] = Some(sock);
         true
     }
 
-    fn close_relay(&mut self, port: u16) {
-        if let Some(slot) = self.relays.get_mut(usize::from(port)) {
+    fn close_relay(&mut self, relay: RelayId) {
+        if let Some(slot) = self.relays[usize::from(relay.v6)].get_mut(usize::from(relay.port)) {
             if let Some(mut sock) = slot.take() {
                 let _ = self.registry.deregister(&mut sock);
             }
         }
     }
+
+    fn reserve_relay(&mut self, relay: RelayId) -> bool {
+        let Some(ip) = self.relay_bind[usize::from(relay.v6)] else {
+            return false;
+        };
+        match bind_relay(SocketAddr::new(ip, relay.port), false) {
+            Ok(sock) => {
+                self.lock_reserved().insert(relay, sock);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn unreserve_relay(&mut self, relay: RelayId) {
+        self.lock_reserved().remove(&relay);
+    }
 }
 
-/// Which socket to read, and whether its budget ran out last time.
+impl ShardIo {
+    fn lock_reserved(&self) -> std::sync::MutexGuard<'_, HashMap<RelayId, UdpSocket>> {
+        self.reserved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Which socket (or queue) to read.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Source {
     Listener(usize),
-    Relay(u16),
+    Relay(RelayId),
+    Streams,
 }
 
-fn run(mut poll: Poll, mut io: ShardIo, mut core: Server, stop: Arc<AtomicBool>) {
+fn run(
+    mut poll: Poll,
+    mut io: ShardIo,
+    mut core: Server,
+    mut rx: mpsc::Receiver<StreamEvent>,
+    stop: Arc<AtomicBool>,
+) {
     let mut events = Events::with_capacity(1024);
     let mut buf = vec![0u8; RECV_BUF];
     let mut pending: Vec<Source> = Vec::new();
@@ -255,11 +378,17 @@ fn run(mut poll: Poll, mut io: ShardIo, mut core: Server, stop: Arc<AtomicBool>)
         ready.append(&mut pending);
         for ev in events.iter() {
             let src = match ev.token() {
-                WAKER => continue,
-                Token(t) if t >= RELAY_BASE => match u16::try_from(t - RELAY_BASE) {
-                    Ok(port) => Source::Relay(port),
-                    Err(_) => continue,
-                },
+                WAKER => Source::Streams,
+                Token(t) if t >= RELAY_BASE => {
+                    let t = t - RELAY_BASE;
+                    match u16::try_from(t & 0xFFFF) {
+                        Ok(port) => Source::Relay(RelayId {
+                            v6: t >> 16 == 1,
+                            port,
+                        }),
+                        Err(_) => continue,
+                    }
+                }
                 Token(i) => Source::Listener(i),
             };
             if !ready.contains(&src) {
@@ -268,7 +397,11 @@ fn run(mut poll: Poll, mut io: ShardIo, mut core: Server, stop: Arc<AtomicBool>)
         }
         let now = Instant::now();
         for &src in &ready {
-            if drain(src, now, &mut io, &mut core, &mut buf) {
+            let more = match src {
+                Source::Streams => drain_streams(now, &mut io, &mut core, &mut rx),
+                _ => drain(src, now, &mut io, &mut core, &mut buf),
+            };
+            if more {
                 pending.push(src);
             }
         }
@@ -285,10 +418,11 @@ fn drain(src: Source, now: Instant, io: &mut ShardIo, core: &mut Server, buf: &m
                 Some((s, _)) => s.recv_from(buf),
                 None => return false,
             },
-            Source::Relay(port) => match io.relays.get(usize::from(port)) {
+            Source::Relay(r) => match io.relays[usize::from(r.v6)].get(usize::from(r.port)) {
                 Some(Some(s)) => s.recv_from(buf),
                 _ => return false,
             },
+            Source::Streams => return false,
         };
         match r {
             Ok((n, from)) => match src {
@@ -301,7 +435,8 @@ fn drain(src: Source, now: Instant, io: &mut ShardIo, core: &mut Server, buf: &m
                     };
                     core.handle_client(now, ft, &buf[..n], io);
                 }
-                Source::Relay(port) => core.peer_datagram(now, port, from, &buf[..n], io),
+                Source::Relay(r) => core.peer_datagram(now, r, from, &buf[..n], io),
+                Source::Streams => {}
             },
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(_) => {
@@ -311,6 +446,36 @@ fn drain(src: Source, now: Instant, io: &mut ShardIo, core: &mut Server, buf: &m
                     return true;
                 }
             }
+        }
+    }
+    true
+}
+
+/// Handles up to BUDGET events from stream connections; true if more wait.
+fn drain_streams(
+    now: Instant,
+    io: &mut ShardIo,
+    core: &mut Server,
+    rx: &mut mpsc::Receiver<StreamEvent>,
+) -> bool {
+    for _ in 0..BUDGET {
+        match rx.try_recv() {
+            Ok(StreamEvent::Open { ft, tx, authed }) => {
+                io.streams.insert(ft, StreamConn { tx, authed });
+            }
+            Ok(StreamEvent::Data { ft, msg }) => {
+                core.handle_client(now, ft, &msg, io);
+                if let Some(conn) = io.streams.get(&ft) {
+                    if !conn.authed.load(Ordering::Relaxed) && core.has_allocation(&ft) {
+                        conn.authed.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+            Ok(StreamEvent::Closed { ft }) => {
+                core.connection_closed(&ft, io);
+                io.streams.remove(&ft);
+            }
+            Err(_) => return false,
         }
     }
     true

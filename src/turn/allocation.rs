@@ -11,12 +11,27 @@ use super::auth::Key;
 pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
 pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 
-/// How a client reached us. The core treats all transports alike; the
-/// shell uses it to route answers back.
+/// How a client reached us. The core treats all transports alike (but
+/// pads ChannelData on streams, RFC 8656 §12.5); the shell uses it to route
+/// answers back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transport {
     Udp,
     Tcp,
+    Tls,
+}
+
+impl Transport {
+    pub fn is_stream(self) -> bool {
+        self != Transport::Udp
+    }
+}
+
+/// One relay socket: its address family and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RelayId {
+    pub v6: bool,
+    pub port: u16,
 }
 
 /// The client side of an allocation: (client address, server address, transport).
@@ -65,16 +80,14 @@ pub enum BindError {
 
 pub struct Allocation {
     pub five_tuple: FiveTuple,
-    pub port: u16,
-    pub relayed: SocketAddr,
+    /// The relayed transport addresses, IPv4 in [0] and IPv6 in [1]; a dual
+    /// allocation (RFC 8656 §7.2, ADDITIONAL-ADDRESS-FAMILY) has both.
+    pub relayed: [Option<SocketAddr>; 2],
     pub username: String,
     pub key: Key,
     pub expires: Instant,
     /// The Allocate's transaction id, so a retransmission gets the same answer.
     pub txid: [u8; 12],
-    /// Port reserved by EVEN-PORT's R bit, released with the allocation
-    /// if no one claimed it.
-    pub reserved_port: Option<u16>,
     pub dont_fragment: bool,
     permissions: Vec<Permission>,
     channels: Vec<Channel>,
@@ -84,8 +97,7 @@ impl Allocation {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         five_tuple: FiveTuple,
-        port: u16,
-        relayed: SocketAddr,
+        relayed: [Option<SocketAddr>; 2],
         username: String,
         key: Key,
         expires: Instant,
@@ -94,17 +106,29 @@ impl Allocation {
     ) -> Self {
         Allocation {
             five_tuple,
-            port,
             relayed,
             username,
             key,
             expires,
             txid,
-            reserved_port: None,
             dont_fragment,
             permissions: Vec::new(),
             channels: Vec::new(),
         }
+    }
+
+    /// The relay socket that reaches `peer`, if the allocation has its family.
+    #[inline]
+    pub fn relay_for(&self, peer: SocketAddr) -> Option<RelayId> {
+        let v6 = peer.is_ipv6();
+        self.relayed[usize::from(v6)].map(|a| RelayId { v6, port: a.port() })
+    }
+
+    pub fn relays(&self) -> impl Iterator<Item = RelayId> + '_ {
+        self.relayed.iter().flatten().map(|a| RelayId {
+            v6: a.is_ipv6(),
+            port: a.port(),
+        })
     }
 
     pub fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
@@ -210,8 +234,7 @@ mod tests {
         };
         Allocation::new(
             ft,
-            50000,
-            "192.0.2.2:50000".parse().unwrap(),
+            [Some("192.0.2.2:50000".parse().unwrap()), None],
             "u".into(),
             [0; 16],
             now + Duration::from_secs(600),

@@ -2,6 +2,7 @@
 
 pub mod allocation;
 pub mod auth;
+pub mod control;
 pub mod policy;
 pub mod ports;
 pub mod reply;

@@ -6,7 +6,6 @@
 //! new one at once.
 
 use std::collections::VecDeque;
-use std::ops::RangeInclusive;
 
 use rand::seq::SliceRandom;
 
@@ -31,18 +30,6 @@ impl PortPool {
             free: list.into(),
             is_free,
         }
-    }
-
-    /// The `shard`-th of `shards` contiguous slices of `range`; contiguous
-    /// so that every shard has even/odd pairs for EVEN-PORT.
-    pub fn shard_of(range: RangeInclusive<u16>, shard: usize, shards: usize) -> Vec<u16> {
-        let all: Vec<u16> = range.collect();
-        let shards = shards.max(1);
-        let per = all.len().div_ceil(shards);
-        all.chunks(per.max(1))
-            .nth(shard)
-            .map(<[u16]>::to_vec)
-            .unwrap_or_default()
     }
 
     pub fn free_count(&self) -> usize {
@@ -114,7 +101,7 @@ impl PortPool {
 mod tests {
     use super::*;
 
-    fn pool(r: RangeInclusive<u16>) -> PortPool {
+    fn pool(r: std::ops::RangeInclusive<u16>) -> PortPool {
         PortPool::new(r, &mut rand::rng())
     }
 
@@ -141,14 +128,6 @@ mod tests {
         assert_eq!(b % 2, 0);
         assert_eq!(p.take(true, false), None);
         assert_eq!(p.free_count(), 1);
-    }
-
-    #[test]
-    fn shards_partition_the_range() {
-        let a = PortPool::shard_of(100..=109, 0, 2);
-        let b = PortPool::shard_of(100..=109, 1, 2);
-        assert_eq!(a.len() + b.len(), 10);
-        assert!(a.iter().all(|p| !b.contains(p)));
     }
 
     #[test]

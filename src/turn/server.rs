@@ -22,15 +22,9 @@ use stun::message::*;
 use stun::textattrs::TextAttribute;
 use stun::uattrs::UnknownAttributes;
 use stun::xoraddr::XorMappedAddress;
-use turn::proto::channum::ChannelNumber as ProtoChannelNumber;
-use turn::proto::lifetime::Lifetime;
-use turn::proto::relayaddr::RelayedAddress;
-use turn::proto::reqtrans::RequestedTransport;
-use turn::proto::rsrvtoken::ReservationToken;
-use turn::proto::PROTO_UDP;
 
-use super::allocation::{Allocation, BindError, ChannelNumber, FiveTuple, Transport};
-use super::auth::{CredentialError, Credentials, Key, NonceError, Nonces};
+use super::allocation::{Allocation, FiveTuple, RelayId};
+use super::auth::{CredentialError, Credentials, Key, Nonces};
 use super::policy::PeerPolicy;
 use super::ports::PortPool;
 use super::reply::{answer, AlternateServer, Reject};
@@ -41,10 +35,15 @@ use super::wire;
 /// tests implement it over vectors.
 pub trait Io {
     fn send_to_client(&mut self, to: &FiveTuple, data: &[u8]);
-    fn send_to_peer(&mut self, relay_port: u16, peer: SocketAddr, data: &[u8]);
-    /// Opens the relay socket for `port`; false when it cannot be bound.
-    fn open_relay(&mut self, port: u16, dont_fragment: bool) -> bool;
-    fn close_relay(&mut self, port: u16);
+    fn send_to_peer(&mut self, relay: RelayId, peer: SocketAddr, data: &[u8]);
+    /// Opens the relay socket (or takes over the one a reservation holds);
+    /// false when it cannot be bound.
+    fn open_relay(&mut self, relay: RelayId, dont_fragment: bool) -> bool;
+    fn close_relay(&mut self, relay: RelayId);
+    /// Binds a socket for an EVEN-PORT reservation and keeps it, unread,
+    /// until `open_relay` claims it or `unreserve_relay` drops it.
+    fn reserve_relay(&mut self, relay: RelayId) -> bool;
+    fn unreserve_relay(&mut self, relay: RelayId);
 }
 
 /// Settings that reload may replace; every shard reads the same copy.
@@ -62,11 +61,12 @@ pub struct Rules {
 }
 
 /// State shared by all shards, touched only on the control path: the
-/// relay port pool and EVEN-PORT reservations (a reserved port may be
+/// relay port pools and EVEN-PORT reservations (a reserved port may be
 /// claimed by a client that the kernel hashes to another shard),
 /// allocation counts for quotas, and the drain flag.
 pub struct Shared {
-    ports: Mutex<PortState>,
+    /// Port pools for IPv4 [0] and IPv6 [1] relays.
+    ports: [Mutex<PortState>; 2],
     ports_range: std::ops::RangeInclusive<u16>,
     users: Mutex<HashMap<String, usize>>,
     total: AtomicUsize,
@@ -74,19 +74,22 @@ pub struct Shared {
     pub draining: AtomicBool,
 }
 
-struct PortState {
-    pool: PortPool,
-    reservations: HashMap<[u8; 8], (u16, Instant)>,
+pub(super) struct PortState {
+    pub(super) pool: PortPool,
+    pub(super) reservations: HashMap<[u8; 8], (u16, Instant)>,
 }
 
 impl Shared {
     pub fn new(ports: std::ops::RangeInclusive<u16>) -> Self {
-        Shared {
-            ports: Mutex::new(PortState {
+        let state = || {
+            Mutex::new(PortState {
                 pool: PortPool::new(ports.clone(), &mut rand::rng()),
                 reservations: HashMap::new(),
-            }),
-            ports_range: ports,
+            })
+        };
+        Shared {
+            ports: [state(), state()],
+            ports_range: ports.clone(),
             users: Mutex::new(HashMap::new()),
             total: AtomicUsize::new(0),
             reservations: AtomicUsize::new(0),
@@ -98,21 +101,52 @@ impl Shared {
         self.total.load(Ordering::Relaxed)
     }
 
+    /// Free IPv4 relay ports.
     pub fn free_ports(&self) -> usize {
-        self.lock_ports().pool.free_count()
+        self.lock_ports(false).pool.free_count()
     }
 
-    fn lock_ports(&self) -> std::sync::MutexGuard<'_, PortState> {
+    pub(super) fn lock_ports(&self, v6: bool) -> std::sync::MutexGuard<'_, PortState> {
         // A panic elsewhere cannot leave the pool half-updated in a way that
         // matters more than refusing all allocations would.
-        self.ports.lock().unwrap_or_else(|e| e.into_inner())
+        self.ports[usize::from(v6)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn count_user(&self, user: &str, delta: isize) -> usize {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let n = users.entry(user.to_string()).or_insert(0);
+        *n = n.saturating_add_signed(delta);
+        let now = *n;
+        if now == 0 {
+            users.remove(user);
+        }
+        now
+    }
+
+    pub(super) fn reservations_add(&self, delta: isize) {
+        if delta >= 0 {
+            self.reservations
+                .fetch_add(delta.unsigned_abs(), Ordering::Relaxed);
+        } else {
+            self.reservations
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn user_allocations(&self, user: &str) -> usize {
+        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        users.get(user).copied().unwrap_or(0)
     }
 }
 
 /// Fixed settings of one shard.
 pub struct CoreConfig {
-    /// The address put into XOR-RELAYED-ADDRESS.
-    pub advertised_ip: IpAddr,
+    /// The addresses put into XOR-RELAYED-ADDRESS, per family; a family
+    /// without one is not offered (440 Address Family not Supported).
+    pub relay_v4: Option<IpAddr>,
+    pub relay_v6: Option<IpAddr>,
     pub nonce_key: [u8; 32],
     pub nonce_lifetime: Duration,
 }
@@ -132,9 +166,10 @@ impl Clock {
 }
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+pub(super) const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// Scratch space for one relayed packet plus its TURN framing.
 const SCRATCH_LEN: usize = 65536 + wire::MAX_DATA_INDICATION_OVERHEAD + 8;
+const NO_ALLOC: u32 = u32::MAX;
 
 /// Attributes we understand; an unknown one in 0x0000–0x7FFF gets 420.
 const KNOWN_REQUIRED: &[u16] = &[
@@ -143,17 +178,21 @@ const KNOWN_REQUIRED: &[u16] = &[
 ];
 
 pub struct Server {
-    cfg: CoreConfig,
-    clock: Clock,
-    rules: Arc<ArcSwap<Rules>>,
-    shared: Arc<Shared>,
-    stats: Arc<TurnStats>,
+    pub(super) cfg: CoreConfig,
+    pub(super) clock: Clock,
+    pub(super) rules: Arc<ArcSwap<Rules>>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) stats: Arc<TurnStats>,
     nonces: Nonces,
     port_base: u16,
-    slots: Vec<Option<Box<Allocation>>>,
-    by_client: HashMap<FiveTuple, u16>,
+    /// Allocations by id; ids are reused through `free_ids`.
+    allocs: Vec<Option<Box<Allocation>>>,
+    free_ids: Vec<u32>,
+    /// Allocation id per relay port, for IPv4 [0] and IPv6 [1].
+    relay_slots: [Vec<u32>; 2],
+    pub(super) by_client: HashMap<FiveTuple, u32>,
     next_sweep: Instant,
-    rng: SmallRng,
+    pub(super) rng: SmallRng,
     scratch: Box<[u8]>,
 }
 
@@ -165,7 +204,6 @@ impl Server {
         shared: Arc<Shared>,
         stats: Arc<TurnStats>,
     ) -> Self {
-        let rng = SmallRng::from_os_rng();
         let port_base = *shared.ports_range.start();
         let nslots = shared.ports_range.clone().count();
         Server {
@@ -176,10 +214,12 @@ impl Server {
             shared,
             stats,
             port_base,
-            slots: (0..nslots).map(|_| None).collect(),
+            allocs: Vec::new(),
+            free_ids: Vec::new(),
+            relay_slots: [vec![NO_ALLOC; nslots], vec![NO_ALLOC; nslots]],
             by_client: HashMap::new(),
             next_sweep: clock.mono0 + SWEEP_INTERVAL,
-            rng,
+            rng: SmallRng::from_os_rng(),
             scratch: vec![0u8; SCRATCH_LEN].into_boxed_slice(),
         }
     }
@@ -188,14 +228,44 @@ impl Server {
         self.by_client.len()
     }
 
-    fn slot(&self, port: u16) -> Option<&Allocation> {
-        let i = usize::from(port.checked_sub(self.port_base)?);
-        self.slots.get(i)?.as_deref()
+    /// Whether a client (a stream connection, say) holds an allocation.
+    pub fn has_allocation(&self, ft: &FiveTuple) -> bool {
+        self.by_client.contains_key(ft)
     }
 
-    fn slot_mut(&mut self, port: u16) -> Option<&mut Allocation> {
-        let i = usize::from(port.checked_sub(self.port_base)?);
-        self.slots.get_mut(i)?.as_deref_mut()
+    pub(super) fn alloc(&self, id: u32) -> Option<&Allocation> {
+        self.allocs.get(id as usize)?.as_deref()
+    }
+
+    pub(super) fn alloc_mut(&mut self, id: u32) -> Option<&mut Allocation> {
+        self.allocs.get_mut(id as usize)?.as_deref_mut()
+    }
+
+    fn slot_index(&self, relay: RelayId) -> Option<usize> {
+        Some(usize::from(relay.port.checked_sub(self.port_base)?))
+    }
+
+    /// Stores a new allocation and maps its client and relay ports to it.
+    pub(super) fn insert(&mut self, a: Allocation) -> u32 {
+        let relays: Vec<RelayId> = a.relays().collect();
+        let ft = a.five_tuple;
+        let id = match self.free_ids.pop() {
+            Some(id) => {
+                self.allocs[id as usize] = Some(Box::new(a));
+                id
+            }
+            None => {
+                self.allocs.push(Some(Box::new(a)));
+                (self.allocs.len() - 1) as u32
+            }
+        };
+        for r in relays {
+            if let Some(i) = self.slot_index(r) {
+                self.relay_slots[usize::from(r.v6)][i] = id;
+            }
+        }
+        self.by_client.insert(ft, id);
+        id
     }
 
     /// A datagram (or a framed stream message) from a client.
@@ -216,16 +286,17 @@ impl Server {
             inc(&self.stats.dropped_malformed);
             return;
         };
-        let Some(&port) = self.by_client.get(ft) else {
+        let Some(a) = self.by_client.get(ft).and_then(|&id| self.alloc(id)) else {
             inc(&self.stats.dropped_no_allocation);
             return;
         };
-        let Some(a) = self.slot(port) else { return };
         match a.channel_peer(number, now) {
             Some(peer) if a.has_permission(peer.ip(), now) => {
-                io.send_to_peer(port, peer, payload);
-                inc(&self.stats.c2p_channel_packets);
-                add(&self.stats.c2p_channel_bytes, payload.len());
+                if let Some(relay) = a.relay_for(peer) {
+                    io.send_to_peer(relay, peer, payload);
+                    inc(&self.stats.c2p_channel_packets);
+                    add(&self.stats.c2p_channel_bytes, payload.len());
+                }
             }
             _ => inc(&self.stats.dropped_no_permission),
         }
@@ -236,37 +307,43 @@ impl Server {
             inc(&self.stats.dropped_malformed);
             return;
         };
-        let Some(&port) = self.by_client.get(ft) else {
+        let Some(a) = self.by_client.get(ft).and_then(|&id| self.alloc(id)) else {
             inc(&self.stats.dropped_no_allocation);
             return;
         };
-        let Some(a) = self.slot(port) else { return };
-        if peer.is_ipv4() != a.relayed.is_ipv4() || !a.has_permission(peer.ip(), now) {
-            inc(&self.stats.dropped_no_permission);
-            return;
-        }
+        let relay = match a.relay_for(peer) {
+            Some(r) if a.has_permission(peer.ip(), now) => r,
+            _ => {
+                inc(&self.stats.dropped_no_permission);
+                return;
+            }
+        };
         if let Err(d) = self.rules.load().policy.check(peer) {
             self.stats.denied(d);
             return;
         }
-        io.send_to_peer(port, peer, payload);
+        io.send_to_peer(relay, peer, payload);
         inc(&self.stats.c2p_send_packets);
         add(&self.stats.c2p_send_bytes, payload.len());
     }
 
-    /// A datagram from a peer on the relay socket of `port`.
+    /// A datagram from a peer on a relay socket.
     pub fn peer_datagram(
         &mut self,
         now: Instant,
-        port: u16,
+        relay: RelayId,
         from: SocketAddr,
         data: &[u8],
         io: &mut impl Io,
     ) {
-        let Some(i) = port.checked_sub(self.port_base) else {
+        let Some(i) = self.slot_index(relay) else {
             return;
         };
-        let Some(Some(a)) = self.slots.get(usize::from(i)) else {
+        let id = self.relay_slots[usize::from(relay.v6)]
+            .get(i)
+            .copied()
+            .unwrap_or(NO_ALLOC);
+        let Some(Some(a)) = self.allocs.get(id as usize) else {
             return;
         };
         if !a.has_permission(from.ip(), now) {
@@ -275,7 +352,7 @@ impl Server {
         }
         let out = &mut self.scratch;
         if let Some(ch) = a.channel_for(from, now) {
-            let pad = a.five_tuple.transport == Transport::Tcp;
+            let pad = a.five_tuple.transport.is_stream();
             if let Some(n) = wire::write_channel_data(out, ch, data, pad) {
                 io.send_to_client(&a.five_tuple, &out[..n]);
                 inc(&self.stats.p2c_channel_packets);
@@ -303,70 +380,79 @@ impl Server {
             return;
         }
         self.next_sweep = now + SWEEP_INTERVAL;
-        let expired: Vec<u16> = self
+        let expired: Vec<u32> = self
             .by_client
             .values()
             .copied()
-            .filter(|&p| self.slot(p).is_some_and(|a| a.expires <= now))
+            .filter(|&id| self.alloc(id).is_some_and(|a| a.expires <= now))
             .collect();
-        for port in expired {
-            self.delete(port, io);
+        for id in expired {
+            self.delete(id, io);
             inc(&self.stats.allocations_expired);
         }
-        for slot in self.slots.iter_mut().flatten() {
-            slot.prune(now);
+        for a in self.allocs.iter_mut().flatten() {
+            a.prune(now);
         }
         if self.shared.reservations.load(Ordering::Relaxed) > 0 {
-            let mut ports = self.shared.lock_ports();
-            let stale: Vec<[u8; 8]> = ports
-                .reservations
-                .iter()
-                .filter(|(_, (_, exp))| *exp <= now)
-                .map(|(k, _)| *k)
-                .collect();
-            for token in stale {
-                if let Some((port, _)) = ports.reservations.remove(&token) {
-                    ports.pool.give_back(port);
-                    self.shared.reservations.fetch_sub(1, Ordering::Relaxed);
-                    self.stats.relay_ports_used.fetch_sub(1, Ordering::Relaxed);
+            for v6 in [false, true] {
+                let mut ports = self.shared.lock_ports(v6);
+                let stale: Vec<[u8; 8]> = ports
+                    .reservations
+                    .iter()
+                    .filter(|(_, (_, exp))| *exp <= now)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for token in stale {
+                    if let Some((port, _)) = ports.reservations.remove(&token) {
+                        io.unreserve_relay(RelayId { v6, port });
+                        ports.pool.give_back(port);
+                        self.shared.reservations.fetch_sub(1, Ordering::Relaxed);
+                        self.stats.relay_ports_used.fetch_sub(1, Ordering::Relaxed);
+                    }
                 }
             }
         }
     }
 
-    fn release_port(&mut self, port: u16) {
-        self.shared.lock_ports().pool.give_back(port);
+    pub(super) fn release_port(&mut self, relay: RelayId) {
+        self.shared.lock_ports(relay.v6).pool.give_back(relay.port);
         self.stats.relay_ports_used.fetch_sub(1, Ordering::Relaxed);
     }
 
-    fn delete(&mut self, port: u16, io: &mut impl Io) {
-        let Some(i) = port.checked_sub(self.port_base) else {
+    pub(super) fn delete(&mut self, id: u32, io: &mut impl Io) {
+        let Some(a) = self.allocs.get_mut(id as usize).and_then(Option::take) else {
             return;
         };
-        let Some(a) = self.slots.get_mut(usize::from(i)).and_then(Option::take) else {
-            return;
-        };
+        self.free_ids.push(id);
         self.by_client.remove(&a.five_tuple);
-        io.close_relay(port);
-        self.release_port(port);
-        self.shared.total.fetch_sub(1, Ordering::Relaxed);
-        if let Ok(mut users) = self.shared.users.lock() {
-            if let Some(n) = users.get_mut(&a.username) {
-                *n -= 1;
-                if *n == 0 {
-                    users.remove(&a.username);
-                }
+        for r in a.relays() {
+            if let Some(i) = self.slot_index(r) {
+                self.relay_slots[usize::from(r.v6)][i] = NO_ALLOC;
             }
+            io.close_relay(r);
+            self.release_port(r);
         }
+        self.shared.total.fetch_sub(1, Ordering::Relaxed);
+        self.shared.count_user(&a.username, -1);
         self.stats
             .allocations_active
             .fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Ends every allocation of a stream connection that closed.
+    /// Records a new allocation in the shared counts.
+    pub(super) fn count_new(&mut self, username: &str) {
+        self.shared.total.fetch_add(1, Ordering::Relaxed);
+        self.shared.count_user(username, 1);
+        inc(&self.stats.allocations_created);
+        self.stats
+            .allocations_active
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ends the allocation of a stream connection that closed.
     pub fn connection_closed(&mut self, ft: &FiveTuple, io: &mut impl Io) {
-        if let Some(&port) = self.by_client.get(ft) {
-            self.delete(port, io);
+        if let Some(&id) = self.by_client.get(ft) {
+            self.delete(id, io);
             inc(&self.stats.allocations_deleted);
         }
     }
@@ -457,7 +543,7 @@ impl Server {
     }
 
     /// Long-term credential check (RFC 8489 §9.2.4): the username and key.
-    fn authenticate(
+    pub(super) fn authenticate(
         &mut self,
         now: Instant,
         ft: &FiveTuple,
@@ -474,10 +560,9 @@ impl Server {
             return Err((Reject::BadRequest, None));
         };
         let unix = self.clock.unix(now);
-        if let Err(e) = self.nonces.check(&nonce, unix, ft.client) {
-            match e {
-                NonceError::Stale | NonceError::Invalid => inc(&self.stats.auth_stale_nonce),
-            }
+        if self.nonces.check(&nonce, unix, ft.client).is_err() {
+            // Expired or never ours: either way the client needs a new one.
+            inc(&self.stats.auth_stale_nonce);
             return Err((Reject::StaleNonce, None));
         }
         let keys = match self.rules.load().credentials.keys(&username, unix) {
@@ -504,309 +589,27 @@ impl Server {
     }
 
     /// Authenticates a request about an existing allocation and finds it.
-    fn existing(
+    pub(super) fn existing(
         &mut self,
         now: Instant,
         ft: &FiveTuple,
         m: &mut Message,
-    ) -> Result<(u16, Key), (Reject, Option<Key>)> {
+    ) -> Result<(u32, Key), (Reject, Option<Key>)> {
         let (username, key) = self.authenticate(now, ft, m)?;
-        let Some(&port) = self.by_client.get(ft) else {
+        let Some(&id) = self.by_client.get(ft) else {
             return Err((Reject::AllocationMismatch, Some(key)));
         };
-        if self.slot(port).is_none_or(|a| a.username != username) {
+        if self.alloc(id).is_none_or(|a| a.username != username) {
             return Err((Reject::WrongCredentials, Some(key)));
         }
         unknown_attributes(m).map_err(|r| (r, Some(key)))?;
-        Ok((port, key))
-    }
-
-    fn allocate(
-        &mut self,
-        now: Instant,
-        ft: &FiveTuple,
-        m: &mut Message,
-        io: &mut impl Io,
-    ) -> Answer {
-        let (username, key) = self.authenticate(now, ft, m)?;
-        let fail = |r| Err((r, Some(key)));
-        if let Some(&port) = self.by_client.get(ft) {
-            // A retransmitted Allocate gets the same success again (§7.2).
-            return match self.slot(port) {
-                Some(a) if a.txid == m.transaction_id.0 => {
-                    let lifetime = a.expires.saturating_duration_since(now);
-                    Ok(self.allocate_success(m, ft, a.relayed, lifetime, None, &key))
-                }
-                _ => fail(Reject::AllocationMismatch),
-            };
-        }
-        unknown_attributes(m).map_err(|r| (r, Some(key)))?;
-        if self.shared.draining.load(Ordering::Relaxed) {
-            return fail(match self.rules.load().alternate_server {
-                Some(alt) => Reject::TryAlternate(alt),
-                None => Reject::Forbidden(None),
-            });
-        }
-        let mut transport = RequestedTransport::default();
-        if transport.get_from(m).is_err() {
-            return fail(Reject::BadRequest);
-        }
-        if transport.protocol != PROTO_UDP {
-            return fail(Reject::UnsupportedTransport);
-        }
-        let token = m.get(ATTR_RESERVATION_TOKEN).ok();
-        let even = m.get(ATTR_EVEN_PORT).ok();
-        let family = m.get(ATTR_REQUESTED_ADDRESS_FAMILY).ok();
-        if token.is_some() && (even.is_some() || family.is_some()) {
-            return fail(Reject::BadRequest);
-        }
-        if let Some(f) = &family {
-            let wanted_v4 = f.first() == Some(&0x01);
-            if f.len() != 4 || wanted_v4 != self.cfg.advertised_ip.is_ipv4() {
-                return fail(Reject::AddressFamilyNotSupported);
-            }
-        }
-        let dont_fragment = m.contains(ATTR_DONT_FRAGMENT);
-        let rules = self.rules.load_full();
-        if rules.total_quota > 0 && self.shared.total.load(Ordering::Relaxed) >= rules.total_quota {
-            return fail(Reject::InsufficientCapacity);
-        }
-        if rules.user_quota > 0 {
-            let users = self
-                .shared
-                .users
-                .lock()
-                .map_err(|_| (Reject::InsufficientCapacity, Some(key)))?;
-            if users.get(&username).copied().unwrap_or(0) >= rules.user_quota {
-                return fail(Reject::QuotaReached);
-            }
-        }
-        // Pick the port: a reserved one, an even one (maybe reserving its
-        // neighbour), or any.
-        let (port, reserve) = if let Some(t) = token {
-            let t: [u8; 8] = t
-                .as_slice()
-                .try_into()
-                .map_err(|_| (Reject::BadRequest, Some(key)))?;
-            let claimed = self.shared.lock_ports().reservations.remove(&t);
-            if claimed.is_some() {
-                self.shared.reservations.fetch_sub(1, Ordering::Relaxed);
-            }
-            match claimed {
-                Some((p, exp)) if exp > now && io.open_relay(p, dont_fragment) => (p, false),
-                Some((p, _)) => {
-                    self.release_port(p);
-                    return fail(Reject::InsufficientCapacity);
-                }
-                None => return fail(Reject::InsufficientCapacity),
-            }
-        } else {
-            let reserve = even
-                .as_ref()
-                .and_then(|e| e.first())
-                .is_some_and(|b| b & 0x80 != 0);
-            match self.take_port(even.is_some(), reserve, dont_fragment, io) {
-                Some(p) => (p, reserve),
-                None => return fail(Reject::InsufficientCapacity),
-            }
-        };
-        let mut token_out = None;
-        if reserve {
-            let t: [u8; 8] = self.rng.random();
-            self.shared
-                .lock_ports()
-                .reservations
-                .insert(t, (port + 1, now + RESERVATION_LIFETIME));
-            self.shared.reservations.fetch_add(1, Ordering::Relaxed);
-            token_out = Some(t);
-        }
-        let lifetime = {
-            let mut l = Lifetime::default();
-            let asked = if l.get_from(m).is_ok() {
-                l.0
-            } else {
-                rules.default_lifetime
-            };
-            asked.min(rules.max_lifetime).max(rules.default_lifetime)
-        };
-        let relayed = SocketAddr::new(self.cfg.advertised_ip, port);
-        let a = Allocation::new(
-            *ft,
-            port,
-            relayed,
-            username.clone(),
-            key,
-            now + lifetime,
-            m.transaction_id.0,
-            dont_fragment,
-        );
-        if let Some(slot) = port
-            .checked_sub(self.port_base)
-            .and_then(|i| self.slots.get_mut(usize::from(i)))
-        {
-            *slot = Some(Box::new(a));
-        }
-        self.by_client.insert(*ft, port);
-        self.shared.total.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut users) = self.shared.users.lock() {
-            *users.entry(username).or_insert(0) += 1;
-        }
-        inc(&self.stats.allocations_created);
-        self.stats
-            .allocations_active
-            .fetch_add(1, Ordering::Relaxed);
-        Ok(self.allocate_success(m, ft, relayed, lifetime, token_out, &key))
-    }
-
-    /// Takes a port (with `pair`, also its odd neighbour) from the pool and
-    /// opens its socket, skipping ports some other process holds; those
-    /// stay out of the pool.
-    fn take_port(
-        &mut self,
-        even: bool,
-        pair: bool,
-        dont_fragment: bool,
-        io: &mut impl Io,
-    ) -> Option<u16> {
-        for _ in 0..16 {
-            let port = self.shared.lock_ports().pool.take(even, pair)?;
-            if io.open_relay(port, dont_fragment) {
-                self.stats
-                    .relay_ports_used
-                    .fetch_add(1 + i64::from(pair), Ordering::Relaxed);
-                return Some(port);
-            }
-            if pair {
-                self.shared.lock_ports().pool.give_back(port + 1);
-            }
-        }
-        None
-    }
-
-    fn allocate_success(
-        &self,
-        m: &Message,
-        ft: &FiveTuple,
-        relayed: SocketAddr,
-        lifetime: Duration,
-        token: Option<[u8; 8]>,
-        key: &Key,
-    ) -> Option<Vec<u8>> {
-        let mut attrs: Vec<Box<dyn Setter>> = vec![
-            Box::new(RelayedAddress {
-                ip: relayed.ip(),
-                port: relayed.port(),
-            }),
-            Box::new(Lifetime(Duration::from_secs(lifetime.as_secs()))),
-            Box::new(XorMappedAddress {
-                ip: ft.client.ip(),
-                port: ft.client.port(),
-            }),
-        ];
-        if let Some(t) = token {
-            attrs.push(Box::new(ReservationToken(t.to_vec())));
-        }
-        answer(m, CLASS_SUCCESS_RESPONSE, attrs, Some(key))
-    }
-
-    fn refresh(
-        &mut self,
-        now: Instant,
-        ft: &FiveTuple,
-        m: &mut Message,
-        io: &mut impl Io,
-    ) -> Answer {
-        let (port, key) = self.existing(now, ft, m)?;
-        if let Ok(f) = m.get(ATTR_REQUESTED_ADDRESS_FAMILY) {
-            let v4 = f.first() == Some(&0x01);
-            if v4 != self.cfg.advertised_ip.is_ipv4() {
-                return Err((Reject::PeerAddressFamilyMismatch, Some(key)));
-            }
-        }
-        let rules = self.rules.load();
-        let mut l = Lifetime::default();
-        let desired = if l.get_from(m).is_ok() {
-            l.0.min(rules.max_lifetime)
-        } else {
-            rules.default_lifetime
-        };
-        if desired.is_zero() {
-            self.delete(port, io);
-            inc(&self.stats.allocations_deleted);
-        } else if let Some(a) = self.slot_mut(port) {
-            a.expires = now + desired;
-        }
-        Ok(answer(
-            m,
-            CLASS_SUCCESS_RESPONSE,
-            vec![Box::new(Lifetime(desired))],
-            Some(&key),
-        ))
-    }
-
-    fn create_permission(&mut self, now: Instant, ft: &FiveTuple, m: &mut Message) -> Answer {
-        let (port, key) = self.existing(now, ft, m)?;
-        let fail = |r| Err((r, Some(key)));
-        let peers = xor_peer_addresses(m);
-        let Some(peers) = peers.filter(|p| !p.is_empty()) else {
-            return fail(Reject::BadRequest);
-        };
-        let rules = self.rules.load();
-        let v4 = self.cfg.advertised_ip.is_ipv4();
-        let mut ips = Vec::with_capacity(peers.len());
-        for p in &peers {
-            if p.is_ipv4() != v4 {
-                return fail(Reject::PeerAddressFamilyMismatch);
-            }
-            if let Err(d) = rules.policy.check_ip(p.ip()) {
-                return fail(Reject::Forbidden(Some(d)));
-            }
-            ips.push(p.ip());
-        }
-        let Some(a) = self.slot_mut(port) else {
-            return fail(Reject::AllocationMismatch);
-        };
-        if !a.room_for_permissions(&ips, rules.max_permissions) {
-            return fail(Reject::InsufficientCapacity);
-        }
-        for ip in ips {
-            a.permit(ip, now);
-        }
-        Ok(answer(m, CLASS_SUCCESS_RESPONSE, Vec::new(), Some(&key)))
-    }
-
-    fn channel_bind(&mut self, now: Instant, ft: &FiveTuple, m: &mut Message) -> Answer {
-        let (port, key) = self.existing(now, ft, m)?;
-        let fail = |r| Err((r, Some(key)));
-        let mut n = ProtoChannelNumber::default();
-        let peers = xor_peer_addresses(m).unwrap_or_default();
-        let (Ok(()), Some(&peer)) = (n.get_from(m), peers.first()) else {
-            return fail(Reject::BadRequest);
-        };
-        let Some(number) = ChannelNumber::new(n.0) else {
-            return fail(Reject::BadRequest);
-        };
-        if peer.is_ipv4() != self.cfg.advertised_ip.is_ipv4() {
-            return fail(Reject::PeerAddressFamilyMismatch);
-        }
-        let rules = self.rules.load();
-        if let Err(d) = rules.policy.check(peer) {
-            return fail(Reject::Forbidden(Some(d)));
-        }
-        let Some(a) = self.slot_mut(port) else {
-            return fail(Reject::AllocationMismatch);
-        };
-        match a.bind_channel(number, peer, now, rules.max_channels, rules.max_permissions) {
-            Ok(()) => Ok(answer(m, CLASS_SUCCESS_RESPONSE, Vec::new(), Some(&key))),
-            Err(BindError::Conflict) => fail(Reject::BadRequest),
-            Err(BindError::Full) => fail(Reject::InsufficientCapacity),
-        }
+        Ok((id, key))
     }
 }
 
-type Answer = Result<Option<Vec<u8>>, (Reject, Option<Key>)>;
+pub(super) type Answer = Result<Option<Vec<u8>>, (Reject, Option<Key>)>;
 
-fn unknown_attributes(m: &Message) -> Result<(), Reject> {
+pub(super) fn unknown_attributes(m: &Message) -> Result<(), Reject> {
     let unknown: Vec<u16> = m
         .attributes
         .0
@@ -819,17 +622,6 @@ fn unknown_attributes(m: &Message) -> Result<(), Reject> {
     } else {
         Err(Reject::UnknownAttributes(unknown))
     }
-}
-
-/// Every XOR-PEER-ADDRESS of a request (CreatePermission may carry several);
-/// None when one of them is malformed.
-fn xor_peer_addresses(m: &Message) -> Option<Vec<SocketAddr>> {
-    m.attributes
-        .0
-        .iter()
-        .filter(|a| a.typ == ATTR_XOR_PEER_ADDRESS)
-        .map(|a| wire::decode_xor_addr(&a.value, &m.transaction_id.0).ok())
-        .collect()
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::config::Secret;
+use crate::turn::allocation::{RelayId, Transport};
 use crate::turn::auth::{long_term_key, mint};
 use crate::turn::policy::PeerPolicy;
 use std::collections::BTreeMap;
@@ -9,14 +10,21 @@ use stun::agent::TransactionId;
 use stun::error_code::ErrorCodeAttribute;
 use stun::fingerprint::FINGERPRINT;
 use stun::textattrs::TextAttribute;
+use turn::proto::channum::ChannelNumber as ProtoChannelNumber;
 use turn::proto::data::Data;
+use turn::proto::lifetime::Lifetime;
 use turn::proto::peeraddr::PeerAddress;
+use turn::proto::relayaddr::RelayedAddress;
 use turn::proto::reqfamily::REQUESTED_FAMILY_IPV6;
+use turn::proto::reqtrans::RequestedTransport;
+use turn::proto::rsrvtoken::ReservationToken;
+use turn::proto::PROTO_UDP;
 use turn::proto::{Protocol, PROTO_TCP};
 
 const REALM: &str = "turnkey";
 const SECRET: &str = "test-secret-0123456789";
 const RELAY_IP: &str = "192.0.2.10";
+const RELAY_IP6: &str = "2001:db8::10";
 
 #[derive(Default)]
 struct Rec {
@@ -24,6 +32,8 @@ struct Rec {
     to_peer: Vec<(u16, SocketAddr, Vec<u8>)>,
     opened: Vec<u16>,
     closed: Vec<u16>,
+    opened_v6: Vec<u16>,
+    unreserved: Vec<u16>,
     refuse_ports: Vec<u16>,
 }
 
@@ -31,18 +41,28 @@ impl Io for Rec {
     fn send_to_client(&mut self, to: &FiveTuple, data: &[u8]) {
         self.to_client.push((*to, data.to_vec()));
     }
-    fn send_to_peer(&mut self, relay_port: u16, peer: SocketAddr, data: &[u8]) {
-        self.to_peer.push((relay_port, peer, data.to_vec()));
+    fn send_to_peer(&mut self, relay: RelayId, peer: SocketAddr, data: &[u8]) {
+        self.to_peer.push((relay.port, peer, data.to_vec()));
     }
-    fn open_relay(&mut self, port: u16, _df: bool) -> bool {
-        if self.refuse_ports.contains(&port) {
+    fn open_relay(&mut self, relay: RelayId, _df: bool) -> bool {
+        if self.refuse_ports.contains(&relay.port) {
             return false;
         }
-        self.opened.push(port);
+        if relay.v6 {
+            self.opened_v6.push(relay.port);
+        } else {
+            self.opened.push(relay.port);
+        }
         true
     }
-    fn close_relay(&mut self, port: u16) {
-        self.closed.push(port);
+    fn close_relay(&mut self, relay: RelayId) {
+        self.closed.push(relay.port);
+    }
+    fn reserve_relay(&mut self, relay: RelayId) -> bool {
+        !self.refuse_ports.contains(&relay.port)
+    }
+    fn unreserve_relay(&mut self, relay: RelayId) {
+        self.unreserved.push(relay.port);
     }
 }
 
@@ -78,6 +98,10 @@ fn rules(user_quota: usize) -> Rules {
 }
 
 fn harness_with(rules: Rules, ports: std::ops::RangeInclusive<u16>) -> Harness {
+    harness_families(rules, ports, true)
+}
+
+fn harness_families(rules: Rules, ports: std::ops::RangeInclusive<u16>, v6: bool) -> Harness {
     let now = Instant::now();
     let clock = Clock {
         mono0: now,
@@ -86,7 +110,8 @@ fn harness_with(rules: Rules, ports: std::ops::RangeInclusive<u16>) -> Harness {
     let shared = Arc::new(Shared::new(ports));
     let stats = Arc::new(TurnStats::default());
     let cfg = CoreConfig {
-        advertised_ip: RELAY_IP.parse().unwrap(),
+        relay_v4: Some(RELAY_IP.parse().unwrap()),
+        relay_v6: v6.then(|| RELAY_IP6.parse().unwrap()),
         nonce_key: [3; 32],
         nonce_lifetime: Duration::from_secs(600),
     };
@@ -328,7 +353,7 @@ fn stale_and_forged_nonces_get_438() {
 
 #[test]
 fn allocate_errors() {
-    let mut h = harness();
+    let mut h = harness_families(rules(8), 50000..=50009, false);
     let mut c = cred("alice", "wonderland");
     let r = h.authed(ft(4000), METHOD_ALLOCATE, Vec::new, &mut c);
     assert_eq!(error_code(&r), Some(400), "missing REQUESTED-TRANSPORT");
@@ -627,7 +652,16 @@ fn data_flows_both_ways_through_indications_and_channels() {
     assert!(h.io.to_peer.is_empty());
     assert_eq!(h.stats.dropped_no_permission.load(Ordering::Relaxed), 1);
     // Peer traffic without permission is dropped too.
-    h.s.peer_datagram(h.now, relayed.port(), peer, b"nope", &mut h.io);
+    h.s.peer_datagram(
+        h.now,
+        RelayId {
+            v6: false,
+            port: relayed.port(),
+        },
+        peer,
+        b"nope",
+        &mut h.io,
+    );
     assert!(h.io.to_client.iter().all(|(_, b)| b[0] < 0x40));
     let r = h.authed(
         ft(4000),
@@ -643,7 +677,16 @@ fn data_flows_both_ways_through_indications_and_channels() {
     );
     // Peer → client as a Data indication.
     let n = h.io.to_client.len();
-    h.s.peer_datagram(h.now, relayed.port(), peer, b"world", &mut h.io);
+    h.s.peer_datagram(
+        h.now,
+        RelayId {
+            v6: false,
+            port: relayed.port(),
+        },
+        peer,
+        b"world",
+        &mut h.io,
+    );
     let di = decode(&h.io.to_client[n].1);
     assert_eq!(di.typ.value(), wire::DATA_INDICATION);
     let mut d = Data::default();
@@ -672,7 +715,16 @@ fn data_flows_both_ways_through_indications_and_channels() {
         h.io.to_peer.last().unwrap(),
         &(relayed.port(), peer, b"abc".to_vec())
     );
-    h.s.peer_datagram(h.now, relayed.port(), peer, b"xyz", &mut h.io);
+    h.s.peer_datagram(
+        h.now,
+        RelayId {
+            v6: false,
+            port: relayed.port(),
+        },
+        peer,
+        b"xyz",
+        &mut h.io,
+    );
     assert_eq!(
         h.io.to_client.last().unwrap().1,
         vec![0x40, 0x01, 0x00, 0x03, b'x', b'y', b'z']
@@ -880,10 +932,149 @@ fn garbage_never_panics() {
         h.s.handle_client(h.now, ft(4000 + (i % 3) as u16), &m, &mut h.io);
         h.s.peer_datagram(
             h.now,
-            relayed.port(),
+            RelayId {
+                v6: false,
+                port: relayed.port(),
+            },
             "8.8.8.8:1".parse().unwrap(),
             &m,
             &mut h.io,
         );
     }
+}
+
+fn family(v6: bool) -> Box<dyn Setter> {
+    Box::new(RawAttribute {
+        typ: ATTR_REQUESTED_ADDRESS_FAMILY,
+        length: 4,
+        value: vec![if v6 { 2 } else { 1 }, 0, 0, 0],
+    })
+}
+
+fn additional_v6() -> Box<dyn Setter> {
+    Box::new(RawAttribute {
+        typ: AttrType(0x8000),
+        length: 4,
+        value: vec![2, 0, 0, 0],
+    })
+}
+
+fn relayed_addresses(r: &Message) -> Vec<SocketAddr> {
+    r.attributes
+        .0
+        .iter()
+        .filter(|a| a.typ == ATTR_XOR_RELAYED_ADDRESS)
+        .map(|a| wire::decode_xor_addr(&a.value, &r.transaction_id.0).unwrap())
+        .collect()
+}
+
+#[test]
+fn ipv6_allocation_relays_to_ipv6_peers_only() {
+    let mut h = harness();
+    let mut c = cred("alice", "wonderland");
+    let r = h.authed(
+        ft(4000),
+        METHOD_ALLOCATE,
+        || vec![udp(), family(true)],
+        &mut c,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    let relayed = relayed_addresses(&r);
+    assert_eq!(relayed.len(), 1);
+    assert_eq!(relayed[0].ip().to_string(), RELAY_IP6);
+    assert_eq!(h.io.opened_v6, vec![relayed[0].port()]);
+    let r = h.authed(
+        ft(4000),
+        METHOD_CREATE_PERMISSION,
+        || vec![peer_attr("8.8.8.8:1")],
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(443), "IPv4 peer on an IPv6 allocation");
+    let r = h.authed(
+        ft(4000),
+        METHOD_CREATE_PERMISSION,
+        || vec![peer_attr("[2606:4700::1111]:1")],
+        &mut c,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    for denied in [
+        "[::1]:1",
+        "[::ffff:127.0.0.1]:1",
+        "[fe80::1]:1",
+        "[fd00::1]:1",
+    ] {
+        let r = h.authed(
+            ft(4000),
+            METHOD_CREATE_PERMISSION,
+            || vec![peer_attr(denied)],
+            &mut c,
+        );
+        assert_eq!(error_code(&r), Some(403), "{denied}");
+    }
+}
+
+#[test]
+fn dual_allocation_returns_both_relayed_addresses() {
+    let mut h = harness();
+    let mut c = cred("alice", "wonderland");
+    let r = h.authed(
+        ft(4000),
+        METHOD_ALLOCATE,
+        || vec![udp(), additional_v6()],
+        &mut c,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    let relayed = relayed_addresses(&r);
+    assert_eq!(relayed.len(), 2);
+    assert!(relayed[0].is_ipv4() && relayed[1].is_ipv6());
+    // Both families relay; refresh 0 closes both sockets.
+    for peer in ["8.8.8.8:1", "[2606:4700::1111]:1"] {
+        let r = h.authed(
+            ft(4000),
+            METHOD_CREATE_PERMISSION,
+            || vec![peer_attr(peer)],
+            &mut c,
+        );
+        assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE, "{peer}");
+    }
+    let r = h.authed(
+        ft(4000),
+        METHOD_REFRESH,
+        || vec![Box::new(Lifetime(Duration::ZERO))],
+        &mut c,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    assert_eq!(h.io.closed.len(), 2);
+}
+
+#[test]
+fn families_that_are_not_configured() {
+    let mut h = harness_families(rules(8), 50000..=50009, false);
+    let mut c = cred("alice", "wonderland");
+    let r = h.authed(
+        ft(4000),
+        METHOD_ALLOCATE,
+        || vec![udp(), family(true)],
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(440));
+    // A dual request is served for IPv4, with ADDRESS-ERROR-CODE for IPv6.
+    let r = h.authed(
+        ft(4000),
+        METHOD_ALLOCATE,
+        || vec![udp(), additional_v6()],
+        &mut c,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    assert_eq!(relayed_addresses(&r).len(), 1);
+    let err = r.get(AttrType(0x8001)).unwrap();
+    assert_eq!((err[0], err[2], err[3]), (2, 4, 40));
+    // Both family attributes at once is a bad request.
+    let r = h.authed(
+        ft(4001),
+        METHOD_ALLOCATE,
+        || vec![udp(), family(false), additional_v6()],
+        &mut cred("bob", "builder"),
+    );
+    assert_eq!(error_code(&r), Some(400));
 }

@@ -41,6 +41,8 @@ pub struct TurnStats {
     /// Socket errors, counted and skipped (never fatal to a loop).
     pub send_errors: AtomicU64,
     pub recv_errors: AtomicU64,
+    /// Stream clients cut off because they stopped reading.
+    pub stream_overflows: AtomicU64,
 }
 
 /// Counts one event. The `uncounted` feature (benchmarks only) compiles
