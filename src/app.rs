@@ -45,6 +45,8 @@ struct IceSettings {
     public_host: Option<String>,
     advertised_ip: IpAddr,
     turn_port: u16,
+    tcp_port: Option<u16>,
+    tls_port: Option<u16>,
     rest_ttl_secs: u64,
 }
 
@@ -81,8 +83,16 @@ impl AppState {
         if let Some(secret) = rules.credentials.minting_secret() {
             let id: u64 = rand::rng().random();
             let cred = mint(secret, &format!("{id:016x}"), unix_now(), ice.rest_ttl_secs);
+            // In the order browsers should try them: UDP, TCP, then TLS.
+            let mut urls = vec![format!("turn:{host}:{port}?transport=udp")];
+            if let Some(p) = ice.tcp_port {
+                urls.push(format!("turn:{host}:{p}?transport=tcp"));
+            }
+            if let Some(p) = ice.tls_port {
+                urls.push(format!("turns:{host}:{p}?transport=tcp"));
+            }
             servers.push(IceServer {
-                urls: vec![format!("turn:{host}:{port}?transport=udp")],
+                urls,
                 username: Some(cred.username),
                 credential: Some(cred.password),
             });
@@ -250,11 +260,37 @@ pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<
     let relay = Relay::start(specs).context("starting the TURN listeners")?;
     let turn_addrs = relay.local_addrs().to_vec();
     let turn_port = turn_addrs.first().map_or(3478, SocketAddr::port);
+    let bind_all = |addrs: Vec<SocketAddr>, key: &'static str| async move {
+        let mut out = Vec::new();
+        for a in addrs {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding {key} {a}"))?;
+            out.push(l);
+        }
+        anyhow::Ok(out)
+    };
+    let tcp_listeners = bind_all(
+        t.tcp_listen.clone().unwrap_or_else(|| turn_addrs.clone()),
+        "turn.tcp_listen",
+    )
+    .await?;
+    let tls_listeners = bind_all(cfg.tls.listen.clone(), "tls.listen").await?;
+    let local = |ls: &[tokio::net::TcpListener]| -> Vec<SocketAddr> {
+        ls.iter().filter_map(|l| l.local_addr().ok()).collect()
+    };
+    let (tcp_addrs, tls_addrs) = (local(&tcp_listeners), local(&tls_listeners));
+    let certs = match (&cfg.tls.cert_file, &cfg.tls.key_file) {
+        (Some(c), Some(k)) if !tls_listeners.is_empty() => Some(crate::tls::CertStore::open(c, k)?),
+        _ => None,
+    };
 
     let ice = Arc::new(IceSettings {
         public_host: cfg.http.public_host.clone(),
         advertised_ip,
         turn_port,
+        tcp_port: tcp_addrs.first().map(SocketAddr::port),
+        tls_port: tls_addrs.first().map(SocketAddr::port),
         rest_ttl_secs: cfg.auth.rest_ttl_secs,
     });
     // The signaling service asks the app state for iceServers; the state
@@ -275,9 +311,11 @@ pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<
         }),
     );
     let relay_ports_total = usize::from(t.relay_port_max - t.relay_port_min) + 1;
+    let stream_stats = Arc::new(crate::stream::StreamStats::default());
     let metrics = Arc::new(Metrics::new(
         shard_stats,
         signaling.clone(),
+        stream_stats.clone(),
         relay_ports_total,
     )?);
     let state = AppState {
@@ -315,12 +353,45 @@ pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<
         });
     }
     let metrics_at = metrics_addr.map_or_else(|| format!("{http_addr}"), |a| a.to_string());
+    let list = |v: &[SocketAddr]| {
+        let s: Vec<String> = v.iter().map(|a| a.to_string()).collect();
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.join(",")
+        }
+    };
     tracing::info!(
-        "ready: http={http_addr} turn={} metrics={metrics_at} relay={advertised_ip} ports={}-{} shards={threads}",
+        "ready: http={http_addr} turn={} tcp={} tls={} metrics={metrics_at} relay={advertised_ip} ports={}-{} shards={threads}",
         turn_list.join(","),
+        list(&tcp_addrs),
+        list(&tls_addrs),
         t.relay_port_min,
         t.relay_port_max
     );
+    let tls_config = match &certs {
+        Some(store) => Some(store.server_config()?),
+        None => None,
+    };
+    let streams = crate::stream::Streams::new(
+        relay.handles(),
+        crate::stream::StreamLimits {
+            handshake_timeout: Duration::from_millis(cfg.tls.handshake_timeout_ms),
+            unauth_timeout: Duration::from_secs(t.tcp_unauth_timeout_secs),
+            idle_timeout: Duration::from_secs(t.tcp_idle_timeout_secs),
+            unauth_per_ip: t.tcp_unauth_per_ip,
+            unauth_total: t.tcp_unauth_total,
+            proxy_from: t.proxy_protocol_from.clone(),
+        },
+        crate::http::router(state.clone()),
+        tls_config,
+        stream_stats.clone(),
+    );
+    for (listeners, tls) in [(tcp_listeners, false), (tls_listeners, true)] {
+        for l in listeners {
+            tokio::spawn(streams.clone().serve(l, tls, stop_rx.clone()));
+        }
+    }
     let app = crate::http::router(state.clone());
     let mut http_stop = stop_rx.clone();
     let http = tokio::spawn(async move {
@@ -335,7 +406,7 @@ pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<
             .await
     });
 
-    control_loop(&cfg, config_path, &state, &generated, relay_ips).await;
+    control_loop(&cfg, config_path, &state, &generated, relay_ips, certs).await;
 
     signaling.shutdown();
     let _ = stop_tx.send(true);
@@ -353,6 +424,7 @@ async fn control_loop(
     state: &AppState,
     generated: &Secret,
     relay_ips: Vec<IpAddr>,
+    certs: Option<Arc<crate::tls::CertStore>>,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut hup), Ok(mut usr1), Ok(mut term)) = (
@@ -386,8 +458,23 @@ async fn control_loop(
                     drain_deadline = Some(start_drain(state, Duration::from_secs(cfg.drain.grace_secs)));
                 }
             }
-            _ = hup.recv() => reload(cfg, config_path.as_deref(), state, generated, &relay_ips),
+            _ = hup.recv() => {
+                reload(cfg, config_path.as_deref(), state, generated, &relay_ips);
+                if let Some(store) = &certs {
+                    match store.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                        Err(e) => tracing::error!("SIGHUP: TLS certificate refused, the old one stays: {e}"),
+                    }
+                }
+            }
             _ = tick.tick() => {
+                if let Some(store) = &certs {
+                    match store.reload_if_changed() {
+                        Ok(true) => tracing::info!("TLS certificate files changed: reloaded"),
+                        Ok(false) => {}
+                        Err(e) => tracing::error!("TLS certificate files changed but are unusable, the old certificate stays: {e}"),
+                    }
+                }
                 if let Some(deadline) = drain_deadline {
                     let left = state.shared.total_allocations();
                     let rooms = state.signaling.stats().rooms.load(Ordering::Relaxed);

@@ -169,9 +169,10 @@ pub struct TurnConfig {
     /// and the advertised one. Without either, IPv6 allocations get 440.
     pub relay_ip_v6: Option<IpAddr>,
     pub external_ip_v6: Option<IpAddr>,
-    /// TCP listeners for STUN/TURN (RFC 8656 §3.2 framing). Plain HTTP on
-    /// the same port is recognised and served too.
-    pub tcp_listen: Vec<SocketAddr>,
+    /// TCP listeners for STUN/TURN (RFC 8656 §3.2 framing); plain HTTP on
+    /// the same port is recognised and served too. Unset = the same
+    /// addresses and ports as `listen`; `[]` = no TCP.
+    pub tcp_listen: Option<Vec<SocketAddr>>,
     /// A TCP/TLS connection with no allocation is closed after this long.
     pub tcp_unauth_timeout_secs: u64,
     /// Connections without an allocation, per source IP and in total.
@@ -252,7 +253,7 @@ impl Default for TurnConfig {
             external_ip: None,
             relay_ip_v6: None,
             external_ip_v6: None,
-            tcp_listen: vec![SocketAddr::from(([0, 0, 0, 0], 3478))],
+            tcp_listen: None,
             tcp_unauth_timeout_secs: 10,
             tcp_unauth_per_ip: 32,
             tcp_unauth_total: 2048,

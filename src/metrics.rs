@@ -13,12 +13,13 @@ use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncode
 
 use crate::signal::{ErrorCode, SignalStats};
 use crate::turn::policy::Denial;
-use crate::turn::stats::TurnStats;
+use crate::turn::stats::{TurnStats, DIRECTIONS, FRAMINGS, TRANSPORTS};
 
 pub struct Metrics {
     registry: Registry,
     shards: Vec<Arc<TurnStats>>,
     signaling: Arc<crate::signal::Signaling>,
+    streams: Arc<crate::stream::StreamStats>,
     relay_ports_total: i64,
     counters: Vec<(IntCounterVec, Vec<String>, Source)>,
     gauges: Vec<(IntGaugeVec, Vec<String>, GaugeSource)>,
@@ -42,6 +43,7 @@ impl Metrics {
     pub fn new(
         shards: Vec<Arc<TurnStats>>,
         signaling: Arc<crate::signal::Signaling>,
+        streams: Arc<crate::stream::StreamStats>,
         relay_ports_total: usize,
     ) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
@@ -56,6 +58,7 @@ impl Metrics {
             registry,
             shards,
             signaling,
+            streams,
             relay_ports_total: relay_ports_total as i64,
             counters: Vec::new(),
             gauges: Vec::new(),
@@ -63,6 +66,7 @@ impl Metrics {
         };
         m.turn()?;
         m.signal()?;
+        m.stream()?;
         Ok(m)
     }
 
@@ -134,43 +138,27 @@ impl Metrics {
                 (vec!["deleted"], c!(allocations_deleted)),
             ],
         )?;
-        let relayed = |bytes: bool| {
-            let pick = move |dir: &'static str, framing: &'static str| -> Source {
-                Box::new(
-                    move |s: &[Arc<TurnStats>], _: &SignalStats| match (dir, framing, bytes) {
-                        ("client_to_peer", "channel_data", true) => {
-                            sum(s, |t| &t.c2p_channel_bytes)
-                        }
-                        ("client_to_peer", "channel_data", false) => {
-                            sum(s, |t| &t.c2p_channel_packets)
-                        }
-                        ("client_to_peer", _, true) => sum(s, |t| &t.c2p_send_bytes),
-                        ("client_to_peer", _, false) => sum(s, |t| &t.c2p_send_packets),
-                        (_, "channel_data", true) => sum(s, |t| &t.p2c_channel_bytes),
-                        (_, "channel_data", false) => sum(s, |t| &t.p2c_channel_packets),
-                        (_, _, true) => sum(s, |t| &t.p2c_data_bytes),
-                        (_, _, false) => sum(s, |t| &t.p2c_data_packets),
-                    },
-                )
-            };
-            vec![
-                (
-                    vec!["client_to_peer", "udp", "channel_data"],
-                    pick("client_to_peer", "channel_data"),
-                ),
-                (
-                    vec!["client_to_peer", "udp", "indication"],
-                    pick("client_to_peer", "indication"),
-                ),
-                (
-                    vec!["peer_to_client", "udp", "channel_data"],
-                    pick("peer_to_client", "channel_data"),
-                ),
-                (
-                    vec!["peer_to_client", "udp", "indication"],
-                    pick("peer_to_client", "indication"),
-                ),
-            ]
+        let relayed = |bytes: bool| -> Vec<(Vec<&'static str>, Source)> {
+            let mut series = Vec::new();
+            for (t, tn) in TRANSPORTS {
+                for (d, dn) in DIRECTIONS {
+                    for (f, fnm) in FRAMINGS {
+                        let src: Source = Box::new(move |s: &[Arc<TurnStats>], _: &SignalStats| {
+                            let flow = |st: &TurnStats| {
+                                let fl = st.flow(t, d, f);
+                                if bytes {
+                                    fl.bytes.load(Relaxed)
+                                } else {
+                                    fl.packets.load(Relaxed)
+                                }
+                            };
+                            s.iter().map(|st| flow(st)).sum()
+                        });
+                        series.push((vec![dn, tn, fnm], src));
+                    }
+                }
+            }
+            series
         };
         let labels = &["direction", "transport", "framing"];
         self.counter(
@@ -181,7 +169,7 @@ impl Metrics {
         )?;
         self.counter(
             "turnkey_turn_relayed_packets_total",
-            "Datagrams relayed.",
+            "Packets relayed.",
             labels,
             relayed(false),
         )?;
@@ -343,6 +331,66 @@ impl Metrics {
             "Error messages sent to signaling clients, by code.",
             &["code"],
             errors,
+        )?;
+        Ok(())
+    }
+
+    fn stream(&mut self) -> Result<(), prometheus::Error> {
+        // Stream counters live outside the shards and the signaling stats;
+        // the closures reach them through a captured Arc.
+        let st = self.streams.clone();
+        let pick = move |f: fn(&crate::stream::StreamStats) -> &AtomicU64| -> Source {
+            let st = st.clone();
+            Box::new(move |_: &[Arc<TurnStats>], _: &SignalStats| f(&st).load(Relaxed))
+        };
+        self.counter(
+            "turnkey_stream_connections_total",
+            "TCP/TLS connections accepted, or refused over the unauthenticated-connection caps.",
+            &["result"],
+            vec![
+                (vec!["accepted"], pick(|s| &s.accepted)),
+                (vec!["refused_over_limit"], pick(|s| &s.refused_over_limit)),
+            ],
+        )?;
+        self.counter(
+            "turnkey_stream_closed_total",
+            "TCP/TLS connections closed by the server, by reason.",
+            &["reason"],
+            vec![
+                (vec!["handshake_failed"], pick(|s| &s.handshake_failures)),
+                (vec!["timeout"], pick(|s| &s.timed_out)),
+                (vec!["protocol_error"], pick(|s| &s.protocol_errors)),
+            ],
+        )?;
+        let st = self.streams.clone();
+        let st2 = self.streams.clone();
+        self.gauge(
+            "turnkey_stream_connections",
+            "Open TCP/TLS connections by what they carry.",
+            &["protocol"],
+            vec![
+                (
+                    vec!["turn"],
+                    Box::new(move |_: &[Arc<TurnStats>], _: &SignalStats, _| {
+                        st.open_turn.load(Relaxed) as i64
+                    }),
+                ),
+                (
+                    vec!["http"],
+                    Box::new(move |_: &[Arc<TurnStats>], _: &SignalStats, _| {
+                        st2.open_http.load(Relaxed) as i64
+                    }),
+                ),
+            ],
+        )?;
+        self.counter(
+            "turnkey_turn_stream_overflows_total",
+            "Stream clients cut off because they stopped reading.",
+            &[],
+            vec![(
+                vec![],
+                Box::new(|s: &[Arc<TurnStats>], _: &SignalStats| sum(s, |t| &t.stream_overflows)),
+            )],
         )?;
         Ok(())
     }

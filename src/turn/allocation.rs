@@ -16,9 +16,9 @@ pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 /// answers back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transport {
-    Udp,
-    Tcp,
-    Tls,
+    Udp = 0,
+    Tcp = 1,
+    Tls = 2,
 }
 
 impl Transport {

@@ -28,7 +28,7 @@ use super::auth::{CredentialError, Credentials, Key, Nonces};
 use super::policy::PeerPolicy;
 use super::ports::PortPool;
 use super::reply::{answer, AlternateServer, Reject};
-use super::stats::{add, inc, TurnStats};
+use super::stats::{inc, Direction::*, Framing::*, TurnStats};
 use super::wire;
 
 /// What the core asks of the world. The shell implements it over sockets;
@@ -294,8 +294,8 @@ impl Server {
             Some(peer) if a.has_permission(peer.ip(), now) => {
                 if let Some(relay) = a.relay_for(peer) {
                     io.send_to_peer(relay, peer, payload);
-                    inc(&self.stats.c2p_channel_packets);
-                    add(&self.stats.c2p_channel_bytes, payload.len());
+                    self.stats
+                        .relayed(ft.transport, ClientToPeer, ChannelData, payload.len());
                 }
             }
             _ => inc(&self.stats.dropped_no_permission),
@@ -323,8 +323,8 @@ impl Server {
             return;
         }
         io.send_to_peer(relay, peer, payload);
-        inc(&self.stats.c2p_send_packets);
-        add(&self.stats.c2p_send_bytes, payload.len());
+        self.stats
+            .relayed(ft.transport, ClientToPeer, Indication, payload.len());
     }
 
     /// A datagram from a peer on a relay socket.
@@ -355,15 +355,19 @@ impl Server {
             let pad = a.five_tuple.transport.is_stream();
             if let Some(n) = wire::write_channel_data(out, ch, data, pad) {
                 io.send_to_client(&a.five_tuple, &out[..n]);
-                inc(&self.stats.p2c_channel_packets);
-                add(&self.stats.p2c_channel_bytes, data.len());
+                self.stats.relayed(
+                    a.five_tuple.transport,
+                    PeerToClient,
+                    ChannelData,
+                    data.len(),
+                );
             }
         } else {
             let txid: [u8; 12] = self.rng.random();
             if let Some(n) = wire::write_data_indication(out, &txid, from, data) {
                 io.send_to_client(&a.five_tuple, &out[..n]);
-                inc(&self.stats.p2c_data_packets);
-                add(&self.stats.p2c_data_bytes, data.len());
+                self.stats
+                    .relayed(a.five_tuple.transport, PeerToClient, Indication, data.len());
             }
         }
     }

@@ -733,8 +733,16 @@ fn data_flows_both_ways_through_indications_and_channels() {
     h.s.handle_client(h.now, ft(4000), &[0x40, 0x02, 0x00, 0x01, 0], &mut h.io);
     h.s.handle_client(h.now, ft(4000), &[0x40, 0x01, 0x00, 0x09, 0], &mut h.io);
     assert_eq!(h.io.to_peer.len(), 2);
-    assert_eq!(h.stats.c2p_channel_packets.load(Ordering::Relaxed), 1);
-    assert_eq!(h.stats.p2c_channel_bytes.load(Ordering::Relaxed), 3);
+    use crate::turn::stats::{Direction, Framing};
+    let udp = Transport::Udp;
+    let c2p = h
+        .stats
+        .flow(udp, Direction::ClientToPeer, Framing::ChannelData);
+    assert_eq!(c2p.packets.load(Ordering::Relaxed), 1);
+    let p2c = h
+        .stats
+        .flow(udp, Direction::PeerToClient, Framing::ChannelData);
+    assert_eq!(p2c.bytes.load(Ordering::Relaxed), 3);
     // After 300 s without refresh the permission lapses (the channel lives on).
     h.now += Duration::from_secs(301);
     h.s.handle_client(h.now, ft(4000), &[0x40, 0x01, 0x00, 0x01, b'q'], &mut h.io);

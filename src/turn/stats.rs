@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64};
 
+use super::allocation::Transport;
 use super::policy::Denial;
 
 /// Slots for peer denials, indexed by the reason's position in `Denial::ALL`.
@@ -17,14 +18,8 @@ pub struct TurnStats {
     pub allocations_deleted: AtomicU64,
     pub relay_ports_used: AtomicI64,
 
-    pub c2p_channel_packets: AtomicU64,
-    pub c2p_channel_bytes: AtomicU64,
-    pub c2p_send_packets: AtomicU64,
-    pub c2p_send_bytes: AtomicU64,
-    pub p2c_channel_packets: AtomicU64,
-    pub p2c_channel_bytes: AtomicU64,
-    pub p2c_data_packets: AtomicU64,
-    pub p2c_data_bytes: AtomicU64,
+    /// Relayed traffic: [transport][direction][framing] → packets, bytes.
+    pub relayed: [[[Flow; 2]; 2]; 3],
 
     pub binding_requests: AtomicU64,
     pub auth_bad_credential: AtomicU64,
@@ -47,6 +42,39 @@ pub struct TurnStats {
 
 /// Counts one event. The `uncounted` feature (benchmarks only) compiles
 /// counting away, to measure what the counters cost on the relay path.
+/// Packets and application bytes of one kind of relayed traffic.
+#[derive(Default)]
+pub struct Flow {
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    ClientToPeer = 0,
+    PeerToClient = 1,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    ChannelData = 0,
+    Indication = 1,
+}
+
+pub const TRANSPORTS: [(Transport, &str); 3] = [
+    (Transport::Udp, "udp"),
+    (Transport::Tcp, "tcp"),
+    (Transport::Tls, "tls"),
+];
+pub const DIRECTIONS: [(Direction, &str); 2] = [
+    (Direction::ClientToPeer, "client_to_peer"),
+    (Direction::PeerToClient, "peer_to_client"),
+];
+pub const FRAMINGS: [(Framing, &str); 2] = [
+    (Framing::ChannelData, "channel_data"),
+    (Framing::Indication, "indication"),
+];
+
 #[inline]
 pub fn inc(c: &AtomicU64) {
     #[cfg(not(feature = "uncounted"))]
@@ -64,6 +92,19 @@ pub fn add(c: &AtomicU64, n: usize) {
 }
 
 impl TurnStats {
+    #[inline]
+    pub fn flow(&self, t: Transport, d: Direction, f: Framing) -> &Flow {
+        &self.relayed[t as usize][d as usize][f as usize]
+    }
+
+    /// Counts one relayed packet of `len` application bytes.
+    #[inline]
+    pub fn relayed(&self, t: Transport, d: Direction, f: Framing, len: usize) {
+        let flow = self.flow(t, d, f);
+        inc(&flow.packets);
+        add(&flow.bytes, len);
+    }
+
     pub fn denied(&self, reason: Denial) {
         if let Some(i) = Denial::ALL.iter().position(|d| *d == reason) {
             if let Some(c) = self.peer_denied.get(i) {

@@ -1,0 +1,479 @@
+//! TURN over TCP and TLS (RFC 8656 §3.2), and the shared port.
+//!
+//! Each connection is a tokio task. It may start with a PROXY protocol v2
+//! header (only from configured balancers), then TLS when the listener is
+//! a TLS one; then it is told apart by ALPN (`h2`/`http/1.1` → HTTP,
+//! `stun.turn` → TURN) or, without ALPN, by its first byte: a STUN header
+//! (0x00–0x03) is TURN, anything else HTTP (a TURN client cannot start with
+//! ChannelData, and HTTP methods start with letters). So one port can serve
+//! the page, WSS signaling and `turns:` at once.
+//!
+//! TURN connections are framed here (STUN by its length field, ChannelData
+//! padded to 4 bytes) and fed to their shard's core like datagrams; the
+//! allocation lives as long as the connection. Limits keep a flood cheap:
+//! a TLS handshake deadline, a deadline for getting an allocation, an idle
+//! timeout, caps on connections without an allocation per source IP and
+//! in total, and a bounded queue of answers per connection (a client that
+//! stops reading is cut off).
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{timeout, Instant};
+
+use crate::proxy_protocol::{self, Proxied};
+use crate::relay::{ShardHandle, StreamEvent};
+use crate::turn::allocation::{FiveTuple, Transport};
+
+/// Answers queued towards one connection before it counts as not reading.
+const OUT_QUEUE: usize = 256;
+const MAX_FRAME: usize = 20 + 65535;
+
+#[derive(Debug, Clone)]
+pub struct StreamLimits {
+    pub handshake_timeout: Duration,
+    pub unauth_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub unauth_per_ip: usize,
+    pub unauth_total: usize,
+    pub proxy_from: Vec<IpNet>,
+}
+
+/// Counters for the stream listeners.
+#[derive(Default)]
+pub struct StreamStats {
+    pub accepted: AtomicU64,
+    pub refused_over_limit: AtomicU64,
+    pub handshake_failures: AtomicU64,
+    pub timed_out: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub open_turn: AtomicU64,
+    pub open_http: AtomicU64,
+}
+
+pub struct Streams {
+    shards: Vec<ShardHandle>,
+    limits: StreamLimits,
+    http: axum::Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    unauth: Mutex<HashMap<IpAddr, usize>>,
+    unauth_total: AtomicUsize,
+    stats: Arc<StreamStats>,
+}
+
+/// Holds a connection's place under the unauthenticated caps until it
+/// gets an allocation (or ends).
+struct UnauthSlot<'a> {
+    streams: &'a Streams,
+    ip: IpAddr,
+    held: bool,
+}
+
+impl UnauthSlot<'_> {
+    fn release(&mut self) {
+        if std::mem::take(&mut self.held) {
+            self.streams.unauth_total.fetch_sub(1, Ordering::Relaxed);
+            if let Ok(mut m) = self.streams.unauth.lock() {
+                if let Some(n) = m.get_mut(&self.ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.remove(&self.ip);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for UnauthSlot<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Streams {
+    pub fn new(
+        shards: Vec<ShardHandle>,
+        limits: StreamLimits,
+        http: axum::Router,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        stats: Arc<StreamStats>,
+    ) -> Arc<Streams> {
+        Arc::new(Streams {
+            shards,
+            limits,
+            http,
+            tls: tls.map(tokio_rustls::TlsAcceptor::from),
+            unauth: Mutex::new(HashMap::new()),
+            unauth_total: AtomicUsize::new(0),
+            stats,
+        })
+    }
+
+    fn admit(&self, ip: IpAddr) -> Option<UnauthSlot<'_>> {
+        let mut m = self.unauth.lock().ok()?;
+        let n = m.entry(ip).or_insert(0);
+        if *n >= self.limits.unauth_per_ip
+            || self.unauth_total.load(Ordering::Relaxed) >= self.limits.unauth_total
+        {
+            if *n == 0 {
+                m.remove(&ip);
+            }
+            return None;
+        }
+        *n += 1;
+        self.unauth_total.fetch_add(1, Ordering::Relaxed);
+        Some(UnauthSlot {
+            streams: self,
+            ip,
+            held: true,
+        })
+    }
+
+    /// Accepts connections until `stop` turns true.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: bool,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let Ok((tcp, peer)) = accepted else {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            let local = tcp.local_addr().unwrap_or(peer);
+            let _ = tcp.set_nodelay(true);
+            let me = self.clone();
+            tokio::spawn(async move { me.connection(tcp, peer, local, tls).await });
+        }
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        tls: bool,
+    ) {
+        let mut client = peer;
+        if self
+            .limits
+            .proxy_from
+            .iter()
+            .any(|n| n.contains(&peer.ip()))
+        {
+            match timeout(self.limits.handshake_timeout, read_proxy_header(&mut tcp)).await {
+                Ok(Ok(Proxied::Client(addr))) => client = addr,
+                Ok(Ok(_)) => {}
+                _ => {
+                    self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        let Some(slot) = self.admit(client.ip()) else {
+            self.stats
+                .refused_over_limit
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        if tls {
+            let Some(acceptor) = self.tls.clone() else {
+                return;
+            };
+            let stream = match timeout(self.limits.handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    self.stats
+                        .handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+            let ft = FiveTuple {
+                client,
+                server: local,
+                transport: Transport::Tls,
+            };
+            self.route(stream, ft, alpn.as_deref(), slot).await;
+        } else {
+            let ft = FiveTuple {
+                client,
+                server: local,
+                transport: Transport::Tcp,
+            };
+            self.route(tcp, ft, None, slot).await;
+        }
+    }
+
+    async fn route<S>(
+        &self,
+        mut stream: S,
+        ft: FiveTuple,
+        alpn: Option<&[u8]>,
+        mut slot: UnauthSlot<'_>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let is_turn = match alpn {
+            Some(crate::tls::ALPN_TURN) => true,
+            Some(_) => false,
+            None => {
+                let mut first = [0u8; 1];
+                match timeout(self.limits.unauth_timeout, stream.read(&mut first)).await {
+                    Ok(Ok(1)) => {
+                        // A TURN client's first message is STUN: there is no
+                        // channel to send ChannelData on yet. (HTTP methods
+                        // start with letters, 0x41 and up.)
+                        let turn = first[0] <= 0x03;
+                        let prefixed = Prefixed {
+                            prefix: first.to_vec(),
+                            inner: stream,
+                        };
+                        return if turn {
+                            self.turn(prefixed, ft, slot).await
+                        } else {
+                            slot.release();
+                            self.http(prefixed, ft).await
+                        };
+                    }
+                    Ok(_) => return,
+                    Err(_) => {
+                        self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+        };
+        let prefixed = Prefixed {
+            prefix: Vec::new(),
+            inner: stream,
+        };
+        if is_turn {
+            self.turn(prefixed, ft, slot).await
+        } else {
+            slot.release();
+            self.http(prefixed, ft).await
+        }
+    }
+
+    async fn http<S>(&self, stream: S, _ft: FiveTuple)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        self.stats.open_http.fetch_add(1, Ordering::Relaxed);
+        let service = hyper_util::service::TowerToHyperService::new(self.http.clone());
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.limits.unauth_timeout);
+        let _ = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .await;
+        self.stats.open_http.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn shard_for(&self, ft: &FiveTuple) -> Option<&ShardHandle> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        ft.hash(&mut h);
+        let n = self.shards.len();
+        (n > 0).then(|| &self.shards[(h.finish() as usize) % n])
+    }
+
+    async fn turn<S>(&self, stream: S, ft: FiveTuple, mut slot: UnauthSlot<'_>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Some(shard) = self.shard_for(&ft).cloned() else {
+            return;
+        };
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(OUT_QUEUE);
+        let authed = Arc::new(AtomicBool::new(false));
+        if !shard
+            .send(StreamEvent::Open {
+                ft,
+                tx,
+                authed: authed.clone(),
+            })
+            .await
+        {
+            return;
+        }
+        self.stats.open_turn.fetch_add(1, Ordering::Relaxed);
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let writer = async move {
+            while let Some(m) = rx.recv().await {
+                if wr.write_all(&m).await.is_err() {
+                    break;
+                }
+            }
+            // The shard dropped our queue (we fell behind) or the reader ended.
+            let _ = wr.shutdown().await;
+        };
+        let limits = &self.limits;
+        let stats = &self.stats;
+        let reader = async {
+            let started = Instant::now();
+            let mut buf: Vec<u8> = Vec::with_capacity(4096);
+            let mut chunk = vec![0u8; 16 * 1024];
+            loop {
+                let authenticated = authed.load(Ordering::Relaxed);
+                if authenticated {
+                    slot.release();
+                }
+                let wait = if authenticated {
+                    limits.idle_timeout
+                } else {
+                    limits.unauth_timeout.saturating_sub(started.elapsed())
+                };
+                let n = match timeout(wait.min(limits.idle_timeout), rd.read(&mut chunk)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return,
+                    Ok(Ok(n)) => n,
+                    Err(_) => {
+                        stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                };
+                buf.extend_from_slice(&chunk[..n]);
+                loop {
+                    match frame_len(&buf) {
+                        Ok(Some(len)) => {
+                            let msg: Vec<u8> = buf.drain(..len).collect();
+                            if !shard.send(StreamEvent::Data { ft, msg }).await {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(()) => {
+                            stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = reader => {}
+            _ = writer => {}
+        }
+        shard.send(StreamEvent::Closed { ft }).await;
+        self.stats.open_turn.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The length of the first complete message in `buf`, None if more bytes
+/// are needed, Err when the stream is not STUN/ChannelData framing.
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, ()> {
+    let (Some(&first), Some(len)) = (buf.first(), buf.get(2..4)) else {
+        return Ok(None);
+    };
+    let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+    let total = match first {
+        0x00..=0x03 if len % 4 == 0 => 20 + len,
+        0x40..=0x7F => (4 + len + 3) & !3,
+        _ => return Err(()),
+    };
+    if total > MAX_FRAME + 3 {
+        return Err(());
+    }
+    Ok((buf.len() >= total).then_some(total))
+}
+
+async fn read_proxy_header(tcp: &mut TcpStream) -> std::io::Result<Proxied> {
+    let mut fixed = [0u8; proxy_protocol::HEADER_LEN];
+    tcp.read_exact(&mut fixed).await?;
+    let bad =
+        |e: proxy_protocol::ProxyError| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let total = proxy_protocol::total_len(&fixed).map_err(bad)?;
+    let mut h = fixed.to_vec();
+    h.resize(total, 0);
+    tcp.read_exact(&mut h[proxy_protocol::HEADER_LEN..]).await?;
+    proxy_protocol::parse(&h).map_err(bad)
+}
+
+/// A stream with bytes already read put back in front.
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(out.remaining());
+            out.put_slice(&self.prefix[..n]);
+            self.prefix.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, b)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_stun_and_padded_channel_data() {
+        let mut stun = vec![0x00, 0x01, 0x00, 0x08];
+        stun.extend_from_slice(&[0; 16 + 8]);
+        assert_eq!(frame_len(&stun), Ok(Some(28)));
+        assert_eq!(frame_len(&stun[..27]), Ok(None));
+        assert_eq!(
+            frame_len(&[0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0]),
+            Ok(None)
+        );
+        assert_eq!(
+            frame_len(&[0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0, 0]),
+            Ok(Some(12))
+        );
+        assert_eq!(frame_len(&[0x40, 0x00, 0x00, 0x00]), Ok(Some(4)));
+        assert_eq!(
+            frame_len(&[0x00, 0x01, 0x00, 0x05]),
+            Err(()),
+            "STUN length not a multiple of 4"
+        );
+        assert_eq!(frame_len(&[0x80, 0, 0, 0]), Err(()));
+        assert_eq!(frame_len(&[0x40]), Ok(None));
+    }
+}
