@@ -124,7 +124,9 @@ impl CertStore {
                 .map_err(|e| TlsError::Setup(e.to_string()))?
                 .with_no_client_auth()
                 .with_cert_resolver(self.clone());
-        cfg.alpn_protocols = vec![ALPN_HTTP2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TURN.to_vec()];
+        // Server preference order: a client that offers `stun.turn` is a
+        // TURN client even if it offers `http/1.1` too (coturn's does).
+        cfg.alpn_protocols = vec![ALPN_TURN.to_vec(), ALPN_HTTP2.to_vec(), ALPN_HTTP1.to_vec()];
         Ok(Arc::new(cfg))
     }
 }
