@@ -1,7 +1,8 @@
 //! coturn's own TURN client, `turnutils_uclient`, as an outside client:
 //! client-to-client through turnkey's relay (`-y`), with channels, without
 //! channels (`-c`), with Send indications (`-s`) and with REST credentials
-//! (`-W`). Every run must report 0 lost packets.
+//! (`-W`), over UDP, TCP (`-t`) and TLS (`-t -S`). Every run must report 0
+//! lost packets.
 
 mod common;
 
@@ -12,7 +13,12 @@ use common::{auth_section, base_config, require, Turnkey, SECRET};
 /// Runs uclient and returns (sent, received, lost) from its summary.
 fn uclient(tk: &Turnkey, extra: &[&str]) -> (u64, u64, u64) {
     require("turnutils_uclient", "coturn");
-    let port = tk.turn.port().to_string();
+    let port = if extra.contains(&"-S") {
+        tk.tls.expect("TLS listener").port()
+    } else {
+        tk.turn.port()
+    };
+    let port = port.to_string();
     let mut args = vec!["-y", "-m", "10", "-n", "200", "-l", "500", "-p", &port];
     args.extend_from_slice(extra);
     args.push("127.0.0.1");
@@ -50,14 +56,32 @@ fn uclient(tk: &Turnkey, extra: &[&str]) -> (u64, u64, u64) {
 }
 
 fn check(extra: &[&str], name: &str) {
-    let tk = Turnkey::start(name, &format!("{}{}", base_config(""), auth_section()));
+    let pki = common::stream::test_pki("uclient");
+    let dir = common::test_dir(&format!("{name}-pki"));
+    let (cert, key) = pki.write(&dir);
+    let tls = format!(
+        "\n[tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let tk = Turnkey::start(
+        name,
+        &format!("{}{}{}", base_config(""), auth_section(), tls),
+    );
     let (sent, recv, lost) = uclient(&tk, extra);
     // 10 clients × 200 messages, plus RTCP-like extra streams unless -c.
     assert!(sent >= 2000, "uclient sent only {sent} messages");
     assert_eq!((recv, lost), (sent, 0), "uclient {extra:?} lost packets");
     // Relayed through us, not around us.
-    let relayed = tk.metric(r#"turnkey_turn_relayed_bytes_total{direction="peer_to_client",framing="channel_data",transport="udp"}"#)
-        + tk.metric(r#"turnkey_turn_relayed_bytes_total{direction="peer_to_client",framing="indication",transport="udp"}"#);
+    let transport = if extra.contains(&"-S") {
+        "tls"
+    } else if extra.contains(&"-t") {
+        "tcp"
+    } else {
+        "udp"
+    };
+    let relayed = tk.metric(&format!(r#"turnkey_turn_relayed_bytes_total{{direction="peer_to_client",framing="channel_data",transport="{transport}"}}"#))
+        + tk.metric(&format!(r#"turnkey_turn_relayed_bytes_total{{direction="peer_to_client",framing="indication",transport="{transport}"}}"#));
     assert!(
         relayed >= (sent * 500) as f64,
         "only {relayed} bytes relayed"
@@ -85,4 +109,30 @@ fn uclient_with_send_indications() {
 #[test]
 fn uclient_with_rest_credentials() {
     check(&["-u", "uclient", "-W", SECRET], "uclient-rest");
+}
+
+#[test]
+fn uclient_over_tcp() {
+    check(&["-t", "-u", "alice", "-w", "wonderland"], "uclient-tcp");
+}
+
+#[test]
+fn uclient_over_tcp_with_rest_credentials() {
+    check(&["-t", "-u", "uclient", "-W", SECRET], "uclient-tcp-rest");
+}
+
+#[test]
+fn uclient_over_tls() {
+    check(
+        &["-t", "-S", "-u", "alice", "-w", "wonderland"],
+        "uclient-tls",
+    );
+}
+
+#[test]
+fn uclient_over_tls_with_rest_credentials() {
+    check(
+        &["-t", "-S", "-u", "uclient", "-W", SECRET],
+        "uclient-tls-rest",
+    );
 }

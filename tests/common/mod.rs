@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod raw;
+pub mod stream;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -16,6 +17,10 @@ pub struct Turnkey {
     pub child: Child,
     pub http: SocketAddr,
     pub turn: SocketAddr,
+    /// Every UDP listener (the first is `turn`).
+    pub turn_all: Vec<SocketAddr>,
+    pub tcp: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
     pub metrics: SocketAddr,
     pub config_path: PathBuf,
     pub dir: PathBuf,
@@ -107,15 +112,22 @@ impl Turnkey {
                 );
             }
         };
-        let field = |k: &str| -> SocketAddr {
-            let start = ready.find(&format!("{k}=")).expect("field in ready line") + k.len() + 1;
+        let list = |k: &str| -> Vec<SocketAddr> {
+            let start = ready.find(&format!(" {k}=")).expect("field in ready line") + k.len() + 2;
             let rest = &ready[start..];
-            let end = rest.find([' ', ',']).unwrap_or(rest.len());
-            rest[..end].parse().expect("address in ready line")
+            let end = rest.find(' ').unwrap_or(rest.len());
+            rest[..end]
+                .split(',')
+                .filter_map(|a| a.parse().ok())
+                .collect()
         };
+        let field = |k: &str| -> SocketAddr { *list(k).first().expect("address in ready line") };
         Turnkey {
             http: field("http"),
             turn: field("turn"),
+            turn_all: list("turn"),
+            tcp: list("tcp").first().copied(),
+            tls: list("tls").first().copied(),
             metrics: field("metrics"),
             child,
             config_path,

@@ -1,0 +1,270 @@
+//! TURN over a byte stream (TCP or TLS) for tests, plus a test CA and TLS
+//! client config made with rcgen.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use stun::agent::TransactionId;
+use stun::attributes::*;
+use stun::error_code::ErrorCodeAttribute;
+use stun::integrity::MessageIntegrity;
+use stun::message::*;
+use stun::textattrs::TextAttribute;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use turn::proto::channum::ChannelNumber;
+use turn::proto::peeraddr::PeerAddress;
+use turn::proto::relayaddr::RelayedAddress;
+use turn::proto::reqtrans::RequestedTransport;
+use turn::proto::PROTO_UDP;
+
+/// A certificate authority and a leaf for `localhost` and 127.0.0.1.
+pub struct TestPki {
+    pub ca_der: rustls::pki_types::CertificateDer<'static>,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+pub fn test_pki(cn: &str) -> TestPki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "turnkey test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let mut params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    TestPki {
+        ca_der: ca.der().clone(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+impl TestPki {
+    pub fn write(&self, dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        let c = dir.join("cert.pem");
+        let k = dir.join("key.pem");
+        // Write to temp names and rename, so a reader never sees half a file.
+        std::fs::write(dir.join("cert.tmp"), &self.cert_pem).unwrap();
+        std::fs::write(dir.join("key.tmp"), &self.key_pem).unwrap();
+        std::fs::rename(dir.join("key.tmp"), &k).unwrap();
+        std::fs::rename(dir.join("cert.tmp"), &c).unwrap();
+        (c, k)
+    }
+
+    pub fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    }
+}
+
+pub async fn tls_connect(
+    pki: &TestPki,
+    addr: SocketAddr,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("tcp connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    pki.connector(alpn)
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake")
+}
+
+/// A TURN client speaking over one stream.
+pub struct StreamTurn<S> {
+    pub s: S,
+    buf: Vec<u8>,
+    pub user: String,
+    pub pass: String,
+    realm: String,
+    nonce: Option<String>,
+}
+
+fn code(m: &Message) -> Option<u16> {
+    let mut e = ErrorCodeAttribute::default();
+    e.get_from(m).ok().map(|_| e.code.0)
+}
+
+/// A message read from the stream: STUN or ChannelData (channel, data).
+pub enum Frame {
+    Stun(Message),
+    Channel(u16, Vec<u8>),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> StreamTurn<S> {
+    pub fn new(s: S, user: &str, pass: &str) -> Self {
+        StreamTurn {
+            s,
+            buf: Vec::new(),
+            user: user.into(),
+            pass: pass.into(),
+            realm: "turnkey".into(),
+            nonce: None,
+        }
+    }
+
+    pub async fn read_frame(&mut self, within: Duration) -> Option<Frame> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize;
+                let channel = (0x40..=0x7F).contains(&self.buf[0]);
+                let total = if channel {
+                    (4 + len + 3) & !3
+                } else {
+                    20 + len
+                };
+                if self.buf.len() >= total {
+                    let f: Vec<u8> = self.buf.drain(..total).collect();
+                    if channel {
+                        return Some(Frame::Channel(
+                            u16::from_be_bytes([f[0], f[1]]),
+                            f[4..4 + len].to_vec(),
+                        ));
+                    }
+                    let mut m = Message::new();
+                    m.raw = f;
+                    m.decode().ok()?;
+                    return Some(Frame::Stun(m));
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, self.s.read(&mut chunk))
+                .await
+                .ok()?
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    async fn transact(
+        &mut self,
+        method: Method,
+        attrs: &dyn Fn() -> Vec<Box<dyn Setter>>,
+    ) -> Message {
+        let tid = TransactionId::new();
+        let mut setters: Vec<Box<dyn Setter>> = vec![
+            Box::new(tid),
+            Box::new(MessageType::new(method, CLASS_REQUEST)),
+        ];
+        setters.extend(attrs());
+        if let Some(n) = &self.nonce {
+            setters.push(Box::new(TextAttribute::new(
+                ATTR_USERNAME,
+                self.user.clone(),
+            )));
+            setters.push(Box::new(TextAttribute::new(ATTR_REALM, self.realm.clone())));
+            setters.push(Box::new(TextAttribute::new(ATTR_NONCE, n.clone())));
+            setters.push(Box::new(MessageIntegrity::new_long_term_integrity(
+                self.user.clone(),
+                self.realm.clone(),
+                self.pass.clone(),
+            )));
+        }
+        let mut m = Message::new();
+        m.build(&setters).unwrap();
+        self.s.write_all(&m.raw).await.expect("write request");
+        loop {
+            match self
+                .read_frame(Duration::from_secs(5))
+                .await
+                .expect("answer")
+            {
+                Frame::Stun(r) if r.transaction_id == tid => return r,
+                _ => continue,
+            }
+        }
+    }
+
+    pub async fn request(
+        &mut self,
+        method: Method,
+        attrs: impl Fn() -> Vec<Box<dyn Setter>>,
+    ) -> Result<Message, u16> {
+        for _ in 0..3 {
+            let r = self.transact(method, &attrs).await;
+            match code(&r) {
+                None => return Ok(r),
+                Some(401) | Some(438) if self.nonce.is_none() || code(&r) == Some(438) => {
+                    self.nonce = Some(TextAttribute::get_from_as(&r, ATTR_NONCE).unwrap().text);
+                    self.realm = TextAttribute::get_from_as(&r, ATTR_REALM).unwrap().text;
+                }
+                Some(c) => return Err(c),
+            }
+        }
+        Err(0)
+    }
+
+    pub async fn allocate(&mut self) -> Result<SocketAddr, u16> {
+        let m = self
+            .request(METHOD_ALLOCATE, || {
+                vec![Box::new(RequestedTransport {
+                    protocol: PROTO_UDP,
+                })]
+            })
+            .await?;
+        let mut r = RelayedAddress::default();
+        r.get_from(&m).unwrap();
+        Ok(SocketAddr::new(r.ip, r.port))
+    }
+
+    pub async fn bind_channel(&mut self, number: u16, peer: SocketAddr) -> Result<Message, u16> {
+        self.request(METHOD_CHANNEL_BIND, || {
+            vec![
+                Box::new(ChannelNumber(number)),
+                Box::new(PeerAddress {
+                    ip: peer.ip(),
+                    port: peer.port(),
+                }),
+            ]
+        })
+        .await
+    }
+
+    /// ChannelData, padded to 4 bytes as streams require.
+    pub async fn channel_data(&mut self, number: u16, data: &[u8]) {
+        let mut b = Vec::new();
+        b.extend_from_slice(&number.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        b.extend_from_slice(data);
+        while b.len() % 4 != 0 {
+            b.push(0);
+        }
+        self.s.write_all(&b).await.expect("write channel data");
+    }
+
+    /// The next ChannelData payload.
+    pub async fn recv_channel(&mut self, within: Duration) -> Option<(u16, Vec<u8>)> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.read_frame(left).await? {
+                Frame::Channel(n, d) => return Some((n, d)),
+                Frame::Stun(_) => continue,
+            }
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! TURN over TCP and TLS, and the one port that serves HTTPS, WSS and
+//! TURN over TLS, against the real binary on loopback.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::raw::Raw;
+use common::stream::{test_pki, tls_connect, StreamTurn, TestPki};
+use common::{auth_section, base_config, Turnkey};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message as Ws;
+
+/// turnkey with a TLS listener on a test certificate.
+fn tls_server(name: &str, turn_extra: &str) -> (Turnkey, TestPki, std::path::PathBuf) {
+    let pki = test_pki("turnkey test leaf");
+    let dir = common::test_dir(&format!("{name}-pki"));
+    let (cert, key) = pki.write(&dir);
+    let cfg = format!(
+        "{}{}\n[tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = \"{}\"\nkey_file = \"{}\"\nhandshake_timeout_ms = 1000\n",
+        base_config(turn_extra),
+        auth_section(),
+        cert.display(),
+        key.display()
+    );
+    (Turnkey::start(name, &cfg), pki, dir)
+}
+
+/// A UDP client with an allocation and a channel towards `peer`.
+fn udp_side(tk: &Turnkey) -> (Raw, SocketAddr) {
+    let mut b = Raw::new(tk.turn, "bob", "builder");
+    let rb = b.allocate().expect("bob allocates over UDP");
+    (b, rb)
+}
+
+/// Exchanges ChannelData between a stream client (channel 0x4001 to the
+/// UDP client's relay) and the UDP client (channel 0x4002 back).
+async fn relay_both_ways<S>(a: &mut StreamTurn<S>, ra: SocketAddr, b: &mut Raw, rb: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    a.bind_channel(0x4001, rb)
+        .await
+        .expect("stream client binds");
+    b.bind_channel(0x4002, ra).expect("udp client binds");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        a.channel_data(0x4001, b"over the stream").await;
+        if let Some((_, Some(0x4002), d)) = b.recv_data(Duration::from_millis(200)) {
+            assert_eq!(d, b"over the stream");
+            break;
+        }
+        assert!(Instant::now() < deadline, "stream → udp never arrived");
+    }
+    loop {
+        b.channel_data(0x4002, b"back to the stream (odd)");
+        if let Some((n, d)) = a.recv_channel(Duration::from_millis(200)).await {
+            assert_eq!(
+                (n, d.as_slice()),
+                (0x4001, &b"back to the stream (odd)"[..])
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "udp → stream never arrived");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turn_over_tcp_relays_and_dies_with_its_connection() {
+    let tk = Turnkey::start("tcp", &format!("{}{}", base_config(""), auth_section()));
+    let tcp_addr = tk.tcp.expect("TCP listener");
+    assert_eq!(
+        tcp_addr.port(),
+        tk.turn.port(),
+        "TCP mirrors the UDP port by default"
+    );
+    let tcp = tokio::net::TcpStream::connect(tcp_addr).await.unwrap();
+    let mut a = StreamTurn::new(tcp, "alice", "wonderland");
+    let ra = a.allocate().await.expect("allocates over TCP");
+    let (mut b, rb) = udp_side(&tk);
+    relay_both_ways(&mut a, ra, &mut b, rb).await;
+    let series = r#"turnkey_turn_relayed_packets_total{direction="peer_to_client",framing="channel_data",transport="tcp"}"#;
+    assert!(tk.metric(series) >= 1.0);
+    assert_eq!(tk.metric("turnkey_turn_allocations"), 2.0);
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tk.metric("turnkey_turn_allocations") != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the TCP allocation outlived its connection"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_port_serves_https_wss_and_turn_over_tls() {
+    let (tk, pki, _) = tls_server("one-port", "");
+    let port = tk.tls.expect("TLS listener");
+
+    // HTTPS.
+    let mut https = tls_connect(&pki, port, &[b"http/1.1"]).await;
+    https
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    https.read_to_string(&mut body).await.unwrap();
+    assert!(
+        body.starts_with("HTTP/1.1 200") && body.ends_with("ok\n"),
+        "{body}"
+    );
+
+    // WSS signaling on the same port.
+    let tls = tls_connect(&pki, port, &[b"http/1.1"]).await;
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(format!("wss://localhost:{}/ws", port.port()), tls)
+            .await
+            .expect("WSS upgrade");
+    ws.send(Ws::text(r#"{"type":"join","room":"tls"}"#))
+        .await
+        .unwrap();
+    let joined = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("joined in time")
+        {
+            Some(Ok(Ws::Text(t))) => break serde_json::from_str::<serde_json::Value>(&t).unwrap(),
+            Some(Ok(_)) => continue,
+            other => panic!("no joined: {other:?}"),
+        }
+    };
+    assert_eq!(joined["type"], "joined");
+    let urls = joined["iceServers"][1]["urls"].as_array().unwrap();
+    assert!(
+        urls.iter()
+            .any(|u| u == &format!("turns:localhost:{}?transport=tcp", port.port())),
+        "{urls:?}"
+    );
+
+    // TURN over TLS on the same port, relaying to a UDP client.
+    let tls = tls_connect(&pki, port, &[]).await;
+    let mut a = StreamTurn::new(tls, "alice", "wonderland");
+    let ra = a.allocate().await.expect("allocates over TLS");
+    let (mut b, rb) = udp_side(&tk);
+    relay_both_ways(&mut a, ra, &mut b, rb).await;
+    let series = r#"turnkey_turn_relayed_packets_total{direction="client_to_peer",framing="channel_data",transport="tls"}"#;
+    assert!(tk.metric(series) >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_works_on_the_turn_tcp_port() {
+    let tk = Turnkey::start(
+        "tcp-http",
+        &format!("{}{}", base_config(""), auth_section()),
+    );
+    let (status, body) = common::http_get(tk.tcp.unwrap(), "/healthz");
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_certificate_is_served_next_while_tls_allocations_relay() {
+    let (tk, pki, pki_dir) = tls_server("cert-reload", "");
+    let port = tk.tls.unwrap();
+    let tls = tls_connect(&pki, port, &[]).await;
+    let first_cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let mut a = StreamTurn::new(tls, "alice", "wonderland");
+    let ra = a.allocate().await.expect("allocates over TLS");
+    let (mut b, rb) = udp_side(&tk);
+    relay_both_ways(&mut a, ra, &mut b, rb).await;
+
+    // A new certificate from a new CA, written over the old files.
+    let next = test_pki("turnkey second leaf");
+    next.write(&pki_dir);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let second_cert = loop {
+        let tcp = tokio::net::TcpStream::connect(port).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        if let Ok(s) = next.connector(&[]).connect(name, tcp).await {
+            break s.get_ref().1.peer_certificates().unwrap()[0].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_ne!(first_cert, second_cert);
+    // The old TLS connection and its allocation still relay.
+    a.channel_data(0x4001, b"still here").await;
+    let got = b
+        .recv_data(Duration::from_secs(2))
+        .expect("relayed after the reload");
+    assert_eq!(got.2, b"still here");
+    assert!(tk.log_contains("TLS certificate files changed: reloaded"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_and_half_open_connections_stays_within_limits() {
+    let extra = "tcp_unauth_per_ip = 16\ntcp_unauth_total = 64\ntcp_unauth_timeout_secs = 2";
+    let (tk, pki, _) = tls_server("flood", extra);
+    let (tcp_port, tls_port) = (tk.tcp.unwrap(), tk.tls.unwrap());
+    // 150 idle TCP connections and 150 TLS connections that never say hello.
+    let mut held = Vec::new();
+    for i in 0..300 {
+        let target = if i % 2 == 0 { tcp_port } else { tls_port };
+        if let Ok(s) = tokio::net::TcpStream::connect(target).await {
+            held.push(s);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tk.metric(r#"turnkey_stream_connections_total{result="refused_over_limit"}"#) < 250.0 {
+        assert!(Instant::now() < deadline, "the per-IP cap did not hold");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(tk.metric(r#"turnkey_stream_connections_total{result="accepted"}"#) <= 16.0);
+    // A legitimate client from another address still allocates and relays.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let tcp = sock.connect(tls_port).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = pki
+        .connector(&[])
+        .connect(name, tcp)
+        .await
+        .expect("TLS during the flood");
+    let mut a = StreamTurn::new(tls, "alice", "wonderland");
+    let ra = a.allocate().await.expect("allocates during the flood");
+    let (mut b, rb) = udp_side(&tk);
+    relay_both_ways(&mut a, ra, &mut b, rb).await;
+    // Idle and half-open connections are closed after their deadlines.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tk.metric(r#"turnkey_stream_closed_total{reason="timeout"}"#)
+        + tk.metric(r#"turnkey_stream_closed_total{reason="handshake_failed"}"#)
+        < 16.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "idle connections were not timed out"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rss = tk.metric("turnkey_process_resident_memory_bytes");
+    assert!(rss > 0.0 && rss < 200e6, "RSS {rss}");
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_from_a_balancer_gives_the_real_client_address() {
+    let tk = Turnkey::start(
+        "proxy",
+        &format!(
+            "{}{}",
+            base_config("proxy_protocol_from = [\"127.0.0.1/32\"]"),
+            auth_section()
+        ),
+    );
+    let mut tcp = tokio::net::TcpStream::connect(tk.tcp.unwrap())
+        .await
+        .unwrap();
+    let real: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+    tcp.write_all(&turnkey::proxy_protocol::encode(real, tk.tcp.unwrap()))
+        .await
+        .unwrap();
+    let mut c = StreamTurn::new(tcp, "", "");
+    let m = c
+        .request(stun::message::METHOD_BINDING, Vec::new)
+        .await
+        .expect("binding");
+    let mut x = stun::xoraddr::XorMappedAddress::default();
+    stun::message::Getter::get_from(&mut x, &m).unwrap();
+    assert_eq!(SocketAddr::new(x.ip, x.port), real);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_client_that_stops_reading_is_cut_off() {
+    let tk = Turnkey::start(
+        "slow-reader",
+        &format!("{}{}", base_config(""), auth_section()),
+    );
+    let tcp = tokio::net::TcpStream::connect(tk.tcp.unwrap())
+        .await
+        .unwrap();
+    let mut a = StreamTurn::new(tcp, "alice", "wonderland");
+    let ra = a.allocate().await.expect("allocates");
+    let (mut b, rb) = udp_side(&tk);
+    relay_both_ways(&mut a, ra, &mut b, rb).await;
+    // Now a never reads again while b floods it.
+    let payload = vec![7u8; 1200];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tk.metric("turnkey_turn_stream_overflows_total") < 1.0 {
+        for _ in 0..2000 {
+            b.channel_data(0x4002, &payload);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a client that stopped reading was never cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Its allocation goes with its connection; b's stays.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tk.metric("turnkey_turn_allocations") != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the cut-off connection kept its allocation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
