@@ -171,15 +171,12 @@ impl RelayFamilies {
         }
     }
 
-    /// Our own relay addresses, which the peer policy always allows.
+    /// Our own relay addresses, which the peer policy always allows (on
+    /// relay ports): the advertised ones, which is what clients of this
+    /// server see as each other's relayed addresses. A bind address behind
+    /// 1:1 NAT is not one; it stays subject to the policy.
     fn relay_ips(&self) -> Vec<IpAddr> {
-        let mut ips: Vec<IpAddr> = self.advertised.iter().flatten().copied().collect();
-        for b in self.bind.iter().flatten() {
-            if !b.is_unspecified() && !ips.contains(b) {
-                ips.push(*b);
-            }
-        }
-        ips
+        self.advertised.iter().flatten().copied().collect()
     }
 }
 

@@ -15,8 +15,10 @@
 //! a dual-stack socket, or via a translator or tunnel relay). Then, first
 //! match wins:
 //!
-//! 1. **The server's own relay addresses.** If the address equals one of
-//!    `relay_ips` (both sides normalised), [`PeerPolicy::check_ip`] allows
+//! 1. **The server's own relay addresses.** If the address is exactly one
+//!    of `relay_ips` (not an IPv4-embedded spelling of one: our relays are
+//!    reached by their own address, and an embedded form would only reach a
+//!    translator's or the host's loopback), [`PeerPolicy::check_ip`] allows
 //!    it, and [`PeerPolicy::check`] allows it only when the port lies in the
 //!    relay port range, otherwise [`Denial::RelayPortOutOfRange`]. Two
 //!    clients of the same server can reach each other's relayed addresses,
@@ -311,7 +313,6 @@ impl PeerPolicy {
         denied.extend(lifted);
         let mut relay_ips: Vec<IpAddr> = relay_ips
             .into_iter()
-            .map(normalise)
             .filter(|ip| !ip.is_unspecified())
             .collect();
         relay_ips.sort_unstable();
@@ -326,25 +327,23 @@ impl PeerPolicy {
 
     /// For CreatePermission, which names an address but no port.
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), Denial> {
-        let norm = normalise(ip);
-        if self.relay_ips.contains(&norm) {
+        if self.relay_ips.contains(&ip) {
             return Ok(());
         }
-        self.judge(ip, norm)
+        self.judge(ip, normalise(ip))
     }
 
     /// For Send indications, ChannelBind and every relayed datagram's
     /// destination.
     pub fn check(&self, peer: SocketAddr) -> Result<(), Denial> {
-        let norm = normalise(peer.ip());
-        if self.relay_ips.contains(&norm) {
+        if self.relay_ips.contains(&peer.ip()) {
             return if self.relay_ports.contains(&peer.port()) {
                 Ok(())
             } else {
                 Err(Denial::RelayPortOutOfRange)
             };
         }
-        self.judge(peer.ip(), norm)
+        self.judge(peer.ip(), normalise(peer.ip()))
     }
 
     fn judge(&self, raw: IpAddr, norm: IpAddr) -> Result<(), Denial> {
@@ -656,17 +655,12 @@ mod tests {
     fn relay_ip_on_loopback_is_reachable_only_on_relay_ports() {
         let p = PeerPolicy::new(vec![], vec![], vec![ip("127.0.0.1")], 49152..=65535);
         assert_eq!(p.check_ip(ip("127.0.0.1")), Ok(()));
-        assert_eq!(p.check_ip(ip("::ffff:127.0.0.1")), Ok(()));
+        assert_eq!(p.check_ip(ip("::ffff:127.0.0.1")), Err(Loopback));
         for ok in ["127.0.0.1:50000", "127.0.0.1:49152", "127.0.0.1:65535"] {
             assert_eq!(p.check(sa(ok)), Ok(()), "{ok}");
         }
-        assert_eq!(p.check(sa("[::ffff:127.0.0.1]:50000")), Ok(()));
-        for bad in [
-            "127.0.0.1:22",
-            "127.0.0.1:49151",
-            "127.0.0.1:0",
-            "[::ffff:127.0.0.1]:22",
-        ] {
+        assert_eq!(p.check(sa("[::ffff:127.0.0.1]:50000")), Err(Loopback));
+        for bad in ["127.0.0.1:22", "127.0.0.1:49151", "127.0.0.1:0"] {
             assert_eq!(p.check(sa(bad)), Err(RelayPortOutOfRange), "{bad}");
         }
         // Other loopback addresses are not the relay.
@@ -676,12 +670,14 @@ mod tests {
     }
 
     #[test]
-    fn relay_ip_is_compared_after_normalising_both_sides() {
-        let p = PeerPolicy::new(vec![], vec![], vec![ip("::ffff:127.0.0.1")], 3000..=3999);
+    fn relay_ip_exemption_needs_the_exact_address() {
+        let p = PeerPolicy::new(vec![], vec![], vec![ip("127.0.0.1")], 3000..=3999);
         assert_eq!(p.check_ip(ip("127.0.0.1")), Ok(()));
         assert_eq!(p.check(sa("127.0.0.1:3000")), Ok(()));
-        assert_eq!(p.check(sa("[64:ff9b::7f00:1]:3999")), Ok(()));
         assert_eq!(p.check(sa("127.0.0.1:4000")), Err(RelayPortOutOfRange));
+        // Embedded spellings of our relay are judged like any other address.
+        assert_eq!(p.check_ip(ip("::ffff:127.0.0.1")), Err(Loopback));
+        assert_eq!(p.check(sa("[64:ff9b::7f00:1]:3999")), Err(Loopback));
     }
 
     #[test]
@@ -907,11 +903,11 @@ mod tests {
                 n if aim_at_relay && n > 0 => relays[pick.index(n)],
                 _ => peer,
             };
-            let relay_set: Vec<IpAddr> = relays.iter().copied().map(normalise).collect();
+            let relay_set: Vec<IpAddr> = relays.clone();
             let p = PeerPolicy::new(allowed, denied, relays, lo..=hi);
             let by_addr = p.check_ip(peer);
             let by_sock = p.check(SocketAddr::new(peer, port));
-            if !relay_set.contains(&normalise(peer)) || normalise(peer).is_unspecified() {
+            if !relay_set.contains(&peer) || peer.is_unspecified() {
                 prop_assert_eq!(by_addr, by_sock);
             } else {
                 prop_assert_eq!(by_addr, Ok(()));

@@ -41,7 +41,12 @@ pub fn error_code(m: &Message) -> Option<u16> {
 
 impl Raw {
     pub fn new(server: SocketAddr, user: &str, pass: &str) -> Raw {
-        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind client");
+        let local = if server.is_ipv6() {
+            "[::1]:0"
+        } else {
+            "127.0.0.1:0"
+        };
+        let sock = UdpSocket::bind(local).expect("bind client");
         sock.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
         Raw {
@@ -153,6 +158,33 @@ impl Raw {
         let mut x = XorMappedAddress::default();
         x.get_from(&m).expect("XOR-MAPPED-ADDRESS");
         SocketAddr::new(x.ip, x.port)
+    }
+
+    /// Allocate with extra attributes; every XOR-RELAYED-ADDRESS returned.
+    pub fn allocate_with(
+        &mut self,
+        extra: impl Fn() -> Vec<Box<dyn Setter>>,
+    ) -> Result<Vec<SocketAddr>, u16> {
+        let m = self.request(METHOD_ALLOCATE, || {
+            let mut v: Vec<Box<dyn Setter>> = vec![Box::new(RequestedTransport {
+                protocol: PROTO_UDP,
+            })];
+            v.extend(extra());
+            v
+        })?;
+        Ok(m.attributes
+            .0
+            .iter()
+            .filter(|a| a.typ == ATTR_XOR_RELAYED_ADDRESS)
+            .map(|a| {
+                let mut single = Message::new();
+                single.transaction_id = m.transaction_id;
+                single.add(ATTR_XOR_RELAYED_ADDRESS, &a.value);
+                let mut r = RelayedAddress::default();
+                r.get_from(&single).expect("XOR-RELAYED-ADDRESS");
+                SocketAddr::new(r.ip, r.port)
+            })
+            .collect())
     }
 
     pub fn allocate(&mut self) -> Result<SocketAddr, u16> {
