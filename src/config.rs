@@ -89,6 +89,10 @@ pub struct TlsConfig {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     pub handshake_timeout_ms: u64,
+    /// The port clients should use in `turns:` URLs, when a balancer in
+    /// front forwards a different one (e.g. 443 → 5349). Unset = the
+    /// first `tls.listen` port.
+    pub public_port: Option<u16>,
 }
 
 impl Default for TlsConfig {
@@ -98,6 +102,7 @@ impl Default for TlsConfig {
             cert_file: None,
             key_file: None,
             handshake_timeout_ms: 5000,
+            public_port: None,
         }
     }
 }
