@@ -364,7 +364,7 @@ impl Streams {
                             }
                         }
                         Ok(None) => break,
-                        Err(()) => {
+                        Err(BadFrame) => {
                             stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                             return;
                         }
@@ -381,9 +381,14 @@ impl Streams {
     }
 }
 
+/// A stream that is not STUN/ChannelData framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("not STUN or ChannelData framing")]
+pub struct BadFrame;
+
 /// The length of the first complete message in `buf`, None if more bytes
-/// are needed, Err when the stream is not STUN/ChannelData framing.
-pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, ()> {
+/// are needed.
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, BadFrame> {
     let (Some(&first), Some(len)) = (buf.first(), buf.get(2..4)) else {
         return Ok(None);
     };
@@ -391,10 +396,10 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, ()> {
     let total = match first {
         0x00..=0x03 if len % 4 == 0 => 20 + len,
         0x40..=0x7F => (4 + len + 3) & !3,
-        _ => return Err(()),
+        _ => return Err(BadFrame),
     };
     if total > MAX_FRAME + 3 {
-        return Err(());
+        return Err(BadFrame);
     }
     Ok((buf.len() >= total).then_some(total))
 }
@@ -473,7 +478,7 @@ mod tests {
             Err(()),
             "STUN length not a multiple of 4"
         );
-        assert_eq!(frame_len(&[0x80, 0, 0, 0]), Err(()));
+        assert_eq!(frame_len(&[0x80, 0, 0, 0]), Err(BadFrame));
         assert_eq!(frame_len(&[0x40]), Ok(None));
     }
 }
