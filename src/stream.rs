@@ -475,7 +475,7 @@ mod tests {
         assert_eq!(frame_len(&[0x40, 0x00, 0x00, 0x00]), Ok(Some(4)));
         assert_eq!(
             frame_len(&[0x00, 0x01, 0x00, 0x05]),
-            Err(()),
+            Err(BadFrame),
             "STUN length not a multiple of 4"
         );
         assert_eq!(frame_len(&[0x80, 0, 0, 0]), Err(BadFrame));
