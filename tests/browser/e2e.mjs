@@ -1,0 +1,221 @@
+// End-to-end call through turnkey in Debian's Chromium.
+//
+//   node e2e.mjs BASE_URL SCREENSHOT_PATH
+//
+// Opens two pages (separate browser contexts, fake camera and microphone) on
+// BASE_URL/?room=e2e&relay=1 and waits until both report, from their own
+// getStats(), a connected call whose selected candidate pair is relay on
+// both ends and whose inbound video is being decoded (framesDecoded > 0 and
+// rising between two reads), with at least MIN_BYTES_RECEIVED bytes of
+// media in. A third page must then be told the room is full. A screenshot
+// of a connected page goes to SCREENSHOT_PATH.
+//
+// Prints one JSON summary line on stdout. Any failure exits non-zero with
+// the reason and each page's last state and console output on stderr.
+
+import { mkdirSync } from "node:fs";
+import { dirname } from "node:path";
+import { chromium } from "playwright-core";
+
+const CHROMIUM = "/usr/bin/chromium";
+const ARGS = [
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--use-fake-ui-for-media-stream",
+  "--use-fake-device-for-media-stream",
+];
+const ROOM = "e2e";
+const CONNECT_DEADLINE_MS = 30_000;
+const FULL_DEADLINE_MS = 10_000;
+const POLL_MS = 250;
+// Enough media that turnkey's relay counters cannot be explained by
+// anything but the call (the Rust side checks them against these numbers).
+const MIN_BYTES_RECEIVED = 100_000;
+// A last resort so a wedged browser can never hang the caller.
+const WATCHDOG_MS = 75_000;
+
+const [baseUrl, screenshotPath] = process.argv.slice(2);
+if (!baseUrl || !screenshotPath) {
+  console.error("usage: node e2e.mjs BASE_URL SCREENSHOT_PATH");
+  process.exit(2);
+}
+
+class Failure extends Error {}
+
+const started = Date.now();
+const since = () => Date.now() - started;
+/** name → { page, console: string[], last: state } */
+const pages = new Map();
+let browser;
+
+const watchdog = setTimeout(() => {
+  console.error(`e2e: FAILED: watchdog: nothing finished within ${WATCHDOG_MS} ms`);
+  dumpPages();
+  process.exit(1);
+}, WATCHDOG_MS);
+
+function dumpPages() {
+  for (const [name, p] of pages) {
+    console.error(`--- ${name}: last state ${JSON.stringify(p.last)}`);
+    for (const line of p.console.slice(-40)) console.error(`    ${line}`);
+  }
+}
+
+async function openPage(name) {
+  // A separate context per page: its own cookies, storage and media
+  // permissions, like two people on two machines.
+  const context = await browser.newContext({ viewport: { width: 1000, height: 620 } });
+  await context.grantPermissions(["camera", "microphone"], { origin: new URL(baseUrl).origin });
+  const page = await context.newPage();
+  const entry = { page, console: [], last: null };
+  pages.set(name, entry);
+  page.on("console", (m) => entry.console.push(`[${since()} ms] ${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => entry.console.push(`[${since()} ms] pageerror: ${e.message}`));
+  const url = new URL(`/?room=${ROOM}&relay=1`, baseUrl).href;
+  const res = await page.goto(url);
+  if (!res || !res.ok()) throw new Failure(`${name}: GET ${url} answered ${res?.status()}`);
+  await page.waitForFunction(() => typeof window.turnkey === "object", null, { timeout: 10_000 });
+  return entry;
+}
+
+/** A fresh getStats()-based state from the page. */
+async function sample(entry) {
+  entry.last = await entry.page.evaluate(() => window.turnkey.sample());
+  return entry.last;
+}
+
+/** Why `state` is not yet a relayed, decoding call (null when it is). */
+function notYet(state, prevFrames) {
+  const peers = Object.entries(state.peers);
+  if (peers.length !== 1) return `sees ${peers.length} peers`;
+  const [id, p] = peers[0];
+  if (p.connectionState !== "connected") return `${id}: connectionState ${p.connectionState}`;
+  if (p.localCandidateType !== "relay" || p.remoteCandidateType !== "relay") {
+    return `${id}: selected pair ${p.localCandidateType}/${p.remoteCandidateType}, want relay/relay`;
+  }
+  if (!(p.framesDecoded > 0)) return `${id}: no video frames decoded yet`;
+  if (prevFrames === undefined || !(p.framesDecoded > prevFrames)) {
+    return `${id}: framesDecoded ${p.framesDecoded} not yet seen rising (previous ${prevFrames})`;
+  }
+  if (!(p.bytesReceived >= MIN_BYTES_RECEIVED)) {
+    return `${id}: ${p.bytesReceived} of ${MIN_BYTES_RECEIVED} bytes received`;
+  }
+  return null;
+}
+
+async function waitForCall(names) {
+  const deadline = Date.now() + CONNECT_DEADLINE_MS;
+  const prevFrames = {};
+  const done = {};
+  let reasons = [];
+  for (;;) {
+    reasons = [];
+    for (const name of names) {
+      const state = await sample(pages.get(name));
+      const [p] = Object.values(state.peers);
+      const why = notYet(state, prevFrames[name]);
+      if (p?.framesDecoded > 0) prevFrames[name] = p.framesDecoded;
+      if (why === null) done[name] ??= since();
+      else if (!done[name]) reasons.push(`${name}: ${why}`);
+    }
+    if (names.every((n) => done[n])) return done;
+    if (Date.now() > deadline) {
+      throw new Failure(`no relayed call within ${CONNECT_DEADLINE_MS} ms: ${reasons.join("; ")}`);
+    }
+    await new Promise((r) => setTimeout(r, POLL_MS));
+  }
+}
+
+async function main() {
+  // launch() runs Chromium on a fresh temporary profile and deletes it on close.
+  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ARGS });
+  const version = browser.version();
+  const launched = since();
+
+  const a = await openPage("alice");
+  const b = await openPage("bob");
+  const opened = since();
+  const connected = await waitForCall(["alice", "bob"]);
+
+  // The status line is what a person reads; it must agree with getStats().
+  await a.page.waitForFunction(
+    () => [...document.querySelectorAll(".tile.remote .status")].some((s) => /relay ↔ relay/.test(s.textContent)),
+    null,
+    { timeout: 5_000, polling: 200 },
+  );
+  const tiles = await a.page.locator(".tile video").count();
+  if (tiles !== 2) throw new Failure(`alice shows ${tiles} video tiles, want 2`);
+  mkdirSync(dirname(screenshotPath), { recursive: true });
+  await a.page.screenshot({ path: screenshotPath });
+
+  const c = await openPage("carol");
+  await c.page.waitForFunction(() => window.turnkey.full === true, null, {
+    timeout: FULL_DEADLINE_MS,
+    polling: POLL_MS,
+  }).catch(() => {
+    throw new Failure(`carol was not told the room is full within ${FULL_DEADLINE_MS} ms`);
+  });
+  const banner = await c.page.locator("#banner").innerText();
+  if (!/room is full/i.test(banner)) throw new Failure(`carol's banner does not say the room is full: ${JSON.stringify(banner)}`);
+  const fullAt = since();
+
+  // Carol's attempt must not have disturbed the call.
+  const after = { alice: await sample(a), bob: await sample(b), carol: await sample(c) };
+  for (const name of ["alice", "bob"]) {
+    const why = notYet(after[name], 0);
+    if (why) throw new Failure(`${name} after carol was turned away: ${why}`);
+  }
+  if (Object.keys(after.carol.peers).length !== 0) throw new Failure("carol has peer connections in a full room");
+
+  const summary = {
+    ok: true,
+    chromium: version,
+    launch_ms: launched,
+    pages_open_ms: opened,
+    connected_ms: connected,
+    full_ms: fullAt,
+    total_ms: since(),
+    screenshot: screenshotPath,
+    peers: Object.fromEntries(
+      ["alice", "bob"].map((n) => {
+        const [p] = Object.values(after[n].peers);
+        return [n, {
+          id: after[n].id,
+          connectionState: p.connectionState,
+          localCandidateType: p.localCandidateType,
+          remoteCandidateType: p.remoteCandidateType,
+          relayProtocol: p.relayProtocol,
+          localAddress: p.localAddress,
+          remoteAddress: p.remoteAddress,
+          framesDecoded: p.framesDecoded,
+          bytesReceived: p.bytesReceived,
+        }];
+      }),
+    ),
+  };
+  console.log(JSON.stringify(summary));
+}
+
+let code = 0;
+try {
+  await main();
+} catch (err) {
+  code = 1;
+  console.error(`e2e: FAILED: ${err instanceof Failure ? err.message : err.stack}`);
+  dumpPages();
+  const failShot = screenshotPath.replace(/(\.png)?$/, "-failure.png");
+  const first = pages.values().next().value;
+  if (first) await first.page.screenshot({ path: failShot }).then(
+    () => console.error(`e2e: failure screenshot of the first page: ${failShot}`),
+    () => {},
+  );
+} finally {
+  clearTimeout(watchdog);
+  await browser?.close().catch(() => {});
+}
+process.exit(code);
