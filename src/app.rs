@@ -287,7 +287,10 @@ pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<
         advertised_ip,
         turn_port,
         tcp_port: tcp_addrs.first().map(SocketAddr::port),
-        tls_port: cfg.tls.public_port.or(tls_addrs.first().map(SocketAddr::port)),
+        tls_port: cfg
+            .tls
+            .public_port
+            .or(tls_addrs.first().map(SocketAddr::port)),
         rest_ttl_secs: cfg.auth.rest_ttl_secs,
     });
     // The signaling service asks the app state for iceServers; the state

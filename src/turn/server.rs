@@ -569,16 +569,30 @@ impl Server {
             inc(&self.stats.auth_stale_nonce);
             return Err((Reject::StaleNonce, None));
         }
-        let keys = match self.rules.load().credentials.keys(&username, unix) {
-            Ok(k) => k,
-            Err(CredentialError::Expired) => {
-                inc(&self.stats.auth_expired);
-                return unauthorized;
-            }
-            Err(CredentialError::UnknownUser) => {
-                inc(&self.stats.auth_bad_credential);
-                return unauthorized;
-            }
+        // Requests on an allocation check against the key it was made with
+        // (RFC 8656 §5: the same credentials for its whole life). So a call
+        // outliving its REST credential, or a secret rotated or a user
+        // removed by a reload, keeps its allocation; new ones need valid
+        // credentials.
+        let bound = self
+            .by_client
+            .get(ft)
+            .and_then(|&id| self.alloc(id))
+            .filter(|a| a.username == username)
+            .map(|a| a.key);
+        let keys = match bound {
+            Some(key) => vec![key],
+            None => match self.rules.load().credentials.keys(&username, unix) {
+                Ok(k) => k,
+                Err(CredentialError::Expired) => {
+                    inc(&self.stats.auth_expired);
+                    return unauthorized;
+                }
+                Err(CredentialError::UnknownUser) => {
+                    inc(&self.stats.auth_bad_credential);
+                    return unauthorized;
+                }
+            },
         };
         if m.get(ATTR_MESSAGE_INTEGRITY).map(|v| v.len()) != Ok(20) {
             return Err((Reject::BadRequest, None));

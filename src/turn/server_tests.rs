@@ -1086,3 +1086,38 @@ fn families_that_are_not_configured() {
     );
     assert_eq!(error_code(&r), Some(400));
 }
+
+#[test]
+fn an_allocation_outlives_its_rest_credential() {
+    let mut h = harness();
+    let unix = h.clock.unix(h.now);
+    let short = mint(SECRET, "carol", unix, 60);
+    let mut c = cred(&short.username, &short.password);
+    h.allocate(ft(4000), &mut c);
+    // Two minutes later the credential has expired, but the allocation
+    // made with it still refreshes (Chrome keeps the original credential).
+    h.now += Duration::from_secs(120);
+    c.nonce = None;
+    let r = h.authed(
+        ft(4000),
+        METHOD_REFRESH,
+        || vec![Box::new(Lifetime(Duration::from_secs(600)))],
+        &mut c,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE, "{:?}", error_code(&r));
+    let r = h.authed(
+        ft(4000),
+        METHOD_CREATE_PERMISSION,
+        || vec![peer_attr("8.8.8.8:1")],
+        &mut c,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    // A new allocation with it is refused.
+    let r = h.authed(
+        ft(4001),
+        METHOD_ALLOCATE,
+        || vec![udp()],
+        &mut cred(&short.username, &short.password),
+    );
+    assert_eq!(error_code(&r), Some(401));
+}
