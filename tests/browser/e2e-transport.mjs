@@ -1,0 +1,327 @@
+// A call through turnkey's TURN relay over one stream transport only, in
+// Debian's Chromium.
+//
+//   node e2e-transport.mjs BASE_URL tls|tcp
+//
+// Opens two pages (separate browser contexts, fake camera and microphone)
+// on BASE_URL/?room=…&relay=1. turnkey hands the page every URL it serves
+// (stun:, turn: over UDP and TCP, turns:); an init script wraps
+// RTCPeerConnection so that each page asks for exactly one of them: the
+// `turns:` URL for `tls`, the `turn:…?transport=tcp` URL for `tcp`. The page
+// itself is unchanged, and its `?relay=1` makes it use relay candidates only.
+//
+// Passes when both pages report, from getStats(), a connected call whose
+// selected pair is relay on both ends, whose local candidate was allocated
+// over the wanted protocol (relayProtocol "tls" or "tcp"), and whose inbound
+// video is decoded (framesDecoded > 0 and rising) with at least
+// MIN_BYTES_RECEIVED bytes in; and when every RTCPeerConnection the pages
+// made reports, from getConfiguration(), only the wanted URL.
+//
+// For `tls` Chromium verifies turnkey's certificate: the caller trusts its
+// test CA in the NSS database under $HOME/.pki/nssdb, which Chromium reads.
+//
+// Prints one JSON summary line on stdout. Any failure exits non-zero with
+// the reason and each page's last state and console output on stderr.
+
+import { chromium } from "playwright-core";
+
+const CHROMIUM = "/usr/bin/chromium";
+const ARGS = [
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--use-fake-ui-for-media-stream",
+  "--use-fake-device-for-media-stream",
+];
+const CONNECT_DEADLINE_MS = 30_000;
+const POLL_MS = 250;
+const STILL_DECODING_MS = 5_000;
+// The Rust side checks turnkey's per-transport relay counters against this.
+const MIN_BYTES_RECEIVED = 100_000;
+// A last resort so a wedged browser can never hang the caller.
+const WATCHDOG_MS = 50_000;
+
+const [baseUrl, transport] = process.argv.slice(2);
+if (!baseUrl || !["tls", "tcp"].includes(transport)) {
+  console.error("usage: node e2e-transport.mjs BASE_URL tls|tcp");
+  process.exit(2);
+}
+const ROOM = `e2e-${transport}`;
+
+class Failure extends Error {}
+
+const started = Date.now();
+const since = () => Date.now() - started;
+/** name → { page, console: string[], last: state } */
+const pages = new Map();
+let browser;
+
+const watchdog = setTimeout(() => {
+  console.error(`e2e-transport: FAILED: watchdog: nothing finished within ${WATCHDOG_MS} ms`);
+  dumpPages();
+  process.exit(1);
+}, WATCHDOG_MS);
+
+function dumpPages() {
+  for (const [name, p] of pages) {
+    console.error(`--- ${name}: last state ${JSON.stringify(p.last)}`);
+    for (const line of p.console.slice(-40)) console.error(`    ${line}`);
+  }
+}
+
+/**
+ * Runs in each page before its own scripts. Keeps, of whatever iceServers
+ * the page passes to RTCPeerConnection (constructor and setConfiguration,
+ * which the page uses when its credential is renewed), only the URLs of one
+ * transport, and remembers every connection so the harness can read back
+ * what each was really configured with.
+ */
+function restrictIceServers(want) {
+  const keep = (url) =>
+    want === "tls"
+      ? /^turns:/i.test(url)
+      : /^turn:/i.test(url) && /[?&]transport=tcp(&|$)/i.test(url);
+  const seen = new Set();
+  const filter = (config) => {
+    if (!config || !Array.isArray(config.iceServers)) return config;
+    const iceServers = config.iceServers
+      .map((server) => {
+        const urls = [server.urls ?? []].flat();
+        for (const u of urls) seen.add(u);
+        return { ...server, urls: urls.filter(keep) };
+      })
+      .filter((server) => server.urls.length > 0);
+    return { ...config, iceServers };
+  };
+  const Native = window.RTCPeerConnection;
+  const made = [];
+  class OneTransport extends Native {
+    constructor(config, ...rest) {
+      super(filter(config), ...rest);
+      made.push(this);
+    }
+    setConfiguration(config) {
+      return super.setConfiguration(filter(config));
+    }
+  }
+  window.RTCPeerConnection = OneTransport;
+  window.__oneTransport = {
+    /** Every URL the page asked for, before the filter. */
+    offered: () => [...seen],
+    /** What each connection says it was configured with. */
+    configs: () =>
+      made.map((pc) => {
+        const c = pc.getConfiguration();
+        return {
+          state: pc.connectionState,
+          iceTransportPolicy: c.iceTransportPolicy,
+          urls: c.iceServers.flatMap((s) => [s.urls].flat()),
+        };
+      }),
+    /** The selected local candidate of each live connection, straight from getStats(). */
+    selected: async () => {
+      const out = [];
+      for (const pc of made) {
+        if (pc.connectionState === "closed") continue;
+        const report = await pc.getStats();
+        report.forEach((s) => {
+          if (s.type !== "transport" || !s.selectedCandidatePairId) return;
+          const pair = report.get(s.selectedCandidatePairId);
+          const local = pair && report.get(pair.localCandidateId);
+          if (local) {
+            out.push({
+              candidateType: local.candidateType,
+              relayProtocol: local.relayProtocol ?? null,
+              url: local.url ?? null,
+            });
+          }
+        });
+      }
+      return out;
+    },
+  };
+}
+
+async function openPage(name) {
+  // A separate context per page: its own cookies, storage and media
+  // permissions, like two people on two machines.
+  const context = await browser.newContext({ viewport: { width: 1000, height: 620 } });
+  await context.grantPermissions(["camera", "microphone"], { origin: new URL(baseUrl).origin });
+  await context.addInitScript(restrictIceServers, transport);
+  const page = await context.newPage();
+  const entry = { page, console: [], last: null };
+  pages.set(name, entry);
+  page.on("console", (m) => entry.console.push(`[${since()} ms] ${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => entry.console.push(`[${since()} ms] pageerror: ${e.message}`));
+  const url = new URL(`/?room=${ROOM}&relay=1`, baseUrl).href;
+  const res = await page.goto(url);
+  if (!res || !res.ok()) throw new Failure(`${name}: GET ${url} answered ${res?.status()}`);
+  await page.waitForFunction(() => typeof window.turnkey === "object", null, { timeout: 10_000 });
+  return entry;
+}
+
+/** A fresh getStats()-based state from the page. */
+async function sample(entry) {
+  entry.last = await entry.page.evaluate(() => window.turnkey.sample());
+  return entry.last;
+}
+
+/** Why `state` is not yet a decoding call relayed over `transport` (null when it is). */
+function notYet(state, prevFrames) {
+  const peers = Object.entries(state.peers);
+  if (peers.length !== 1) return `sees ${peers.length} peers`;
+  const [id, p] = peers[0];
+  if (p.connectionState !== "connected") return `${id}: connectionState ${p.connectionState}`;
+  if (p.localCandidateType !== "relay" || p.remoteCandidateType !== "relay") {
+    return `${id}: selected pair ${p.localCandidateType}/${p.remoteCandidateType}, want relay/relay`;
+  }
+  if (p.relayProtocol !== transport) {
+    return `${id}: local candidate allocated over ${p.relayProtocol}, want ${transport}`;
+  }
+  if (!(p.framesDecoded > 0)) return `${id}: no video frames decoded yet`;
+  if (prevFrames === undefined || !(p.framesDecoded > prevFrames)) {
+    return `${id}: framesDecoded ${p.framesDecoded} not yet seen rising (previous ${prevFrames})`;
+  }
+  if (!(p.bytesReceived >= MIN_BYTES_RECEIVED)) {
+    return `${id}: ${p.bytesReceived} of ${MIN_BYTES_RECEIVED} bytes received`;
+  }
+  return null;
+}
+
+async function waitForCall(names) {
+  const deadline = Date.now() + CONNECT_DEADLINE_MS;
+  const prevFrames = {};
+  const done = {};
+  for (;;) {
+    const reasons = [];
+    for (const name of names) {
+      const state = await sample(pages.get(name));
+      const [p] = Object.values(state.peers);
+      const why = notYet(state, prevFrames[name]);
+      if (p?.framesDecoded > 0) prevFrames[name] = p.framesDecoded;
+      if (why === null) done[name] ??= since();
+      else if (!done[name]) reasons.push(`${name}: ${why}`);
+    }
+    if (names.every((n) => done[n])) return done;
+    if (Date.now() > deadline) {
+      throw new Failure(`no call relayed over ${transport} within ${CONNECT_DEADLINE_MS} ms: ${reasons.join("; ")}`);
+    }
+    await new Promise((r) => setTimeout(r, POLL_MS));
+  }
+}
+
+/** The last state of `name` once its call has decoded more frames than it had. */
+async function stillDecoding(name) {
+  const entry = pages.get(name);
+  const [before] = Object.values(entry.last.peers);
+  const deadline = Date.now() + STILL_DECODING_MS;
+  for (;;) {
+    await new Promise((r) => setTimeout(r, POLL_MS));
+    const state = await sample(entry);
+    const why = notYet(state, before.framesDecoded);
+    if (why === null) return state;
+    if (Date.now() > deadline) throw new Failure(`${name} after the checks: ${why}`);
+  }
+}
+
+/** The filter really left each connection of `name` with only the wanted URL. */
+async function checkConfiguration(name) {
+  const { page } = pages.get(name);
+  const { offered, configs, selected } = await page.evaluate(async () => ({
+    offered: window.__oneTransport.offered(),
+    configs: window.__oneTransport.configs(),
+    selected: await window.__oneTransport.selected(),
+  }));
+  const want = transport === "tls" ? /^turns:/ : /^turn:.*[?&]transport=tcp(&|$)/;
+  // turnkey offered more than the one URL, so the filter had work to do.
+  if (!offered.some((u) => /^turn:.*transport=udp/.test(u))) {
+    throw new Failure(`${name}: turnkey did not offer a UDP TURN URL: ${JSON.stringify(offered)}`);
+  }
+  const wanted = offered.filter((u) => want.test(u));
+  if (wanted.length !== 1) {
+    throw new Failure(`${name}: want exactly one ${transport} URL among ${JSON.stringify(offered)}`);
+  }
+  if (configs.length === 0) throw new Failure(`${name}: the page made no RTCPeerConnection`);
+  for (const c of configs) {
+    if (c.urls.length !== 1 || c.urls[0] !== wanted[0]) {
+      throw new Failure(`${name}: a connection is configured with ${JSON.stringify(c.urls)}, want only ${wanted[0]}`);
+    }
+    if (c.iceTransportPolicy !== "relay") {
+      throw new Failure(`${name}: a connection has iceTransportPolicy ${c.iceTransportPolicy}, want relay`);
+    }
+  }
+  if (selected.length !== 1) throw new Failure(`${name}: ${selected.length} live selected pairs, want 1`);
+  const [s] = selected;
+  if (s.candidateType !== "relay" || s.relayProtocol !== transport) {
+    throw new Failure(`${name}: selected local candidate ${JSON.stringify(s)}, want relay over ${transport}`);
+  }
+  // Chromium names the server a local candidate came from; when it does, it must be ours.
+  if (s.url !== null && s.url !== wanted[0]) {
+    throw new Failure(`${name}: selected local candidate came from ${s.url}, want ${wanted[0]}`);
+  }
+  return { offered, url: wanted[0], connections: configs.length, candidateUrl: s.url };
+}
+
+async function main() {
+  // launch() runs Chromium on a fresh temporary profile and deletes it on close.
+  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ARGS });
+  const version = browser.version();
+  const launched = since();
+
+  await openPage("alice");
+  await openPage("bob");
+  const opened = since();
+  const connected = await waitForCall(["alice", "bob"]);
+  const config = { alice: await checkConfiguration("alice"), bob: await checkConfiguration("bob") };
+
+  // Still decoding after the checks: the call is not a momentary success.
+  const after = {};
+  for (const name of ["alice", "bob"]) after[name] = await stillDecoding(name);
+
+  const summary = {
+    ok: true,
+    transport,
+    chromium: version,
+    launch_ms: launched,
+    pages_open_ms: opened,
+    connected_ms: connected,
+    total_ms: since(),
+    peers: Object.fromEntries(
+      ["alice", "bob"].map((n) => {
+        const [p] = Object.values(after[n].peers);
+        return [n, {
+          id: after[n].id,
+          iceServerUrl: config[n].url,
+          candidateUrl: config[n].candidateUrl,
+          connections: config[n].connections,
+          connectionState: p.connectionState,
+          localCandidateType: p.localCandidateType,
+          remoteCandidateType: p.remoteCandidateType,
+          relayProtocol: p.relayProtocol,
+          localAddress: p.localAddress,
+          remoteAddress: p.remoteAddress,
+          framesDecoded: p.framesDecoded,
+          bytesReceived: p.bytesReceived,
+        }];
+      }),
+    ),
+  };
+  console.log(JSON.stringify(summary));
+}
+
+let code = 0;
+try {
+  await main();
+} catch (err) {
+  code = 1;
+  console.error(`e2e-transport: FAILED: ${err instanceof Failure ? err.message : err.stack}`);
+  dumpPages();
+} finally {
+  clearTimeout(watchdog);
+  await browser?.close().catch(() => {});
+}
+process.exit(code);

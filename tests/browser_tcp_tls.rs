@@ -1,0 +1,296 @@
+//! TURN over TCP and over TLS in a real browser: two Chromium pages whose
+//! `iceServers` hold only turnkey's `turns:` URL (then only its
+//! `turn:…?transport=tcp` URL), relay-only, call each other through the real
+//! `turnkey` binary.
+//!
+//! The browser side is `tests/browser/e2e-transport.mjs`: it narrows what
+//! the unchanged demo page asks for to one URL and asserts, from getStats(),
+//! that the selected local candidate was allocated over that protocol and
+//! that video is decoded. This test asserts what turnkey saw: the media
+//! crossed its relay on that transport's client connections, and on no
+//! other.
+//!
+//! Chromium verifies the TLS certificate of a `turns:` server like any
+//! other, so the TLS run trusts the test CA the honest way: in an NSS
+//! database under a throwaway HOME, made with `certutil`.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::stream::test_pki;
+use common::{auth_section, base_config, require, test_dir, Turnkey};
+use serde_json::Value;
+
+/// e2e-transport.mjs gives up on its own well before this.
+const HARNESS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// e2e-transport.mjs waits until each page has received 100 kB of media.
+const MIN_RELAYED_BYTES: f64 = 100_000.0;
+
+/// Two Chromiums with two video pages each are too much for a small CI
+/// machine at once; the runs take turns.
+static ONE_BROWSER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+#[derive(Clone, Copy)]
+enum Transport {
+    Tcp,
+    Tls,
+}
+
+impl Transport {
+    /// The name both in RTCIceCandidateStats.relayProtocol and in turnkey's
+    /// `transport` metric label.
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+}
+
+#[test]
+fn two_browsers_call_over_turn_tls_only() {
+    call_over(Transport::Tls);
+}
+
+#[test]
+fn two_browsers_call_over_turn_tcp_only() {
+    call_over(Transport::Tcp);
+}
+
+fn call_over(transport: Transport) {
+    require("chromium", "chromium");
+    require("node", "nodejs");
+    require("npm", "npm");
+    require("certutil", "libnss3-tools");
+    let _turn = ONE_BROWSER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let harness = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    ensure_node_modules(&harness);
+
+    // Not turnkey's own directory name: Turnkey::start empties that one.
+    let dir = test_dir(&format!("browser-{}-files", transport.name()));
+    let pki = test_pki("localhost");
+    let (cert, key) = pki.write(&dir);
+    let config = base_config(&format!(
+        "{}\n[tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        auth_section(),
+        cert.display(),
+        key.display()
+    ));
+    let t = Turnkey::start(&format!("browser-{}", transport.name()), &config);
+    assert!(
+        t.tcp.is_some() && t.tls.is_some(),
+        "turnkey should listen for TURN over TCP and TLS"
+    );
+
+    // Chromium reads its NSS database from $HOME/.pki/nssdb; a fresh HOME
+    // keeps the machine's own trust store out of it.
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).expect("create HOME");
+    if let Transport::Tls = transport {
+        trust_ca(&home, &pki.ca_der);
+    }
+
+    // `localhost`, not 127.0.0.1: the page's iceServers carry the host it
+    // was loaded from, and the certificate names `localhost`.
+    let base = format!("http://localhost:{}/", t.http.port());
+    let started = Instant::now();
+    let mut node = Command::new("node");
+    node.arg(harness.join("e2e-transport.mjs"))
+        .arg(&base)
+        .arg(transport.name())
+        .env("HOME", &home)
+        .current_dir(&harness);
+    let (ok, stdout, stderr) = run_with_timeout(node, HARNESS_TIMEOUT);
+    eprintln!(
+        "e2e-transport.mjs {} took {:.1?}\n{stdout}{stderr}",
+        transport.name(),
+        started.elapsed()
+    );
+    assert!(
+        ok,
+        "the browser harness failed over {} (see its output above); turnkey's log:\n{}",
+        transport.name(),
+        t.log.lock().unwrap().join("\n")
+    );
+    let summary: Value = stdout
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("a JSON summary line from e2e-transport.mjs");
+    assert_eq!(summary["ok"], true, "{summary}");
+    for page in ["alice", "bob"] {
+        assert_eq!(
+            summary["peers"][page]["relayProtocol"],
+            transport.name(),
+            "{summary}"
+        );
+    }
+    let received: f64 = ["alice", "bob"]
+        .iter()
+        .map(|p| {
+            summary["peers"][p]["bytesReceived"]
+                .as_f64()
+                .expect("bytesReceived")
+        })
+        .sum();
+
+    let relayed = |direction: &str, transport: &str| -> f64 {
+        ["channel_data", "indication"]
+            .iter()
+            .map(|framing| {
+                t.metric(&format!(
+                    "turnkey_turn_relayed_bytes_total{{direction=\"{direction}\",framing=\"{framing}\",transport=\"{transport}\"}}"
+                ))
+            })
+            .sum()
+    };
+    let to_clients = relayed("peer_to_client", transport.name());
+    let from_clients = relayed("client_to_peer", transport.name());
+    eprintln!(
+        "turnkey relayed over {}: {from_clients} bytes client→peer, {to_clients} bytes peer→client; \
+         the pages received {received}",
+        transport.name()
+    );
+    assert!(
+        to_clients > MIN_RELAYED_BYTES && to_clients >= received,
+        "turnkey relayed {to_clients} bytes to {} clients but the pages received {received}",
+        transport.name()
+    );
+    assert!(
+        from_clients > MIN_RELAYED_BYTES,
+        "turnkey relayed only {from_clients} bytes from {} clients",
+        transport.name()
+    );
+    for other in ["udp", "tcp", "tls"]
+        .into_iter()
+        .filter(|o| *o != transport.name())
+    {
+        let stray = relayed("peer_to_client", other) + relayed("client_to_peer", other);
+        assert_eq!(
+            stray,
+            0.0,
+            "{stray} bytes went over {other} although the pages only had a {} URL",
+            transport.name()
+        );
+    }
+}
+
+/// Makes `home`'s NSS database trust `ca_der` to identify TLS servers.
+fn trust_ca(home: &Path, ca_der: &[u8]) {
+    let nssdb = home.join(".pki/nssdb");
+    std::fs::create_dir_all(&nssdb).expect("create nssdb dir");
+    let pem_path = home.join("turnkey-test-ca.pem");
+    std::fs::write(&pem_path, pem("CERTIFICATE", ca_der)).expect("write CA PEM");
+    let db = format!("sql:{}", nssdb.display());
+    let certutil = |args: &[&str]| {
+        let out = Command::new("certutil")
+            .args(args)
+            .output()
+            .expect("run certutil");
+        assert!(
+            out.status.success(),
+            "certutil {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    certutil(&["-N", "-d", &db, "--empty-password"]);
+    let pem_arg = pem_path.to_string_lossy();
+    certutil(&[
+        "-A",
+        "-d",
+        &db,
+        "-n",
+        "turnkey-test-ca",
+        "-t",
+        "C,,",
+        "-i",
+        &pem_arg,
+    ]);
+}
+
+/// RFC 7468 text encoding: base64 in 64-character lines between labels.
+fn pem(label: &str, der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// Installs the pinned playwright-core from package-lock.json when absent.
+fn ensure_node_modules(dir: &Path) {
+    if dir
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        return;
+    }
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .status()
+        .expect("run npm ci");
+    assert!(
+        status.success(),
+        "`npm ci` in {} failed: {status}",
+        dir.display()
+    );
+}
+
+/// Runs `cmd`, killing it after `timeout`: (exited successfully, stdout, stderr).
+fn run_with_timeout(mut cmd: Command, timeout: Duration) -> (bool, String, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let collect = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = collect(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = collect(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for node") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    match status {
+        Some(status) => (status.success(), stdout, stderr),
+        None => (false, stdout, format!("{stderr}\nkilled after {timeout:?}")),
+    }
+}
+
+#[test]
+fn pem_wraps_base64_at_64_columns() {
+    let text = pem("CERTIFICATE", &[0u8; 60]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.first(), Some(&"-----BEGIN CERTIFICATE-----"));
+    assert_eq!(lines.last(), Some(&"-----END CERTIFICATE-----"));
+    assert_eq!(lines[1].len(), 64);
+    assert_eq!(lines[2], "AAAAAAAAAAAAAAAA");
+}
