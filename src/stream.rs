@@ -200,7 +200,12 @@ impl Streams {
             };
             let stream = match timeout(self.limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
-                _ => {
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".to_string(),
+                    };
+                    tracing::debug!(%client, "TLS handshake failed: {why}");
                     self.stats
                         .handshake_failures
                         .fetch_add(1, Ordering::Relaxed);
