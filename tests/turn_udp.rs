@@ -301,6 +301,11 @@ async fn webrtc_rs_turn_clients_exchange_data() {
             "turn::client never used a channel"
         );
     }
+    // Before its channel was bound the client sent Send indications. (Its
+    // peer had bound a channel by the time data arrived, so Data
+    // indications are exercised by the raw-client test above.)
+    let sends = r#"turnkey_turn_relayed_packets_total{direction="client_to_peer",framing="indication",transport="udp"}"#;
+    assert!(tk.metric(sends) > 0.0, "no Send indication relayed");
     let _ = ra.close().await;
     let _ = rb.close().await;
     a.close().await.ok();
