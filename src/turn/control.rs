@@ -166,6 +166,10 @@ impl Server {
             .as_ref()
             .and_then(|e| e.first())
             .is_some_and(|b| b & 0x80 != 0);
+        // A reservation is for the one port of a single-family allocation.
+        if reserve && (fam.dual || fam.dual_refused) {
+            return fail(Reject::BadRequest);
+        }
         let primary = if let Some(t) = token {
             let t: [u8; 8] = t
                 .as_slice()

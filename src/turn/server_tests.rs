@@ -1121,3 +1121,30 @@ fn an_allocation_outlives_its_rest_credential() {
     );
     assert_eq!(error_code(&r), Some(401));
 }
+
+#[test]
+fn even_port_reservation_with_a_dual_allocation_is_refused() {
+    let mut h = harness();
+    let mut c = cred("alice", "wonderland");
+    let r = h.authed(
+        ft(4000),
+        METHOD_ALLOCATE,
+        || {
+            vec![
+                udp(),
+                additional_v6(),
+                Box::new(RawAttribute {
+                    typ: ATTR_EVEN_PORT,
+                    length: 1,
+                    value: vec![0x80],
+                }),
+            ]
+        },
+        &mut c,
+    );
+    assert_eq!(error_code(&r), Some(400));
+    assert!(
+        h.io.opened.is_empty() && h.io.opened_v6.is_empty(),
+        "nothing was bound"
+    );
+}
