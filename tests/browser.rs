@@ -9,9 +9,8 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{auth_section, base_config, require, Turnkey};
@@ -29,26 +28,6 @@ fn harness_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
 }
 
-/// Installs the pinned playwright-core from package-lock.json when absent.
-fn ensure_node_modules(dir: &Path) {
-    if dir
-        .join("node_modules/playwright-core/package.json")
-        .exists()
-    {
-        return;
-    }
-    let status = Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund"])
-        .current_dir(dir)
-        .status()
-        .expect("run npm ci");
-    assert!(
-        status.success(),
-        "`npm ci` in {} failed: {status}",
-        dir.display()
-    );
-}
-
 /// Sum of every `series{labels}` line whose labels include all of `want`.
 fn metric_sum(metrics: &str, series: &str, want: &[&str]) -> f64 {
     metrics
@@ -64,51 +43,13 @@ fn metric_sum(metrics: &str, series: &str, want: &[&str]) -> f64 {
         .sum()
 }
 
-/// Runs `cmd`, killing it after `timeout`: (exit success, stdout, stderr).
-fn run_with_timeout(mut cmd: Command, timeout: Duration) -> (bool, String, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn node");
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().expect("stdout")));
-    let err = drain(Box::new(child.stderr.take().expect("stderr")));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait for node") {
-            break Some(st);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let (out, err) = (
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default(),
-    );
-    match status {
-        Some(st) => (st.success(), out, err),
-        None => (false, out, format!("{err}\nkilled after {timeout:?}")),
-    }
-}
-
 #[test]
 fn two_browsers_call_through_the_relay() {
     require("chromium", "chromium");
     require("node", "nodejs");
     require("npm", "npm");
     let dir = harness_dir();
-    ensure_node_modules(&dir);
+    common::ensure_node_modules(&dir);
 
     let t = Turnkey::start("browser", &base_config(&auth_section()));
     let screenshot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e-screenshot.png");
@@ -120,7 +61,7 @@ fn two_browsers_call_through_the_relay() {
         .arg(t.url(""))
         .arg(&screenshot)
         .current_dir(&dir);
-    let (ok, stdout, stderr) = run_with_timeout(node, HARNESS_TIMEOUT);
+    let (ok, stdout, stderr) = common::run_with_timeout(node, HARNESS_TIMEOUT);
     let took = started.elapsed();
     eprintln!("e2e.mjs took {took:.1?}\n{stdout}{stderr}");
     assert!(

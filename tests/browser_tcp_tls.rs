@@ -16,9 +16,8 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -73,7 +72,7 @@ fn call_over(transport: Transport) {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let harness = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    ensure_node_modules(&harness);
+    common::ensure_node_modules(&harness);
 
     // Not turnkey's own directory name: Turnkey::start empties that one.
     let dir = test_dir(&format!("browser-{}-files", transport.name()));
@@ -109,7 +108,7 @@ fn call_over(transport: Transport) {
         .arg(transport.name())
         .env("HOME", &home)
         .current_dir(&harness);
-    let (ok, stdout, stderr) = run_with_timeout(node, HARNESS_TIMEOUT);
+    let (ok, stdout, stderr) = common::run_with_timeout(node, HARNESS_TIMEOUT);
     eprintln!(
         "e2e-transport.mjs {} took {:.1?}\n{stdout}{stderr}",
         transport.name(),
@@ -227,62 +226,6 @@ fn pem(label: &str, der: &[u8]) -> String {
     }
     out.push_str(&format!("-----END {label}-----\n"));
     out
-}
-
-/// Installs the pinned playwright-core from package-lock.json when absent.
-fn ensure_node_modules(dir: &Path) {
-    if dir
-        .join("node_modules/playwright-core/package.json")
-        .exists()
-    {
-        return;
-    }
-    let status = Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund"])
-        .current_dir(dir)
-        .status()
-        .expect("run npm ci");
-    assert!(
-        status.success(),
-        "`npm ci` in {} failed: {status}",
-        dir.display()
-    );
-}
-
-/// Runs `cmd`, killing it after `timeout`: (exited successfully, stdout, stderr).
-fn run_with_timeout(mut cmd: Command, timeout: Duration) -> (bool, String, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn node");
-    let collect = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = collect(Box::new(child.stdout.take().expect("stdout")));
-    let stderr = collect(Box::new(child.stderr.take().expect("stderr")));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for node") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let stdout = stdout.join().unwrap_or_default();
-    let stderr = stderr.join().unwrap_or_default();
-    match status {
-        Some(status) => (status.success(), stdout, stderr),
-        None => (false, stdout, format!("{stderr}\nkilled after {timeout:?}")),
-    }
 }
 
 #[test]

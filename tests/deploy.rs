@@ -341,12 +341,15 @@ fn the_vps_config_passes_check_config() {
     // The README's steps on a copy, by its own commands: the host name and
     // IP put in (step 3), then [tls] uncommented (step 5) with a
     // certificate where the deploy hook puts it.
-    let readme = std::fs::read_to_string(repo().join("deploy/README.md")).unwrap();
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     for step in [
         SET_HOST_AND_IP,
         &format!("sed -i -E '{UNCOMMENT_TLS}' {ETC_CONFIG}"),
     ] {
-        assert!(readme.contains(step), "deploy/README.md lacks `{step}`");
+        assert!(
+            readme.contains(step),
+            "README.md (Deploy on a VPS) lacks `{step}`"
+        );
     }
     let dir = test_dir("vps");
     let copy = dir.join("turnkey.toml");

@@ -253,3 +253,66 @@ pub fn require(cmd: &str, package: &str) {
         "`{cmd}` is required for this test: install the Debian package `{package}` (.ci/run does)"
     );
 }
+
+/// Installs a test harness's pinned playwright-core from its
+/// package-lock.json when absent (`npm ci`; never a browser download).
+pub fn ensure_node_modules(dir: &std::path::Path) {
+    if dir
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        return;
+    }
+    require("npm", "npm");
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .status()
+        .expect("run npm ci");
+    assert!(
+        status.success(),
+        "`npm ci` in {} failed: {status}",
+        dir.display()
+    );
+}
+
+/// Runs `cmd`, killing it after `timeout`: (exit success, stdout, stderr).
+pub fn run_with_timeout(
+    mut cmd: std::process::Command,
+    timeout: Duration,
+) -> (bool, String, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the command");
+    let drain = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for the command") {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    match status {
+        Some(st) => (st.success(), out, err),
+        None => (false, out, format!("{err}\nkilled after {timeout:?}")),
+    }
+}

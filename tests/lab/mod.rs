@@ -15,7 +15,7 @@ pub mod turnkey;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -72,22 +72,7 @@ pub fn prerequisites() {
     require("node", "nodejs");
     require("npm", "npm");
     require("chromium", "chromium");
-    let dir = client_dir();
-    if !dir
-        .join("node_modules/playwright-core/package.json")
-        .exists()
-    {
-        let status = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&dir)
-            .status()
-            .expect("run npm ci");
-        assert!(
-            status.success(),
-            "`npm ci` in {} failed: {status}",
-            dir.display()
-        );
-    }
+    crate::common::ensure_node_modules(&client_dir());
 }
 
 /// Waits up to `within` for `child` to exit; whether it did.
