@@ -200,6 +200,9 @@ fn signal_config(cfg: &Config) -> SignalConfig {
 
 /// Runs the appliance until SIGINT/SIGTERM (or the end of a drain).
 pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    // Before anything can announce readiness: a SIGHUP or SIGUSR1 arriving
+    // earlier would otherwise kill the process (their default action).
+    let signals = Signals::install().context("installing signal handlers")?;
     let t = &cfg.turn;
     let families = RelayFamilies::from_config(t);
     let relay_ips = families.relay_ips();
@@ -406,7 +409,16 @@ pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<
             .await
     });
 
-    control_loop(&cfg, config_path, &state, &generated, relay_ips, certs).await;
+    control_loop(
+        signals,
+        &cfg,
+        config_path,
+        &state,
+        &generated,
+        relay_ips,
+        certs,
+    )
+    .await;
 
     signaling.shutdown();
     let _ = stop_tx.send(true);
@@ -418,7 +430,28 @@ pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<
 
 /// Waits for signals: reload on SIGHUP, drain on SIGUSR1, stop on
 /// SIGINT/SIGTERM. Returns when the process should stop.
+/// The signals the control loop acts on, registered once at start.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 async fn control_loop(
+    signals: Signals,
     cfg: &Config,
     config_path: Option<PathBuf>,
     state: &AppState,
@@ -426,21 +459,17 @@ async fn control_loop(
     relay_ips: Vec<IpAddr>,
     certs: Option<Arc<crate::tls::CertStore>>,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut hup), Ok(mut usr1), Ok(mut term)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined1()),
-        signal(SignalKind::terminate()),
-    ) else {
-        tracing::error!("cannot install signal handlers; Ctrl-C only");
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
+    let Signals {
+        mut hup,
+        mut usr1,
+        mut term,
+        mut int,
+    } = signals;
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {
+            _ = int.recv() => {
                 tracing::info!("SIGINT: stopping");
                 return;
             }

@@ -45,13 +45,12 @@ const STREAM_QUEUE: usize = 4096;
 
 /// What a TCP/TLS connection task tells its shard.
 pub enum StreamEvent {
-    /// A new connection; answers for it go into `tx`. `authed` is set once
-    /// the connection holds an allocation (it then no longer counts against
-    /// the unauthenticated-connection caps).
+    /// A new connection; answers for it go into `tx`; `link` carries what
+    /// the shard tells the connection task besides answers.
     Open {
         ft: FiveTuple,
         tx: mpsc::Sender<Vec<u8>>,
-        authed: Arc<AtomicBool>,
+        link: Arc<StreamLink>,
     },
     /// One framed STUN message or ChannelData.
     Data {
@@ -61,6 +60,16 @@ pub enum StreamEvent {
     Closed {
         ft: FiveTuple,
     },
+}
+
+/// What a shard tells a stream connection's task.
+#[derive(Default)]
+pub struct StreamLink {
+    /// Set once the connection holds an allocation (it then no longer
+    /// counts against the unauthenticated-connection caps).
+    pub authed: AtomicBool,
+    /// Notified when the shard cuts the connection off (it stopped reading).
+    pub cut: tokio::sync::Notify,
 }
 
 /// How a connection task reaches a shard.
@@ -222,7 +231,7 @@ fn set_dont_fragment(sock: &socket2::SockRef<'_>, v4: bool) -> io::Result<()> {
 
 struct StreamConn {
     tx: mpsc::Sender<Vec<u8>>,
-    authed: Arc<AtomicBool>,
+    link: Arc<StreamLink>,
 }
 
 struct ShardIo {
@@ -249,6 +258,7 @@ impl Io for ShardIo {
             if conn.tx.try_send(data.to_vec()).is_err() {
                 inc(&self.stats.send_errors);
                 inc(&self.stats.stream_overflows);
+                conn.link.cut.notify_one();
                 self.streams.remove(to);
             }
             return;
@@ -460,14 +470,14 @@ fn drain_streams(
 ) -> bool {
     for _ in 0..BUDGET {
         match rx.try_recv() {
-            Ok(StreamEvent::Open { ft, tx, authed }) => {
-                io.streams.insert(ft, StreamConn { tx, authed });
+            Ok(StreamEvent::Open { ft, tx, link }) => {
+                io.streams.insert(ft, StreamConn { tx, link });
             }
             Ok(StreamEvent::Data { ft, msg }) => {
                 core.handle_client(now, ft, &msg, io);
                 if let Some(conn) = io.streams.get(&ft) {
-                    if !conn.authed.load(Ordering::Relaxed) && core.has_allocation(&ft) {
-                        conn.authed.store(true, Ordering::Relaxed);
+                    if !conn.link.authed.load(Ordering::Relaxed) && core.has_allocation(&ft) {
+                        conn.link.authed.store(true, Ordering::Relaxed);
                     }
                 }
             }

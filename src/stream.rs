@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
 
 use crate::proxy_protocol::{self, Proxied};
-use crate::relay::{ShardHandle, StreamEvent};
+use crate::relay::{ShardHandle, StreamEvent, StreamLink};
 use crate::turn::allocation::{FiveTuple, Transport};
 
 /// Answers queued towards one connection before it counts as not reading.
@@ -313,12 +313,12 @@ impl Streams {
             return;
         };
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(OUT_QUEUE);
-        let authed = Arc::new(AtomicBool::new(false));
+        let link = Arc::new(StreamLink::default());
         if !shard
             .send(StreamEvent::Open {
                 ft,
                 tx,
-                authed: authed.clone(),
+                link: link.clone(),
             })
             .await
         {
@@ -332,7 +332,7 @@ impl Streams {
                     break;
                 }
             }
-            // The shard dropped our queue (we fell behind) or the reader ended.
+            // The reader ended, or the shard dropped our queue.
             let _ = wr.shutdown().await;
         };
         let limits = &self.limits;
@@ -342,7 +342,7 @@ impl Streams {
             let mut buf: Vec<u8> = Vec::with_capacity(4096);
             let mut chunk = vec![0u8; 16 * 1024];
             loop {
-                let authenticated = authed.load(Ordering::Relaxed);
+                let authenticated = link.authed.load(Ordering::Relaxed);
                 if authenticated {
                     slot.release();
                 }
@@ -380,6 +380,9 @@ impl Streams {
         tokio::select! {
             _ = reader => {}
             _ = writer => {}
+            // Cut off for not reading: stop at once, even if a write is
+            // stuck on a full socket.
+            _ = link.cut.notified() => {}
         }
         shard.send(StreamEvent::Closed { ft }).await;
         self.stats.open_turn.fetch_sub(1, Ordering::Relaxed);

@@ -83,7 +83,14 @@ async fn counters_move_by_exactly_the_traffic_and_promtool_accepts_them() {
     // this test's runtime thread holds nothing up.
     let (a, b, _, _) = channel_pair(&tk);
     assert!(relays(&a, 0x4001, &b) && relays(&b, 0x4002, &a));
-    // Warm-up traffic is done; measure from here.
+    // Warm-up traffic is done once every probe that entered the relay has
+    // left it too (each crosses it twice: out of one allocation, into the
+    // other); a probe still in flight would land in the measurement.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tk.metric(C2P) != tk.metric(P2C) {
+        assert!(Instant::now() < deadline, "warm-up packets never settled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let before = [
         tk.metric(C2P),
         tk.metric(C2P_BYTES),
