@@ -15,6 +15,8 @@ fn uclient(tk: &Turnkey, extra: &[&str]) -> (u64, u64, u64) {
     require("turnutils_uclient", "coturn");
     let port = if extra.contains(&"-S") {
         tk.tls.expect("TLS listener").port()
+    } else if extra.contains(&"-t") {
+        tk.tcp.expect("TCP listener").port()
     } else {
         tk.turn.port()
     };

@@ -52,6 +52,9 @@ level = "info,turnkey=debug"
 listen = "127.0.0.1:0"
 [turn]
 listen = ["127.0.0.1:0"]
+# Its own free port: by default TCP takes the UDP port's number, which a
+# parallel test's outgoing TCP connection may hold on loopback.
+tcp_listen = ["127.0.0.1:0"]
 threads = 1
 {extra}
 "#
