@@ -25,18 +25,7 @@
 
 import { chromium } from "playwright-core";
 
-const CHROMIUM = "/usr/bin/chromium";
-const ARGS = [
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-  "--use-fake-ui-for-media-stream",
-  "--use-fake-device-for-media-stream",
-];
+import { CHROMIUM, CHROMIUM_ARGS as ARGS } from "./chromium.mjs";
 const CONNECT_DEADLINE_MS = 30_000;
 const POLL_MS = 250;
 const STILL_DECODING_MS = 5_000;

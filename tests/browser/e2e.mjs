@@ -17,18 +17,7 @@ import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
 import { chromium } from "playwright-core";
 
-const CHROMIUM = "/usr/bin/chromium";
-const ARGS = [
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-  "--use-fake-ui-for-media-stream",
-  "--use-fake-device-for-media-stream",
-];
+import { CHROMIUM, CHROMIUM_ARGS as ARGS } from "./chromium.mjs";
 const ROOM = "e2e";
 const CONNECT_DEADLINE_MS = 30_000;
 const FULL_DEADLINE_MS = 10_000;

@@ -33,24 +33,12 @@ import { randomBytes } from "node:crypto";
 import dgram from "node:dgram";
 import { parseArgs } from "node:util";
 import { chromium } from "playwright-core";
+import { CHROMIUM_ARGS } from "../browser/chromium.mjs";
 
 const SAMPLE_MS = 500;
 const STUN_TIMEOUT_MS = 2000;
 const STUN_RETRANSMIT_MS = 250;
 const MAGIC_COOKIE = 0x2112a442;
-// The flags every lab browser runs with; nothing is downloaded, nothing
-// phones home, and the fake devices answer getUserMedia.
-const CHROMIUM_ARGS = [
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-  "--use-fake-ui-for-media-stream",
-  "--use-fake-device-for-media-stream",
-];
 
 const { values: opts } = parseArgs({
   options: {
