@@ -30,11 +30,7 @@ fn uclient(tk: &Turnkey, extra: &[&str]) -> (u64, u64, u64) {
         .args(&args)
         .output()
         .expect("run turnutils_uclient");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::printed(&out);
     let grab = |key: &str| -> Option<u64> {
         text.lines()
             .rev()

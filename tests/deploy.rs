@@ -287,11 +287,7 @@ fn the_systemd_unit_verifies_and_keeps_its_hardening() {
         .arg(&copy)
         .output()
         .expect("run systemd-analyze");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = common::printed(&out);
     assert!(
         out.status.success() && said.trim().is_empty(),
         "systemd-analyze verify:\n{said}"

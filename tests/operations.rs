@@ -179,11 +179,7 @@ async fn counters_move_by_exactly_the_traffic_and_promtool_accepts_them() {
         .write_all(body.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = common::printed(&out);
     assert!(
         out.status.success() && said.trim().is_empty(),
         "promtool: {said}\n--- scrape ---\n{body}"

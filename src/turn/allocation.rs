@@ -51,9 +51,6 @@ impl ChannelNumber {
             .contains(&n)
             .then_some(ChannelNumber(n))
     }
-    pub fn get(self) -> u16 {
-        self.0
-    }
 }
 
 #[derive(Debug, Clone)]

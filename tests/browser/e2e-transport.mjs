@@ -23,9 +23,8 @@
 // Prints one JSON summary line on stdout. Any failure exits non-zero with
 // the reason and each page's last state and console output on stderr.
 
-import { chromium } from "playwright-core";
+import { Failure, Session } from "./session.mjs";
 
-import { CHROMIUM, CHROMIUM_ARGS as ARGS } from "./chromium.mjs";
 const CONNECT_DEADLINE_MS = 30_000;
 const POLL_MS = 250;
 const STILL_DECODING_MS = 5_000;
@@ -41,26 +40,20 @@ if (!baseUrl || !["tls", "tcp"].includes(transport)) {
 }
 const ROOM = `e2e-${transport}`;
 
-class Failure extends Error {}
-
-const started = Date.now();
-const since = () => Date.now() - started;
-/** name → { page, console: string[], last: state } */
-const pages = new Map();
-let browser;
-
-const watchdog = setTimeout(() => {
-  console.error(`e2e-transport: FAILED: watchdog: nothing finished within ${WATCHDOG_MS} ms`);
-  dumpPages();
-  process.exit(1);
-}, WATCHDOG_MS);
-
-function dumpPages() {
-  for (const [name, p] of pages) {
-    console.error(`--- ${name}: last state ${JSON.stringify(p.last)}`);
-    for (const line of p.console.slice(-40)) console.error(`    ${line}`);
-  }
-}
+const session = new Session({
+  label: "e2e-transport",
+  baseUrl,
+  room: ROOM,
+  watchdogMs: WATCHDOG_MS,
+  minBytes: MIN_BYTES_RECEIVED,
+  protocol: transport,
+});
+const since = () => session.since();
+const pages = session.pages;
+const dumpPages = () => session.dumpPages();
+const sample = (entry) => session.sample(entry);
+const notYet = (state, prevFrames) => session.notYet(state, prevFrames);
+const waitForCall = (names) => session.waitForCall(names, CONNECT_DEADLINE_MS, POLL_MS);
 
 /**
  * Runs in each page before its own scripts. Keeps, of whatever iceServers
@@ -135,73 +128,7 @@ function restrictIceServers(want) {
   };
 }
 
-async function openPage(name) {
-  // A separate context per page: its own cookies, storage and media
-  // permissions, like two people on two machines.
-  const context = await browser.newContext({ viewport: { width: 1000, height: 620 } });
-  await context.grantPermissions(["camera", "microphone"], { origin: new URL(baseUrl).origin });
-  await context.addInitScript(restrictIceServers, transport);
-  const page = await context.newPage();
-  const entry = { page, console: [], last: null };
-  pages.set(name, entry);
-  page.on("console", (m) => entry.console.push(`[${since()} ms] ${m.type()}: ${m.text()}`));
-  page.on("pageerror", (e) => entry.console.push(`[${since()} ms] pageerror: ${e.message}`));
-  const url = new URL(`/?room=${ROOM}&relay=1`, baseUrl).href;
-  const res = await page.goto(url);
-  if (!res || !res.ok()) throw new Failure(`${name}: GET ${url} answered ${res?.status()}`);
-  await page.waitForFunction(() => typeof window.turnkey === "object", null, { timeout: 10_000 });
-  return entry;
-}
-
-/** A fresh getStats()-based state from the page. */
-async function sample(entry) {
-  entry.last = await entry.page.evaluate(() => window.turnkey.sample());
-  return entry.last;
-}
-
-/** Why `state` is not yet a decoding call relayed over `transport` (null when it is). */
-function notYet(state, prevFrames) {
-  const peers = Object.entries(state.peers);
-  if (peers.length !== 1) return `sees ${peers.length} peers`;
-  const [id, p] = peers[0];
-  if (p.connectionState !== "connected") return `${id}: connectionState ${p.connectionState}`;
-  if (p.localCandidateType !== "relay" || p.remoteCandidateType !== "relay") {
-    return `${id}: selected pair ${p.localCandidateType}/${p.remoteCandidateType}, want relay/relay`;
-  }
-  if (p.relayProtocol !== transport) {
-    return `${id}: local candidate allocated over ${p.relayProtocol}, want ${transport}`;
-  }
-  if (!(p.framesDecoded > 0)) return `${id}: no video frames decoded yet`;
-  if (prevFrames === undefined || !(p.framesDecoded > prevFrames)) {
-    return `${id}: framesDecoded ${p.framesDecoded} not yet seen rising (previous ${prevFrames})`;
-  }
-  if (!(p.bytesReceived >= MIN_BYTES_RECEIVED)) {
-    return `${id}: ${p.bytesReceived} of ${MIN_BYTES_RECEIVED} bytes received`;
-  }
-  return null;
-}
-
-async function waitForCall(names) {
-  const deadline = Date.now() + CONNECT_DEADLINE_MS;
-  const prevFrames = {};
-  const done = {};
-  for (;;) {
-    const reasons = [];
-    for (const name of names) {
-      const state = await sample(pages.get(name));
-      const [p] = Object.values(state.peers);
-      const why = notYet(state, prevFrames[name]);
-      if (p?.framesDecoded > 0) prevFrames[name] = p.framesDecoded;
-      if (why === null) done[name] ??= since();
-      else if (!done[name]) reasons.push(`${name}: ${why}`);
-    }
-    if (names.every((n) => done[n])) return done;
-    if (Date.now() > deadline) {
-      throw new Failure(`no call relayed over ${transport} within ${CONNECT_DEADLINE_MS} ms: ${reasons.join("; ")}`);
-    }
-    await new Promise((r) => setTimeout(r, POLL_MS));
-  }
-}
+const openPage = (name) => session.openPage(name, [restrictIceServers, transport]);
 
 /** The last state of `name` once its call has decoded more frames than it had. */
 async function stillDecoding(name) {
@@ -256,8 +183,7 @@ async function checkConfiguration(name) {
 }
 
 async function main() {
-  // launch() runs Chromium on a fresh temporary profile and deletes it on close.
-  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ARGS });
+  const browser = await session.launch();
   const version = browser.version();
   const launched = since();
 
@@ -310,7 +236,6 @@ try {
   console.error(`e2e-transport: FAILED: ${err instanceof Failure ? err.message : err.stack}`);
   dumpPages();
 } finally {
-  clearTimeout(watchdog);
-  await browser?.close().catch(() => {});
+  await session.close();
 }
 process.exit(code);

@@ -15,9 +15,8 @@
 
 import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
-import { chromium } from "playwright-core";
+import { Failure, Session } from "./session.mjs";
 
-import { CHROMIUM, CHROMIUM_ARGS as ARGS } from "./chromium.mjs";
 const ROOM = "e2e";
 const CONNECT_DEADLINE_MS = 30_000;
 const FULL_DEADLINE_MS = 10_000;
@@ -34,95 +33,23 @@ if (!baseUrl || !screenshotPath) {
   process.exit(2);
 }
 
-class Failure extends Error {}
-
-const started = Date.now();
-const since = () => Date.now() - started;
-/** name → { page, console: string[], last: state } */
-const pages = new Map();
-let browser;
-
-const watchdog = setTimeout(() => {
-  console.error(`e2e: FAILED: watchdog: nothing finished within ${WATCHDOG_MS} ms`);
-  dumpPages();
-  process.exit(1);
-}, WATCHDOG_MS);
-
-function dumpPages() {
-  for (const [name, p] of pages) {
-    console.error(`--- ${name}: last state ${JSON.stringify(p.last)}`);
-    for (const line of p.console.slice(-40)) console.error(`    ${line}`);
-  }
-}
-
-async function openPage(name) {
-  // A separate context per page: its own cookies, storage and media
-  // permissions, like two people on two machines.
-  const context = await browser.newContext({ viewport: { width: 1000, height: 620 } });
-  await context.grantPermissions(["camera", "microphone"], { origin: new URL(baseUrl).origin });
-  const page = await context.newPage();
-  const entry = { page, console: [], last: null };
-  pages.set(name, entry);
-  page.on("console", (m) => entry.console.push(`[${since()} ms] ${m.type()}: ${m.text()}`));
-  page.on("pageerror", (e) => entry.console.push(`[${since()} ms] pageerror: ${e.message}`));
-  const url = new URL(`/?room=${ROOM}&relay=1`, baseUrl).href;
-  const res = await page.goto(url);
-  if (!res || !res.ok()) throw new Failure(`${name}: GET ${url} answered ${res?.status()}`);
-  await page.waitForFunction(() => typeof window.turnkey === "object", null, { timeout: 10_000 });
-  return entry;
-}
-
-/** A fresh getStats()-based state from the page. */
-async function sample(entry) {
-  entry.last = await entry.page.evaluate(() => window.turnkey.sample());
-  return entry.last;
-}
-
-/** Why `state` is not yet a relayed, decoding call (null when it is). */
-function notYet(state, prevFrames) {
-  const peers = Object.entries(state.peers);
-  if (peers.length !== 1) return `sees ${peers.length} peers`;
-  const [id, p] = peers[0];
-  if (p.connectionState !== "connected") return `${id}: connectionState ${p.connectionState}`;
-  if (p.localCandidateType !== "relay" || p.remoteCandidateType !== "relay") {
-    return `${id}: selected pair ${p.localCandidateType}/${p.remoteCandidateType}, want relay/relay`;
-  }
-  if (!(p.framesDecoded > 0)) return `${id}: no video frames decoded yet`;
-  if (prevFrames === undefined || !(p.framesDecoded > prevFrames)) {
-    return `${id}: framesDecoded ${p.framesDecoded} not yet seen rising (previous ${prevFrames})`;
-  }
-  if (!(p.bytesReceived >= MIN_BYTES_RECEIVED)) {
-    return `${id}: ${p.bytesReceived} of ${MIN_BYTES_RECEIVED} bytes received`;
-  }
-  return null;
-}
-
-async function waitForCall(names) {
-  const deadline = Date.now() + CONNECT_DEADLINE_MS;
-  const prevFrames = {};
-  const done = {};
-  let reasons = [];
-  for (;;) {
-    reasons = [];
-    for (const name of names) {
-      const state = await sample(pages.get(name));
-      const [p] = Object.values(state.peers);
-      const why = notYet(state, prevFrames[name]);
-      if (p?.framesDecoded > 0) prevFrames[name] = p.framesDecoded;
-      if (why === null) done[name] ??= since();
-      else if (!done[name]) reasons.push(`${name}: ${why}`);
-    }
-    if (names.every((n) => done[n])) return done;
-    if (Date.now() > deadline) {
-      throw new Failure(`no relayed call within ${CONNECT_DEADLINE_MS} ms: ${reasons.join("; ")}`);
-    }
-    await new Promise((r) => setTimeout(r, POLL_MS));
-  }
-}
+const session = new Session({
+  label: "e2e",
+  baseUrl,
+  room: ROOM,
+  watchdogMs: WATCHDOG_MS,
+  minBytes: MIN_BYTES_RECEIVED,
+});
+const since = () => session.since();
+const pages = session.pages;
+const dumpPages = () => session.dumpPages();
+const sample = (entry) => session.sample(entry);
+const notYet = (state, prevFrames) => session.notYet(state, prevFrames);
+const waitForCall = (names) => session.waitForCall(names, CONNECT_DEADLINE_MS, POLL_MS);
+const openPage = (name) => session.openPage(name);
 
 async function main() {
-  // launch() runs Chromium on a fresh temporary profile and deletes it on close.
-  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ARGS });
+  const browser = await session.launch();
   const version = browser.version();
   const launched = since();
 
@@ -204,7 +131,6 @@ try {
     () => {},
   );
 } finally {
-  clearTimeout(watchdog);
-  await browser?.close().catch(() => {});
+  await session.close();
 }
 process.exit(code);

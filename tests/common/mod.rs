@@ -319,3 +319,12 @@ pub fn run_with_timeout(
         None => (false, out, format!("{err}\nkilled after {timeout:?}")),
     }
 }
+
+/// Everything a finished command printed, stdout then stderr.
+pub fn printed(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

@@ -22,6 +22,52 @@ use turn::proto::relayaddr::RelayedAddress;
 use turn::proto::reqtrans::RequestedTransport;
 use turn::proto::PROTO_UDP;
 
+/// Long-term credentials as a client signs a request with them.
+pub struct Auth<'a> {
+    pub user: &'a str,
+    pub pass: &'a str,
+    pub realm: &'a str,
+    pub nonce: &'a str,
+}
+
+/// Encodes a STUN message with a fresh transaction id: the attributes,
+/// then (with `auth`) USERNAME, REALM, NONCE and MESSAGE-INTEGRITY, then
+/// FINGERPRINT. Shared by the datagram and the stream test clients.
+pub fn build_message(
+    method: Method,
+    class: MessageClass,
+    attrs: Vec<Box<dyn Setter>>,
+    auth: Option<Auth<'_>>,
+) -> (Vec<u8>, TransactionId) {
+    let tid = TransactionId::new();
+    let mut setters: Vec<Box<dyn Setter>> =
+        vec![Box::new(tid), Box::new(MessageType::new(method, class))];
+    setters.extend(attrs);
+    if let Some(a) = auth {
+        setters.push(Box::new(TextAttribute::new(
+            ATTR_USERNAME,
+            a.user.to_string(),
+        )));
+        setters.push(Box::new(TextAttribute::new(
+            ATTR_REALM,
+            a.realm.to_string(),
+        )));
+        setters.push(Box::new(TextAttribute::new(
+            ATTR_NONCE,
+            a.nonce.to_string(),
+        )));
+        setters.push(Box::new(MessageIntegrity::new_long_term_integrity(
+            a.user.to_string(),
+            a.realm.to_string(),
+            a.pass.to_string(),
+        )));
+    }
+    setters.push(Box::new(FINGERPRINT));
+    let mut m = Message::new();
+    m.build(&setters).expect("build request");
+    (m.raw, tid)
+}
+
 pub struct Raw {
     pub sock: UdpSocket,
     pub server: SocketAddr,
@@ -70,30 +116,14 @@ impl Raw {
         attrs: Vec<Box<dyn Setter>>,
         auth: bool,
     ) -> (Vec<u8>, TransactionId) {
-        let tid = TransactionId::new();
-        let mut setters: Vec<Box<dyn Setter>> =
-            vec![Box::new(tid), Box::new(MessageType::new(method, class))];
-        setters.extend(attrs);
-        if auth {
-            setters.push(Box::new(TextAttribute::new(
-                ATTR_USERNAME,
-                self.user.clone(),
-            )));
-            setters.push(Box::new(TextAttribute::new(ATTR_REALM, self.realm.clone())));
-            setters.push(Box::new(TextAttribute::new(
-                ATTR_NONCE,
-                self.nonce.clone().unwrap_or_default(),
-            )));
-            setters.push(Box::new(MessageIntegrity::new_long_term_integrity(
-                self.user.clone(),
-                self.realm.clone(),
-                self.pass.clone(),
-            )));
-        }
-        setters.push(Box::new(FINGERPRINT));
-        let mut m = Message::new();
-        m.build(&setters).expect("build request");
-        (m.raw, tid)
+        let nonce = self.nonce.clone().unwrap_or_default();
+        let creds = auth.then(|| Auth {
+            user: &self.user,
+            pass: &self.pass,
+            realm: &self.realm,
+            nonce: &nonce,
+        });
+        build_message(method, class, attrs, creds)
     }
 
     /// Sends a request and waits for the answer with its transaction id,

@@ -7,10 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stun::agent::TransactionId;
 use stun::attributes::*;
 use stun::error_code::ErrorCodeAttribute;
-use stun::integrity::MessageIntegrity;
 use stun::message::*;
 use stun::textattrs::TextAttribute;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -19,6 +17,8 @@ use turn::proto::peeraddr::PeerAddress;
 use turn::proto::relayaddr::RelayedAddress;
 use turn::proto::reqtrans::RequestedTransport;
 use turn::proto::PROTO_UDP;
+
+use super::raw::{build_message, Auth};
 
 /// A certificate authority and a leaf for `localhost` and 127.0.0.1.
 pub struct TestPki {
@@ -165,28 +165,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamTurn<S> {
         method: Method,
         attrs: &dyn Fn() -> Vec<Box<dyn Setter>>,
     ) -> Message {
-        let tid = TransactionId::new();
-        let mut setters: Vec<Box<dyn Setter>> = vec![
-            Box::new(tid),
-            Box::new(MessageType::new(method, CLASS_REQUEST)),
-        ];
-        setters.extend(attrs());
-        if let Some(n) = &self.nonce {
-            setters.push(Box::new(TextAttribute::new(
-                ATTR_USERNAME,
-                self.user.clone(),
-            )));
-            setters.push(Box::new(TextAttribute::new(ATTR_REALM, self.realm.clone())));
-            setters.push(Box::new(TextAttribute::new(ATTR_NONCE, n.clone())));
-            setters.push(Box::new(MessageIntegrity::new_long_term_integrity(
-                self.user.clone(),
-                self.realm.clone(),
-                self.pass.clone(),
-            )));
-        }
-        let mut m = Message::new();
-        m.build(&setters).unwrap();
-        self.s.write_all(&m.raw).await.expect("write request");
+        let creds = self.nonce.as_deref().map(|nonce| Auth {
+            user: &self.user,
+            pass: &self.pass,
+            realm: &self.realm,
+            nonce,
+        });
+        let (raw, tid) = build_message(method, CLASS_REQUEST, attrs(), creds);
+        self.s.write_all(&raw).await.expect("write request");
         loop {
             match self
                 .read_frame(Duration::from_secs(5))
