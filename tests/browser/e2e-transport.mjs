@@ -23,7 +23,7 @@
 // Prints one JSON summary line on stdout. Any failure exits non-zero with
 // the reason and each page's last state and console output on stderr.
 
-import { Failure, Session } from "./session.mjs";
+import { callSummary, Failure, Session } from "./session.mjs";
 
 const CONNECT_DEADLINE_MS = 30_000;
 const POLL_MS = 250;
@@ -213,14 +213,7 @@ async function main() {
           iceServerUrl: config[n].url,
           candidateUrl: config[n].candidateUrl,
           connections: config[n].connections,
-          connectionState: p.connectionState,
-          localCandidateType: p.localCandidateType,
-          remoteCandidateType: p.remoteCandidateType,
-          relayProtocol: p.relayProtocol,
-          localAddress: p.localAddress,
-          remoteAddress: p.remoteAddress,
-          framesDecoded: p.framesDecoded,
-          bytesReceived: p.bytesReceived,
+          ...callSummary(p),
         }];
       }),
     ),

@@ -15,7 +15,7 @@
 
 import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
-import { Failure, Session } from "./session.mjs";
+import { callSummary, Failure, Session } from "./session.mjs";
 
 const ROOM = "e2e";
 const CONNECT_DEADLINE_MS = 30_000;
@@ -102,14 +102,7 @@ async function main() {
         const [p] = Object.values(after[n].peers);
         return [n, {
           id: after[n].id,
-          connectionState: p.connectionState,
-          localCandidateType: p.localCandidateType,
-          remoteCandidateType: p.remoteCandidateType,
-          relayProtocol: p.relayProtocol,
-          localAddress: p.localAddress,
-          remoteAddress: p.remoteAddress,
-          framesDecoded: p.framesDecoded,
-          bytesReceived: p.bytesReceived,
+          ...callSummary(p),
         }];
       }),
     ),

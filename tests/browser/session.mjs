@@ -8,6 +8,18 @@ import { chromium } from "playwright-core";
 
 import { CHROMIUM, CHROMIUM_ARGS } from "./chromium.mjs";
 
+/** The fields of one peer's state a harness reports in its summary line. */
+export function callSummary(p) {
+  const {
+    connectionState, localCandidateType, remoteCandidateType, relayProtocol,
+    localAddress, remoteAddress, framesDecoded, bytesReceived,
+  } = p;
+  return {
+    connectionState, localCandidateType, remoteCandidateType, relayProtocol,
+    localAddress, remoteAddress, framesDecoded, bytesReceived,
+  };
+}
+
 /** A failed expectation: reported as its message, without a stack. */
 export class Failure extends Error {}
 
