@@ -262,7 +262,7 @@ impl Default for TurnConfig {
             tcp_unauth_timeout_secs: 10,
             tcp_unauth_per_ip: 32,
             tcp_unauth_total: 2048,
-            tcp_idle_timeout_secs: 300,
+            tcp_idle_timeout_secs: 3600,
             proxy_protocol_from: Vec::new(),
             relay_port_min: 49152,
             relay_port_max: 65535,
@@ -459,17 +459,27 @@ impl Config {
                 ));
             }
         }
-        if t.tcp_unauth_timeout_secs == 0 || t.tcp_idle_timeout_secs == 0 {
+        if t.tcp_unauth_timeout_secs == 0 {
             return Err(invalid(
                 "turn.tcp_unauth_timeout_secs",
-                "timeouts must be at least 1 second",
+                "must be at least 1 second",
             ));
         }
-        if t.tcp_unauth_per_ip == 0 || t.tcp_unauth_total == 0 {
+        // A live allocation is refreshed at least every max_lifetime_secs,
+        // so an idle timeout below it could cut a quiet but live one.
+        if t.tcp_idle_timeout_secs < t.max_lifetime_secs {
             return Err(invalid(
-                "turn.tcp_unauth_per_ip",
-                "connection caps must be at least 1",
+                "turn.tcp_idle_timeout_secs",
+                "must be at least turn.max_lifetime_secs (a quiet allocation refreshes that rarely)",
             ));
+        }
+        for (key, n) in [
+            ("turn.tcp_unauth_per_ip", t.tcp_unauth_per_ip),
+            ("turn.tcp_unauth_total", t.tcp_unauth_total),
+        ] {
+            if n == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
         }
         if !self.tls.listen.is_empty() {
             for (key, file) in [

@@ -55,7 +55,7 @@ pub enum StreamEvent {
     /// One framed STUN message or ChannelData.
     Data {
         ft: FiveTuple,
-        msg: Vec<u8>,
+        msg: bytes::Bytes,
     },
     Closed {
         ft: FiveTuple,
@@ -68,6 +68,9 @@ pub struct StreamLink {
     /// Set once the connection holds an allocation (it then no longer
     /// counts against the unauthenticated-connection caps).
     pub authed: AtomicBool,
+    /// Notified when `authed` turns true, so a read already waiting under
+    /// the pre-authentication deadline drops that deadline at once.
+    pub authed_now: tokio::sync::Notify,
     /// Notified when the shard cuts the connection off (it stopped reading).
     pub cut: tokio::sync::Notify,
 }
@@ -135,6 +138,7 @@ impl Relay {
                 relays: [Vec::new(), Vec::new()],
                 relay_bind: spec.relay_bind,
                 streams: HashMap::new(),
+                closing: Vec::new(),
                 reserved: reserved.clone(),
                 stats: spec.stats.clone(),
             };
@@ -241,6 +245,8 @@ struct ShardIo {
     relays: [Vec<Option<UdpSocket>>; 2],
     relay_bind: [Option<IpAddr>; 2],
     streams: HashMap<FiveTuple, StreamConn>,
+    /// Stream clients whose allocation ended in this turn of the loop.
+    closing: Vec<FiveTuple>,
     /// Sockets bound for EVEN-PORT reservations, shared by all shards: the
     /// client that claims one may be hashed to any shard.
     reserved: Arc<Mutex<HashMap<RelayId, UdpSocket>>>,
@@ -315,6 +321,12 @@ impl Io for ShardIo {
         }
         table[i] = Some(sock);
         true
+    }
+
+    fn close_client(&mut self, client: &FiveTuple) {
+        // Closed once the core has answered (the Refresh success comes
+        // after the delete): see `close_ended_streams`.
+        self.closing.push(*client);
     }
 
     fn close_relay(&mut self, relay: RelayId) {
@@ -416,6 +428,15 @@ fn run(
             }
         }
         core.handle_timeout(Instant::now(), &mut io);
+        close_ended_streams(&mut io);
+    }
+}
+
+/// Drops the answer queues of stream clients whose allocation ended: each
+/// connection task writes what is queued, then closes.
+fn close_ended_streams(io: &mut ShardIo) {
+    for ft in io.closing.drain(..) {
+        io.streams.remove(&ft);
     }
 }
 
@@ -478,6 +499,7 @@ fn drain_streams(
                 if let Some(conn) = io.streams.get(&ft) {
                     if !conn.link.authed.load(Ordering::Relaxed) && core.has_allocation(&ft) {
                         conn.link.authed.store(true, Ordering::Relaxed);
+                        conn.link.authed_now.notify_one();
                     }
                 }
             }

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -338,32 +339,42 @@ impl Streams {
         let limits = &self.limits;
         let stats = &self.stats;
         let reader = async {
-            let started = Instant::now();
-            let mut buf: Vec<u8> = Vec::with_capacity(4096);
-            let mut chunk = vec![0u8; 16 * 1024];
+            // Until the shard says this connection holds an allocation, the
+            // whole connection has `unauth_timeout` from its start. After
+            // that the read deadline is the idle timeout, re-armed by every
+            // read; the allocation's own lifetime ends the connection (the
+            // shard drops its queue). The shard's word arrives while a read
+            // is pending, so the deadline is a timer of its own, never one
+            // computed before the read started.
+            let mut authed = false;
+            let deadline = tokio::time::sleep(limits.unauth_timeout);
+            tokio::pin!(deadline);
+            let mut buf = BytesMut::with_capacity(4096);
             loop {
-                let authenticated = link.authed.load(Ordering::Relaxed);
-                if authenticated {
-                    slot.release();
-                }
-                let wait = if authenticated {
-                    limits.idle_timeout
-                } else {
-                    limits.unauth_timeout.saturating_sub(started.elapsed())
-                };
-                let n = match timeout(wait.min(limits.idle_timeout), rd.read(&mut chunk)).await {
-                    Ok(Ok(0)) | Ok(Err(_)) => return,
-                    Ok(Ok(n)) => n,
-                    Err(_) => {
+                tokio::select! {
+                    read = rd.read_buf(&mut buf) => match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {
+                            if authed {
+                                deadline.as_mut().reset(Instant::now() + limits.idle_timeout);
+                            }
+                        }
+                    },
+                    _ = link.authed_now.notified(), if !authed => {
+                        authed = true;
+                        slot.release();
+                        deadline.as_mut().reset(Instant::now() + limits.idle_timeout);
+                        continue;
+                    }
+                    _ = &mut deadline => {
                         stats.timed_out.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
-                };
-                buf.extend_from_slice(&chunk[..n]);
+                }
                 loop {
                     match frame_len(&buf) {
                         Ok(Some(len)) => {
-                            let msg: Vec<u8> = buf.drain(..len).collect();
+                            let msg = buf.split_to(len).freeze();
                             if !shard.send(StreamEvent::Data { ft, msg }).await {
                                 return;
                             }
@@ -374,6 +385,9 @@ impl Streams {
                             return;
                         }
                     }
+                }
+                if buf.capacity() - buf.len() < 2048 {
+                    buf.reserve(16 * 1024);
                 }
             }
         };

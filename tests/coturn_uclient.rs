@@ -54,14 +54,7 @@ fn uclient(tk: &Turnkey, extra: &[&str]) -> (u64, u64, u64) {
 }
 
 fn check(extra: &[&str], name: &str) {
-    let pki = common::stream::test_pki("uclient");
-    let dir = common::test_dir(&format!("{name}-pki"));
-    let (cert, key) = pki.write(&dir);
-    let tls = format!(
-        "\n[tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-        cert.display(),
-        key.display()
-    );
+    let (_pki, _dir, tls) = common::stream::tls_setup(name, "uclient");
     let tk = Turnkey::start(
         name,
         &format!("{}{}{}", base_config(""), auth_section(), tls),

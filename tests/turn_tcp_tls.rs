@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::raw::Raw;
-use common::stream::{test_pki, tls_connect, StreamTurn, TestPki};
+use common::stream::{test_pki, tls_connect, tls_setup, StreamTurn, TestPki};
 use common::{auth_section, base_config, Turnkey};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,15 +15,11 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 
 /// turnkey with a TLS listener on a test certificate.
 fn tls_server(name: &str, turn_extra: &str) -> (Turnkey, TestPki, std::path::PathBuf) {
-    let pki = test_pki("turnkey test leaf");
-    let dir = common::test_dir(&format!("{name}-pki"));
-    let (cert, key) = pki.write(&dir);
+    let (pki, dir, tls) = tls_setup(name, "turnkey test leaf");
     let cfg = format!(
-        "{}{}\n[tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = \"{}\"\nkey_file = \"{}\"\nhandshake_timeout_ms = 1000\n",
+        "{}{}{tls}handshake_timeout_ms = 1000\n",
         base_config(turn_extra),
         auth_section(),
-        cert.display(),
-        key.display()
     );
     (Turnkey::start(name, &cfg), pki, dir)
 }
@@ -304,4 +300,111 @@ async fn a_stream_client_that_stops_reading_is_cut_off() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Regression for the quiet-allocation bug: the reader armed its read
+/// deadline from the "authenticated" flag before the shard had handled the
+/// Allocate, so a client that then stayed quiet was cut at the
+/// pre-authentication deadline (10 s). A race, so several connections per
+/// transport, all quiet for 60 s, with the default deadlines; and the
+/// pre-authentication deadline still cuts those that never allocate, quiet
+/// or busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_tcp_and_tls_allocations_outlive_the_preauth_deadline() {
+    let (tk, pki, _) = tls_server("quiet", "");
+    let (tcp_port, tls_port) = (tk.tcp.unwrap(), tk.tls.unwrap());
+    let mut tcp_clients = Vec::new();
+    let mut tls_clients = Vec::new();
+    for i in 0..5 {
+        let tcp = tokio::net::TcpStream::connect(tcp_port).await.unwrap();
+        let mut a = StreamTurn::new(tcp, "alice", "wonderland");
+        let ra = a.allocate().await.expect("allocates over TCP");
+        tcp_clients.push((a, ra));
+        // With and without ALPN: both routes lead to the same reader.
+        let alpn: &[&[u8]] = if i % 2 == 0 { &[b"stun.turn"] } else { &[] };
+        let tls = tls_connect(&pki, tls_port, alpn).await;
+        let mut a = StreamTurn::new(tls, "alice", "wonderland");
+        let ra = a.allocate().await.expect("allocates over TLS");
+        tls_clients.push((a, ra));
+    }
+    // Connections that never allocate: one silent, one busy with Bindings.
+    let opened = Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(tcp_port).await.unwrap();
+    silent.write_all(&[0x00]).await.unwrap();
+    let busy = tokio::net::TcpStream::connect(tcp_port).await.unwrap();
+    let busy = tokio::spawn(async move {
+        let mut c = StreamTurn::new(busy, "", "");
+        loop {
+            // Ok while the connection serves; the first failure is the cut.
+            let alive =
+                tokio::time::timeout(Duration::from_secs(3), c.read_frame_after_binding()).await;
+            if !matches!(alive, Ok(true)) {
+                return Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let mut byte = [0u8; 1];
+    let eof = tokio::time::timeout(Duration::from_secs(15), silent.read(&mut byte)).await;
+    assert!(
+        matches!(eof, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection that never allocated was not closed: {eof:?}"
+    );
+    let cut = opened.elapsed();
+    assert!(
+        cut >= Duration::from_secs(9) && cut < Duration::from_secs(13),
+        "silent unauthenticated connection cut after {cut:?}, not ~10 s"
+    );
+    let busy_cut = busy.await.unwrap() - opened;
+    assert!(
+        busy_cut >= Duration::from_secs(9) && busy_cut < Duration::from_secs(14),
+        "busy unauthenticated connection cut after {busy_cut:?}, not ~10 s"
+    );
+
+    // The allocated ones have said nothing since their Allocate.
+    tokio::time::sleep(Duration::from_secs(60).saturating_sub(opened.elapsed())).await;
+    assert_eq!(tk.metric("turnkey_turn_allocations"), 10.0);
+    for (i, (a, ra)) in tcp_clients.iter_mut().enumerate() {
+        let granted = a
+            .refresh(600)
+            .await
+            .unwrap_or_else(|c| panic!("TCP {i}: refresh {c}"));
+        assert_eq!(granted, Duration::from_secs(600));
+        let (mut b, rb) = udp_side(&tk);
+        relay_both_ways(a, *ra, &mut b, rb).await;
+    }
+    for (i, (a, ra)) in tls_clients.iter_mut().enumerate() {
+        let granted = a
+            .refresh(600)
+            .await
+            .unwrap_or_else(|c| panic!("TLS {i}: refresh {c}"));
+        assert_eq!(granted, Duration::from_secs(600));
+        let (mut b, rb) = udp_side(&tk);
+        relay_both_ways(a, *ra, &mut b, rb).await;
+    }
+    assert_eq!(
+        tk.metric(r#"turnkey_stream_closed_total{reason="timeout"}"#),
+        2.0,
+        "only the two unauthenticated connections timed out"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_allocation_that_ends_closes_its_connection() {
+    let tk = Turnkey::start("tcp-end", &format!("{}{}", base_config(""), auth_section()));
+    let tcp = tokio::net::TcpStream::connect(tk.tcp.unwrap())
+        .await
+        .unwrap();
+    let mut a = StreamTurn::new(tcp, "alice", "wonderland");
+    a.allocate().await.expect("allocates over TCP");
+    assert_eq!(
+        a.refresh(0).await,
+        Ok(Duration::ZERO),
+        "the answer comes first"
+    );
+    assert!(
+        a.read_frame(Duration::from_secs(5)).await.is_none(),
+        "then the connection closes"
+    );
+    assert_eq!(tk.metric("turnkey_turn_allocations"), 0.0);
 }

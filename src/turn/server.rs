@@ -40,6 +40,10 @@ pub trait Io {
     /// false when it cannot be bound.
     fn open_relay(&mut self, relay: RelayId, dont_fragment: bool) -> bool;
     fn close_relay(&mut self, relay: RelayId);
+    /// The allocation of a TCP/TLS client ended (expired, deleted or
+    /// revoked): its connection is closed, as it only served that
+    /// allocation (RFC 8656 §3.1). Never called for UDP clients.
+    fn close_client(&mut self, client: &FiveTuple);
     /// Binds a socket for an EVEN-PORT reservation and keeps it, unread,
     /// until `open_relay` claims it or `unreserve_relay` drops it.
     fn reserve_relay(&mut self, relay: RelayId) -> bool;
@@ -441,6 +445,9 @@ impl Server {
         self.stats
             .allocations_active
             .fetch_sub(1, Ordering::Relaxed);
+        if a.five_tuple.transport.is_stream() {
+            io.close_client(&a.five_tuple);
+        }
     }
 
     /// Records a new allocation in the shared counts.

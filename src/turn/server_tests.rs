@@ -32,6 +32,7 @@ struct Rec {
     to_peer: Vec<(u16, SocketAddr, Vec<u8>)>,
     opened: Vec<u16>,
     closed: Vec<u16>,
+    closed_clients: Vec<FiveTuple>,
     opened_v6: Vec<u16>,
     unreserved: Vec<u16>,
     refuse_ports: Vec<u16>,
@@ -57,6 +58,10 @@ impl Io for Rec {
     }
     fn close_relay(&mut self, relay: RelayId) {
         self.closed.push(relay.port);
+    }
+    fn close_client(&mut self, client: &FiveTuple) {
+        assert!(client.transport.is_stream(), "close_client for UDP");
+        self.closed_clients.push(*client);
     }
     fn reserve_relay(&mut self, relay: RelayId) -> bool {
         !self.refuse_ports.contains(&relay.port)
@@ -769,6 +774,34 @@ fn refresh_zero_deletes_and_frees_the_port() {
     assert_eq!(h.shared.free_ports(), 1);
     // The only port is usable again.
     h.allocate(ft(4001), &mut cred("bob", "builder"));
+}
+
+#[test]
+fn a_stream_allocation_that_ends_closes_its_connection() {
+    let mut h = harness();
+    let tcp = |port| FiveTuple {
+        transport: Transport::Tcp,
+        ..ft(port)
+    };
+    // Refresh 0 over TCP: the answer is sent, then the connection closes.
+    let mut c = cred("alice", "wonderland");
+    h.allocate(tcp(4000), &mut c);
+    let r = h.authed(
+        tcp(4000),
+        METHOD_REFRESH,
+        || vec![Box::new(Lifetime(Duration::from_secs(0)))],
+        &mut c,
+    );
+    assert_eq!(r.typ.class, CLASS_SUCCESS_RESPONSE);
+    assert_eq!(h.io.closed_clients, vec![tcp(4000)]);
+    // Expiry of a quiet TCP allocation closes it too; UDP ones have no
+    // connection to close.
+    h.allocate(tcp(4001), &mut cred("bob", "builder"));
+    h.allocate(ft(4002), &mut cred("bob", "builder"));
+    h.now += Duration::from_secs(601);
+    h.s.handle_timeout(h.now, &mut h.io);
+    assert_eq!(h.s.allocation_count(), 0);
+    assert_eq!(h.io.closed_clients, vec![tcp(4000), tcp(4001)]);
 }
 
 #[test]

@@ -279,6 +279,48 @@ pub fn ensure_node_modules(dir: &std::path::Path) {
     );
 }
 
+/// The Python of a virtualenv holding the pinned packages of
+/// `requirements` (created under target/ on first use, and again when the
+/// file changes): the tests' non-browser WebRTC stack lives there.
+pub fn python_venv(requirements: &std::path::Path) -> PathBuf {
+    require("python3", "python3-venv");
+    let wanted = std::fs::read_to_string(requirements).expect("read requirements");
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("venv-aiortc");
+    let stamp = venv.join("requirements.installed");
+    let python = venv.join("bin/python");
+    // One test binary may ask from several threads.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) && python.exists() {
+        return python;
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    let run = |cmd: &mut Command, what: &str| {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(out.status.success(), "{what} failed:\n{}", printed(&out));
+    };
+    run(
+        Command::new("python3").args(["-m", "venv"]).arg(&venv),
+        "python3 -m venv (Debian: python3-venv)",
+    );
+    run(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--require-virtualenv",
+                "-r",
+            ])
+            .arg(requirements),
+        "pip install -r requirements",
+    );
+    std::fs::write(&stamp, wanted).expect("write venv stamp");
+    python
+}
+
 /// Runs `cmd`, killing it after `timeout`: (exit success, stdout, stderr).
 pub fn run_with_timeout(
     mut cmd: std::process::Command,

@@ -13,6 +13,7 @@ use stun::message::*;
 use stun::textattrs::TextAttribute;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use turn::proto::channum::ChannelNumber;
+use turn::proto::lifetime::Lifetime;
 use turn::proto::peeraddr::PeerAddress;
 use turn::proto::relayaddr::RelayedAddress;
 use turn::proto::reqtrans::RequestedTransport;
@@ -23,6 +24,7 @@ use super::raw::{build_message, Auth};
 /// A certificate authority and a leaf for `localhost` and 127.0.0.1.
 pub struct TestPki {
     pub ca_der: rustls::pki_types::CertificateDer<'static>,
+    pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
 }
@@ -43,9 +45,24 @@ pub fn test_pki(cn: &str) -> TestPki {
     let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
     TestPki {
         ca_der: ca.der().clone(),
+        ca_pem: ca.pem(),
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
     }
+}
+
+/// A test PKI whose leaf (`cn`) is written to a fresh directory, and the
+/// `[tls]` config section that serves it on a free loopback port.
+pub fn tls_setup(name: &str, cn: &str) -> (TestPki, std::path::PathBuf, String) {
+    let pki = test_pki(cn);
+    let dir = super::test_dir(&format!("{name}-pki"));
+    let (cert, key) = pki.write(&dir);
+    let section = format!(
+        "\n[tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    (pki, dir, section)
 }
 
 impl TestPki {
@@ -177,7 +194,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamTurn<S> {
             match self
                 .read_frame(Duration::from_secs(5))
                 .await
-                .expect("answer")
+                .expect("an answer (the connection closed or stayed silent for 5 s)")
             {
                 Frame::Stun(r) if r.transaction_id == tid => return r,
                 _ => continue,
@@ -215,6 +232,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamTurn<S> {
         let mut r = RelayedAddress::default();
         r.get_from(&m).unwrap();
         Ok(SocketAddr::new(r.ip, r.port))
+    }
+
+    /// Sends a Binding request; true when its answer arrives, false when
+    /// the connection closed first.
+    pub async fn read_frame_after_binding(&mut self) -> bool {
+        let (raw, tid) = build_message(METHOD_BINDING, CLASS_REQUEST, Vec::new(), None);
+        if self.s.write_all(&raw).await.is_err() {
+            return false;
+        }
+        loop {
+            match self.read_frame(Duration::from_secs(3)).await {
+                Some(Frame::Stun(r)) if r.transaction_id == tid => return true,
+                Some(_) => continue,
+                None => return false,
+            }
+        }
+    }
+
+    /// Refresh with a requested lifetime; the granted lifetime.
+    pub async fn refresh(&mut self, secs: u64) -> Result<Duration, u16> {
+        let m = self
+            .request(METHOD_REFRESH, || {
+                vec![Box::new(Lifetime(Duration::from_secs(secs)))]
+            })
+            .await?;
+        let mut l = Lifetime::default();
+        l.get_from(&m).unwrap();
+        Ok(l.0)
     }
 
     pub async fn bind_channel(&mut self, number: u16, peer: SocketAddr) -> Result<Message, u16> {

@@ -203,6 +203,10 @@ impl Io for Rec {
         self.open.remove(i);
     }
 
+    fn close_client(&mut self, client: &FiveTuple) {
+        assert!(client.transport.is_stream(), "close_client for {client:?}");
+    }
+
     fn reserve_relay(&mut self, relay: RelayId) -> bool {
         assert!(
             PORTS.contains(&relay.port),
