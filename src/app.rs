@@ -1,136 +1,396 @@
-//! Wiring: builds the relay shards, the signaling service and the HTTP
-//! server from one `Config`, and runs them until a signal says stop.
+//! The composition root: builds the appliance from one `Config`, starts
+//! it, answers signals through the control handle, and stops it.
 //!
-//! Signals: SIGINT/SIGTERM stop (SIGTERM drains first, up to
-//! `drain.grace_secs`), SIGHUP reloads the config file (secrets, users,
-//! peer policy, limits; a bad file is refused and the old one stays),
-//! SIGUSR1 drains: `/readyz` turns 503, new allocations get 403 and new
-//! joins an error, and the process exits when the last allocation ends and
-//! the last signaling room empties (or `drain.grace_secs` pass).
+//! Signals: SIGINT stops at once; SIGTERM drains first (up to
+//! `drain.grace_secs`; a second SIGTERM stops at once); SIGUSR1 drains and
+//! stays up until drained; SIGHUP reloads the config file through
+//! [`Control::reload`] (a bad file is refused and the old one stays; keys
+//! that need a restart are logged as `restart needed: KEY`).
+//!
+//! Stop is orderly and complete: signaling closes its sockets with 1001,
+//! the listeners stop accepting, every connection task ends (they are
+//! tracked), the relay threads are joined, and the last log line says how
+//! many tasks are still alive (none, unless something leaked).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use rand::Rng;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Secret};
-use crate::http::{IceServer, IceServers};
+use crate::control::{rules_from, Bound, Control, Parts};
+use crate::http::HttpState;
+use crate::ice::unix_now;
 use crate::metrics::Metrics;
 use crate::relay::{Relay, ShardSpec};
-use crate::signal::{SignalConfig, Signaling};
-use crate::turn::auth::{mint, Credentials};
-use crate::turn::policy::PeerPolicy;
-use crate::turn::server::{Clock, CoreConfig, Rules, Server, Shared};
+use crate::stream::{StreamStats, Streams};
+use crate::turn::server::{Clock, CoreConfig, Server, Shared};
 use crate::turn::stats::TurnStats;
 
-/// What the HTTP handlers share.
-#[derive(Clone)]
-pub struct AppState {
-    pub rules: Arc<ArcSwap<Rules>>,
-    pub shared: Arc<Shared>,
-    pub signaling: Arc<Signaling>,
-    pub metrics: Arc<Metrics>,
-    pub static_dir: Option<PathBuf>,
-    pub serve_metrics_here: bool,
-    ice: Arc<IceSettings>,
+/// How long stop waits for connection tasks before it gives up on them.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs the appliance until SIGINT/SIGTERM (or the end of a drain).
+pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    // Before anything can announce readiness: a SIGHUP or SIGUSR1 arriving
+    // earlier would otherwise kill the process (their default action).
+    let signals = Signals::install().context("installing signal handlers")?;
+    let running = start(cfg, config_path).await?;
+    control_loop(signals, &running.control).await;
+    running.stop().await;
+    Ok(())
 }
 
-/// What goes into `iceServers` URLs.
-struct IceSettings {
-    public_host: Option<String>,
-    advertised_ip: IpAddr,
-    turn_port: u16,
-    tcp_port: Option<u16>,
-    tls_port: Option<u16>,
-    rest_ttl_secs: u64,
+/// The started appliance: what stop needs.
+struct Running {
+    control: Arc<Control>,
+    relay: Relay,
+    stop: CancellationToken,
+    tasks: TaskTracker,
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-impl AppState {
-    pub fn is_draining(&self) -> bool {
-        self.shared.draining.load(Ordering::Relaxed)
-    }
-
-    /// A fresh `RTCConfiguration` for a client that reached us as `host`.
-    pub fn ice_servers(&self, host: Option<&str>) -> IceServers {
-        let ice = &self.ice;
-        let host = ice
-            .public_host
-            .clone()
-            .or_else(|| host.map(str::to_string))
-            .unwrap_or_else(|| match ice.advertised_ip {
-                IpAddr::V6(v6) => format!("[{v6}]"),
-                v4 => v4.to_string(),
-            });
-        let port = ice.turn_port;
-        let mut servers = vec![IceServer {
-            urls: vec![format!("stun:{host}:{port}")],
-            username: None,
-            credential: None,
-        }];
-        let rules = self.rules.load();
-        if let Some(secret) = rules.credentials.minting_secret() {
-            let id: u64 = rand::rng().random();
-            let cred = mint(secret, &format!("{id:016x}"), unix_now(), ice.rest_ttl_secs);
-            // In the order browsers should try them: UDP, TCP, then TLS.
-            let mut urls = vec![format!("turn:{host}:{port}?transport=udp")];
-            if let Some(p) = ice.tcp_port {
-                urls.push(format!("turn:{host}:{p}?transport=tcp"));
-            }
-            if let Some(p) = ice.tls_port {
-                urls.push(format!("turns:{host}:{p}?transport=tcp"));
-            }
-            servers.push(IceServer {
-                urls,
-                username: Some(cred.username),
-                credential: Some(cred.password),
-            });
-        }
-        IceServers {
-            ice_servers: servers,
-            ttl: ice.rest_ttl_secs,
-        }
-    }
-}
-
-/// Rules (the reloadable part of the config) from a config.
-pub fn rules_from(cfg: &Config, secrets: Vec<Secret>, relay_ips: Vec<IpAddr>) -> Rules {
+async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Running> {
     let t = &cfg.turn;
-    Rules {
-        credentials: Credentials::new(t.realm.clone(), secrets, cfg.auth.users.clone()),
-        policy: PeerPolicy::new(
-            t.allowed_peer_ranges.clone(),
-            t.denied_peer_ranges.clone(),
-            relay_ips,
-            t.relay_ports(),
-        ),
-        default_lifetime: t.default_lifetime(),
-        max_lifetime: t.max_lifetime(),
-        user_quota: t.user_quota,
-        total_quota: t.total_quota,
-        max_permissions: t.max_permissions,
-        max_channels: t.max_channels,
-        alternate_server: cfg.drain.alternate_server,
+    let families = RelayFamilies::from_config(t);
+    let relay_ips = families.relay_ips();
+    let advertised_ip = families
+        .advertised
+        .iter()
+        .flatten()
+        .copied()
+        .next()
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let generated = Secret::new(hex(&rand::rng().random::<[u8; 32]>()));
+    if cfg.auth.secrets.is_empty() {
+        tracing::info!("no auth.secrets configured: generated a random REST secret for this run");
+    }
+    let rules = Arc::new(ArcSwap::from_pointee(rules_from(
+        &cfg,
+        &generated,
+        relay_ips.clone(),
+    )));
+    let draining = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Shared::new(t.relay_ports(), draining.clone()));
+
+    // The relay shards: one event-loop thread each.
+    let threads = match t.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let clock = Clock {
+        mono0: Instant::now(),
+        unix0: unix_now(),
+    };
+    let nonce_key: [u8; 32] = rand::rng().random();
+    let mut specs = Vec::new();
+    let mut shard_stats = Vec::new();
+    for index in 0..threads {
+        let stats = Arc::new(TurnStats::default());
+        let core = Server::new(
+            CoreConfig {
+                relay_v4: families.advertised[0],
+                relay_v6: families.advertised[1],
+                nonce_key,
+                nonce_lifetime: t.nonce_lifetime(),
+            },
+            clock,
+            rules.clone(),
+            shared.clone(),
+            stats.clone(),
+        );
+        shard_stats.push(stats.clone());
+        specs.push(ShardSpec {
+            index,
+            listen: t.listen.clone(),
+            relay_bind: families.bind,
+            core,
+            stats,
+        });
+    }
+    let relay = Relay::start(specs).context("starting the TURN listeners")?;
+    let turn_addrs = relay.local_addrs().to_vec();
+
+    // Every TCP listener, bound before anything is announced.
+    let tcp_listeners = bind_all(
+        t.tcp_listen.clone().unwrap_or_else(|| turn_addrs.clone()),
+        "turn.tcp_listen",
+    )
+    .await?;
+    let tls_listeners = bind_all(cfg.tls.listen.clone(), "tls.listen").await?;
+    let http_listener = bind_all(vec![cfg.http.listen], "http.listen").await?;
+    let metrics_listener =
+        bind_all(cfg.metrics.listen.into_iter().collect(), "metrics.listen").await?;
+    let (tcp_addrs, tls_addrs) = (local(&tcp_listeners), local(&tls_listeners));
+    let http_addr = local(&http_listener);
+    let metrics_addr = local(&metrics_listener);
+    let certs = match (&cfg.tls.cert_file, &cfg.tls.key_file) {
+        (Some(c), Some(k)) if !tls_listeners.is_empty() => Some(crate::tls::CertStore::open(c, k)?),
+        _ => None,
+    };
+
+    let control = Control::new(Parts {
+        config: cfg.clone(),
+        path: config_path,
+        generated,
+        relay_ips,
+        rules,
+        shared,
+        draining,
+        bound: Bound {
+            advertised_ip,
+            turn_port: turn_addrs.first().map_or(3478, SocketAddr::port),
+            tcp_port: tcp_addrs.first().map(SocketAddr::port),
+            tls_port: tls_addrs.first().map(SocketAddr::port),
+        },
+        certs: certs.clone(),
+    });
+    let stream_stats = Arc::new(StreamStats::default());
+    let metrics = Arc::new(Metrics::new(
+        shard_stats,
+        control.signaling().clone(),
+        stream_stats.clone(),
+        usize::from(t.relay_port_max - t.relay_port_min) + 1,
+    )?);
+    let http_state = HttpState {
+        control: control.clone(),
+        metrics,
+        static_dir: cfg.http.static_dir.clone(),
+        serve_metrics_here: cfg.metrics.listen.is_none(),
+    };
+
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    for l in metrics_listener {
+        let app = crate::http::metrics_router(http_state.clone());
+        tasks.spawn(serve_http(l, app, stop.clone()));
+    }
+    for l in http_listener {
+        let app = crate::http::router(http_state.clone());
+        tasks.spawn(serve_http(l, app, stop.clone()));
+    }
+    let tls_config = match &certs {
+        Some(store) => Some(store.server_config()?),
+        None => None,
+    };
+    let streams = Streams::new(
+        relay.handles(),
+        control.stream_limits(),
+        crate::http::router(http_state.clone()),
+        tls_config,
+        stream_stats,
+        tasks.clone(),
+        stop.clone(),
+    );
+    for (listeners, tls) in [(tcp_listeners, false), (tls_listeners, true)] {
+        for l in listeners {
+            tasks.spawn(streams.clone().serve(l, tls));
+        }
+    }
+
+    let metrics_at = if metrics_addr.is_empty() {
+        &http_addr
+    } else {
+        &metrics_addr
+    };
+    tracing::info!(
+        "ready: http={} turn={} tcp={} tls={} metrics={} relay={advertised_ip} ports={}-{} shards={threads}",
+        addr_list(&http_addr),
+        addr_list(&turn_addrs),
+        addr_list(&tcp_addrs),
+        addr_list(&tls_addrs),
+        addr_list(metrics_at),
+        t.relay_port_min,
+        t.relay_port_max
+    );
+    Ok(Running {
+        control,
+        relay,
+        stop,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Stops everything and waits for it: no task outlives this.
+    async fn stop(self) {
+        let signaling = self.control.signaling().clone();
+        // WebSockets first, with a close frame, so peers know why.
+        signaling.shutdown();
+        self.stop.cancel();
+        self.tasks.close();
+        let all_ended = async {
+            self.tasks.wait().await;
+            signaling.wait_idle().await;
+        };
+        if tokio::time::timeout(STOP_GRACE, all_ended).await.is_err() {
+            tracing::warn!("some connections did not end within {STOP_GRACE:?}");
+        }
+        // Stream connections hold shard queues; the shards go last.
+        self.relay.stop();
+        let alive = alive_tasks().await;
+        tracing::info!("stopped: {alive} tasks alive");
     }
 }
 
-/// The secrets in force: the configured ones, or one generated now.
-fn secrets_or_generated(cfg: &Config, generated: &Secret) -> Vec<Secret> {
-    if cfg.auth.secrets.is_empty() {
-        vec![generated.clone()]
-    } else {
-        cfg.auth.secrets.clone()
+/// Tasks still alive on the runtime, after giving ones that are finishing
+/// (an aborted WebSocket writer, say) a moment to be dropped.
+async fn alive_tasks() -> usize {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    loop {
+        let n = metrics.num_alive_tasks();
+        if n == 0 || tokio::time::Instant::now() >= deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One axum HTTP listener until stop; graceful: open requests finish.
+async fn serve_http(listener: TcpListener, app: axum::Router, stop: CancellationToken) {
+    // Signaling messages are small; Nagle would hold them back.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+}
+
+async fn bind_all(addrs: Vec<SocketAddr>, key: &'static str) -> anyhow::Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for a in addrs {
+        let l = TcpListener::bind(a)
+            .await
+            .with_context(|| format!("binding {key} {a}"))?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+fn local(ls: &[TcpListener]) -> Vec<SocketAddr> {
+    ls.iter().filter_map(|l| l.local_addr().ok()).collect()
+}
+
+/// Addresses for the ready line: `a,b`, or `-` for none.
+fn addr_list(v: &[SocketAddr]) -> String {
+    if v.is_empty() {
+        return "-".to_string();
+    }
+    v.iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The signals the control loop acts on, registered once at start.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
+/// Answers signals through the control handle; returns when the process
+/// should stop.
+async fn control_loop(signals: Signals, control: &Control) {
+    let Signals {
+        mut hup,
+        mut usr1,
+        mut term,
+        mut int,
+    } = signals;
+    // Armed when a drain starts.
+    let drain_over = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(drain_over);
+    let mut draining = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping");
+                return;
+            }
+            _ = term.recv() => {
+                if draining {
+                    tracing::info!("second SIGTERM: stopping now");
+                    return;
+                }
+                tracing::info!("SIGTERM: draining before stop");
+                if let Some(grace) = control.start_drain() {
+                    drain_over.as_mut().reset(tokio::time::Instant::now() + grace);
+                }
+                draining = true;
+            }
+            _ = usr1.recv() => {
+                if let Some(grace) = control.start_drain() {
+                    tracing::info!("SIGUSR1: draining");
+                    drain_over.as_mut().reset(tokio::time::Instant::now() + grace);
+                    draining = true;
+                }
+            }
+            _ = hup.recv() => reload(control),
+            () = control.drained(), if draining => {
+                tracing::info!("drained: no allocations or rooms left");
+                return;
+            }
+            () = &mut drain_over, if draining => {
+                let (allocations, rooms) = control.remaining();
+                tracing::info!(allocations, rooms, "drain grace period over");
+                return;
+            }
+            _ = tick.tick() => {
+                if let Some(store) = control.certs() {
+                    match store.reload_if_changed() {
+                        Ok(true) => tracing::info!("TLS certificate files changed: reloaded"),
+                        Ok(false) => {}
+                        Err(e) => tracing::error!("TLS certificate files changed but are unusable, the old certificate stays: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// SIGHUP: the config file and the certificates, read again.
+fn reload(control: &Control) {
+    match control.reload_file() {
+        Ok(report) => {
+            for key in &report.restart_needed {
+                tracing::warn!("restart needed: {key}");
+            }
+            tracing::info!(
+                applied = report.applied.join(","),
+                "SIGHUP: configuration reloaded"
+            );
+        }
+        Err(e) => tracing::error!("SIGHUP: new configuration refused, the old one stays: {e}"),
+    }
+    if let Some(store) = control.certs() {
+        match store.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+            Err(e) => tracing::error!("SIGHUP: TLS certificate refused, the old one stays: {e}"),
+        }
     }
 }
 
@@ -187,375 +447,6 @@ fn default_route_ip() -> Option<IpAddr> {
     s.connect("192.0.2.1:9").ok()?;
     let ip = s.local_addr().ok()?.ip();
     (!ip.is_unspecified()).then_some(ip)
-}
-
-fn signal_config(cfg: &Config) -> SignalConfig {
-    SignalConfig {
-        room_capacity: cfg.signaling.room_capacity,
-        max_message_bytes: cfg.signaling.max_message_bytes,
-        ping_interval: Duration::from_millis(cfg.signaling.ping_interval_ms),
-        pong_timeout: Duration::from_millis(cfg.signaling.pong_timeout_ms),
-    }
-}
-
-/// Runs the appliance until SIGINT/SIGTERM (or the end of a drain).
-pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
-    // Before anything can announce readiness: a SIGHUP or SIGUSR1 arriving
-    // earlier would otherwise kill the process (their default action).
-    let signals = Signals::install().context("installing signal handlers")?;
-    let t = &cfg.turn;
-    let families = RelayFamilies::from_config(t);
-    let relay_ips = families.relay_ips();
-    let advertised_ip = families
-        .advertised
-        .iter()
-        .flatten()
-        .copied()
-        .next()
-        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    let generated = Secret::new(hex(&rand::rng().random::<[u8; 32]>()));
-    if cfg.auth.secrets.is_empty() {
-        tracing::info!("no auth.secrets configured: generated a random REST secret for this run");
-    }
-    let rules = Arc::new(ArcSwap::from_pointee(rules_from(
-        &cfg,
-        secrets_or_generated(&cfg, &generated),
-        relay_ips.clone(),
-    )));
-    let shared = Arc::new(Shared::new(t.relay_ports()));
-    let threads = match t.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let clock = Clock {
-        mono0: Instant::now(),
-        unix0: unix_now(),
-    };
-    let nonce_key: [u8; 32] = rand::rng().random();
-    let mut specs = Vec::new();
-    let mut shard_stats = Vec::new();
-    for i in 0..threads {
-        let stats = Arc::new(TurnStats::default());
-        let core = Server::new(
-            CoreConfig {
-                relay_v4: families.advertised[0],
-                relay_v6: families.advertised[1],
-                nonce_key,
-                nonce_lifetime: t.nonce_lifetime(),
-            },
-            clock,
-            rules.clone(),
-            shared.clone(),
-            stats.clone(),
-        );
-        shard_stats.push(stats.clone());
-        specs.push(ShardSpec {
-            index: i,
-            listen: t.listen.clone(),
-            relay_bind: families.bind,
-            core,
-            stats,
-        });
-    }
-    let relay = Relay::start(specs).context("starting the TURN listeners")?;
-    let turn_addrs = relay.local_addrs().to_vec();
-    let turn_port = turn_addrs.first().map_or(3478, SocketAddr::port);
-    let bind_all = |addrs: Vec<SocketAddr>, key: &'static str| async move {
-        let mut out = Vec::new();
-        for a in addrs {
-            let l = tokio::net::TcpListener::bind(a)
-                .await
-                .with_context(|| format!("binding {key} {a}"))?;
-            out.push(l);
-        }
-        anyhow::Ok(out)
-    };
-    let tcp_listeners = bind_all(
-        t.tcp_listen.clone().unwrap_or_else(|| turn_addrs.clone()),
-        "turn.tcp_listen",
-    )
-    .await?;
-    let tls_listeners = bind_all(cfg.tls.listen.clone(), "tls.listen").await?;
-    let local = |ls: &[tokio::net::TcpListener]| -> Vec<SocketAddr> {
-        ls.iter().filter_map(|l| l.local_addr().ok()).collect()
-    };
-    let (tcp_addrs, tls_addrs) = (local(&tcp_listeners), local(&tls_listeners));
-    let certs = match (&cfg.tls.cert_file, &cfg.tls.key_file) {
-        (Some(c), Some(k)) if !tls_listeners.is_empty() => Some(crate::tls::CertStore::open(c, k)?),
-        _ => None,
-    };
-
-    let ice = Arc::new(IceSettings {
-        public_host: cfg.http.public_host.clone(),
-        advertised_ip,
-        turn_port,
-        tcp_port: tcp_addrs.first().map(SocketAddr::port),
-        tls_port: cfg
-            .tls
-            .public_port
-            .or(tls_addrs.first().map(SocketAddr::port)),
-        rest_ttl_secs: cfg.auth.rest_ttl_secs,
-    });
-    // The signaling service asks the app state for iceServers; the state
-    // holds the signaling service, so the closure gets it through a cell.
-    let state_cell: Arc<std::sync::OnceLock<AppState>> = Arc::new(std::sync::OnceLock::new());
-    let cell = state_cell.clone();
-    let signaling = Signaling::new(
-        signal_config(&cfg),
-        Arc::new(move |host: Option<&str>| match cell.get() {
-            Some(state) => {
-                let s = state.ice_servers(host);
-                (
-                    serde_json::to_value(&s.ice_servers).unwrap_or_default(),
-                    Duration::from_secs(s.ttl),
-                )
-            }
-            None => (serde_json::Value::Array(Vec::new()), Duration::ZERO),
-        }),
-    );
-    let relay_ports_total = usize::from(t.relay_port_max - t.relay_port_min) + 1;
-    let stream_stats = Arc::new(crate::stream::StreamStats::default());
-    let metrics = Arc::new(Metrics::new(
-        shard_stats,
-        signaling.clone(),
-        stream_stats.clone(),
-        relay_ports_total,
-    )?);
-    let state = AppState {
-        rules: rules.clone(),
-        shared: shared.clone(),
-        signaling: signaling.clone(),
-        metrics,
-        static_dir: cfg.http.static_dir.clone(),
-        serve_metrics_here: cfg.metrics.listen.is_none(),
-        ice,
-    };
-    let _ = state_cell.set(state.clone());
-
-    let listener = tokio::net::TcpListener::bind(cfg.http.listen)
-        .await
-        .with_context(|| format!("binding http.listen {}", cfg.http.listen))?;
-    let http_addr = listener.local_addr()?;
-    let turn_list: Vec<String> = turn_addrs.iter().map(|a| a.to_string()).collect();
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut metrics_addr = None;
-    if let Some(addr) = cfg.metrics.listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding metrics.listen {addr}"))?;
-        metrics_addr = Some(l.local_addr()?);
-        let app = crate::http::metrics_router(state.clone());
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            axum::serve(l, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        });
-    }
-    let metrics_at = metrics_addr.map_or_else(|| format!("{http_addr}"), |a| a.to_string());
-    let list = |v: &[SocketAddr]| {
-        let s: Vec<String> = v.iter().map(|a| a.to_string()).collect();
-        if s.is_empty() {
-            "-".to_string()
-        } else {
-            s.join(",")
-        }
-    };
-    tracing::info!(
-        "ready: http={http_addr} turn={} tcp={} tls={} metrics={metrics_at} relay={advertised_ip} ports={}-{} shards={threads}",
-        turn_list.join(","),
-        list(&tcp_addrs),
-        list(&tls_addrs),
-        t.relay_port_min,
-        t.relay_port_max
-    );
-    let tls_config = match &certs {
-        Some(store) => Some(store.server_config()?),
-        None => None,
-    };
-    let streams = crate::stream::Streams::new(
-        relay.handles(),
-        crate::stream::StreamLimits {
-            handshake_timeout: Duration::from_millis(cfg.tls.handshake_timeout_ms),
-            unauth_timeout: Duration::from_secs(t.tcp_unauth_timeout_secs),
-            idle_timeout: Duration::from_secs(t.tcp_idle_timeout_secs),
-            unauth_per_ip: t.tcp_unauth_per_ip,
-            unauth_total: t.tcp_unauth_total,
-            proxy_from: t.proxy_protocol_from.clone(),
-        },
-        crate::http::router(state.clone()),
-        tls_config,
-        stream_stats.clone(),
-    );
-    for (listeners, tls) in [(tcp_listeners, false), (tls_listeners, true)] {
-        for l in listeners {
-            tokio::spawn(streams.clone().serve(l, tls, stop_rx.clone()));
-        }
-    }
-    let app = crate::http::router(state.clone());
-    let mut http_stop = stop_rx.clone();
-    let http = tokio::spawn(async move {
-        // Signaling messages are small; Nagle would hold them back.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
-
-    control_loop(
-        signals,
-        &cfg,
-        config_path,
-        &state,
-        &generated,
-        relay_ips,
-        certs,
-    )
-    .await;
-
-    signaling.shutdown();
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
-    relay.stop();
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// Waits for signals: reload on SIGHUP, drain on SIGUSR1, stop on
-/// SIGINT/SIGTERM. Returns when the process should stop.
-/// The signals the control loop acts on, registered once at start.
-struct Signals {
-    hup: tokio::signal::unix::Signal,
-    usr1: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install() -> std::io::Result<Signals> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Signals {
-            hup: signal(SignalKind::hangup())?,
-            usr1: signal(SignalKind::user_defined1())?,
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-}
-
-async fn control_loop(
-    signals: Signals,
-    cfg: &Config,
-    config_path: Option<PathBuf>,
-    state: &AppState,
-    generated: &Secret,
-    relay_ips: Vec<IpAddr>,
-    certs: Option<Arc<crate::tls::CertStore>>,
-) {
-    let Signals {
-        mut hup,
-        mut usr1,
-        mut term,
-        mut int,
-    } = signals;
-    let mut drain_deadline: Option<tokio::time::Instant> = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        tokio::select! {
-            _ = int.recv() => {
-                tracing::info!("SIGINT: stopping");
-                return;
-            }
-            _ = term.recv() => {
-                if drain_deadline.is_some() {
-                    tracing::info!("second SIGTERM: stopping now");
-                    return;
-                }
-                tracing::info!("SIGTERM: draining before stop");
-                drain_deadline = Some(start_drain(state, Duration::from_secs(cfg.drain.grace_secs)));
-            }
-            _ = usr1.recv() => {
-                if drain_deadline.is_none() {
-                    tracing::info!("SIGUSR1: draining");
-                    drain_deadline = Some(start_drain(state, Duration::from_secs(cfg.drain.grace_secs)));
-                }
-            }
-            _ = hup.recv() => {
-                reload(cfg, config_path.as_deref(), state, generated, &relay_ips);
-                if let Some(store) = &certs {
-                    match store.reload() {
-                        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-                        Err(e) => tracing::error!("SIGHUP: TLS certificate refused, the old one stays: {e}"),
-                    }
-                }
-            }
-            _ = tick.tick() => {
-                if let Some(store) = &certs {
-                    match store.reload_if_changed() {
-                        Ok(true) => tracing::info!("TLS certificate files changed: reloaded"),
-                        Ok(false) => {}
-                        Err(e) => tracing::error!("TLS certificate files changed but are unusable, the old certificate stays: {e}"),
-                    }
-                }
-                if let Some(deadline) = drain_deadline {
-                    let left = state.shared.total_allocations();
-                    let rooms = state.signaling.stats().rooms.load(Ordering::Relaxed);
-                    if left == 0 && rooms == 0 {
-                        tracing::info!("drained: no allocations or rooms left");
-                        return;
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        tracing::info!(allocations = left, rooms, "drain grace period over");
-                        return;
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn start_drain(state: &AppState, grace: Duration) -> tokio::time::Instant {
-    state.shared.draining.store(true, Ordering::Relaxed);
-    state.signaling.set_draining(true);
-    tokio::time::Instant::now() + grace
-}
-
-fn reload(
-    old: &Config,
-    path: Option<&std::path::Path>,
-    state: &AppState,
-    generated: &Secret,
-    relay_ips: &[IpAddr],
-) {
-    let Some(path) = path else {
-        tracing::warn!("SIGHUP: no config file to reload (started without --config)");
-        return;
-    };
-    match Config::load(Some(path), std::env::vars()) {
-        Ok(new) => {
-            let rules = rules_from(
-                &new,
-                secrets_or_generated(&new, generated),
-                relay_ips.to_vec(),
-            );
-            state.rules.store(Arc::new(rules));
-            state.signaling.set_config(signal_config(&new));
-            if new.turn.listen != old.turn.listen || new.http.listen != old.http.listen {
-                tracing::warn!("SIGHUP: listen addresses change only on restart");
-            }
-            tracing::info!(file = %path.display(), "SIGHUP: configuration reloaded");
-        }
-        Err(e) => {
-            tracing::error!(file = %path.display(), "SIGHUP: new configuration refused, the old one stays: {e}")
-        }
-    }
 }
 
 fn hex(b: &[u8]) -> String {

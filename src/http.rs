@@ -1,38 +1,34 @@
 //! The HTTP side: health, `/api/ice-servers`, metrics, signaling at `/ws`
 //! and the demo page (embedded in the binary, or from `http.static_dir`).
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Serialize;
 
-use crate::app::AppState;
+use crate::control::Control;
+use crate::ice::host_from_headers;
+use crate::metrics::Metrics;
 
 #[derive(rust_embed::Embed)]
 #[folder = "static/"]
 struct Assets;
 
-/// One `RTCIceServer`.
-#[derive(Debug, Clone, Serialize)]
-pub struct IceServer {
-    pub urls: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub credential: Option<String>,
+/// What the handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    pub control: Arc<Control>,
+    pub metrics: Arc<Metrics>,
+    pub static_dir: Option<PathBuf>,
+    /// `/metrics` on this router too (no separate `metrics.listen`).
+    pub serve_metrics_here: bool,
 }
 
-/// An `RTCConfiguration`-shaped answer, with the credential's lifetime.
-#[derive(Debug, Clone, Serialize)]
-pub struct IceServers {
-    #[serde(rename = "iceServers")]
-    pub ice_servers: Vec<IceServer>,
-    pub ttl: u64,
-}
-
-pub fn router(state: AppState) -> Router {
+pub fn router(state: HttpState) -> Router {
     let mut r = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -42,7 +38,7 @@ pub fn router(state: AppState) -> Router {
     }
     let r = r
         .with_state(state.clone())
-        .merge(crate::signal::router(state.signaling.clone()));
+        .merge(crate::signal::router(state.control.signaling().clone()));
     match &state.static_dir {
         Some(dir) => r.fallback_service(tower_http::services::ServeDir::new(dir)),
         None => r.fallback(embedded),
@@ -50,7 +46,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// A router with only `/metrics`, for a separate `metrics.listen`.
-pub fn metrics_router(state: AppState) -> Router {
+pub fn metrics_router(state: HttpState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -60,37 +56,21 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(s): State<AppState>) -> Response {
-    if s.is_draining() {
+async fn readyz(State(s): State<HttpState>) -> Response {
+    if s.control.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {
         "ready\n".into_response()
     }
 }
 
-/// The hostname part of a Host header (`h`, `h:port`, `[v6]:port`).
-pub fn host_from_header(headers: &HeaderMap) -> Option<String> {
-    let host = headers.get(header::HOST)?.to_str().ok()?;
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        format!("[{}]", rest.split(']').next()?)
-    } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h).to_string()
-    };
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
-    ok.then_some(name)
-}
-
-async fn ice_servers(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    let host = host_from_header(&headers);
-    let servers = s.ice_servers(host.as_deref());
+async fn ice_servers(State(s): State<HttpState>, headers: HeaderMap) -> Response {
+    let host = host_from_headers(&headers);
+    let servers = s.control.ice().grant(host.as_deref());
     ([(header::CACHE_CONTROL, "no-store")], Json(servers)).into_response()
 }
 
-async fn metrics(State(s): State<AppState>) -> Response {
+async fn metrics(State(s): State<HttpState>) -> Response {
     match s.metrics.render() {
         Ok(text) => (
             [(
@@ -120,36 +100,5 @@ async fn embedded(uri: Uri) -> Response {
                 .into_response()
         }
         None => (StatusCode::NOT_FOUND, "not found\n").into_response(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use axum::http::HeaderValue;
-
-    fn h(v: &str) -> HeaderMap {
-        let mut m = HeaderMap::new();
-        m.insert(header::HOST, HeaderValue::from_str(v).unwrap());
-        m
-    }
-
-    #[test]
-    fn host_header_forms() {
-        assert_eq!(
-            host_from_header(&h("example.com:8080")).as_deref(),
-            Some("example.com")
-        );
-        assert_eq!(
-            host_from_header(&h("example.com")).as_deref(),
-            Some("example.com")
-        );
-        assert_eq!(
-            host_from_header(&h("127.0.0.1:80")).as_deref(),
-            Some("127.0.0.1")
-        );
-        assert_eq!(host_from_header(&h("[::1]:8080")).as_deref(), Some("[::1]"));
-        assert_eq!(host_from_header(&h("evil/host")), None);
-        assert_eq!(host_from_header(&HeaderMap::new()), None);
     }
 }

@@ -3,10 +3,13 @@
 
 pub mod app;
 pub mod config;
+pub mod control;
 pub mod http;
+pub mod ice;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod reload;
 pub mod signal;
 pub mod stream;
 pub mod tls;

@@ -66,7 +66,7 @@ fn main() -> ExitCode {
             };
             let ttl = ttl.unwrap_or(cfg.auth.rest_ttl_secs);
             let cred =
-                turnkey::turn::auth::mint(secret.expose(), &user, turnkey::app::unix_now(), ttl);
+                turnkey::turn::auth::mint(secret.expose(), &user, turnkey::ice::unix_now(), ttl);
             match serde_json::to_string_pretty(&cred) {
                 Ok(s) => println!("{s}"),
                 Err(e) => {

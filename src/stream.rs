@@ -25,12 +25,15 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::proxy_protocol::{self, Proxied};
 use crate::relay::{ShardHandle, StreamEvent, StreamLink};
@@ -64,12 +67,17 @@ pub struct StreamStats {
 
 pub struct Streams {
     shards: Vec<ShardHandle>,
-    limits: StreamLimits,
+    /// Swapped by reload; each connection takes a snapshot when it opens.
+    limits: Arc<ArcSwap<StreamLimits>>,
     http: axum::Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
     unauth: Mutex<HashMap<IpAddr, usize>>,
     unauth_total: AtomicUsize,
     stats: Arc<StreamStats>,
+    /// Every connection task, so stop can wait for them.
+    tasks: TaskTracker,
+    /// Cancelled on stop: listeners and connections end.
+    stop: CancellationToken,
 }
 
 /// Holds a connection's place under the unauthenticated caps until it
@@ -105,10 +113,12 @@ impl Drop for UnauthSlot<'_> {
 impl Streams {
     pub fn new(
         shards: Vec<ShardHandle>,
-        limits: StreamLimits,
+        limits: Arc<ArcSwap<StreamLimits>>,
         http: axum::Router,
         tls: Option<Arc<rustls::ServerConfig>>,
         stats: Arc<StreamStats>,
+        tasks: TaskTracker,
+        stop: CancellationToken,
     ) -> Arc<Streams> {
         Arc::new(Streams {
             shards,
@@ -118,14 +128,16 @@ impl Streams {
             unauth: Mutex::new(HashMap::new()),
             unauth_total: AtomicUsize::new(0),
             stats,
+            tasks,
+            stop,
         })
     }
 
-    fn admit(&self, ip: IpAddr) -> Option<UnauthSlot<'_>> {
+    fn admit(&self, ip: IpAddr, limits: &StreamLimits) -> Option<UnauthSlot<'_>> {
         let mut m = self.unauth.lock().ok()?;
         let n = m.entry(ip).or_insert(0);
-        if *n >= self.limits.unauth_per_ip
-            || self.unauth_total.load(Ordering::Relaxed) >= self.limits.unauth_total
+        if *n >= limits.unauth_per_ip
+            || self.unauth_total.load(Ordering::Relaxed) >= limits.unauth_total
         {
             if *n == 0 {
                 m.remove(&ip);
@@ -141,17 +153,13 @@ impl Streams {
         })
     }
 
-    /// Accepts connections until `stop` turns true.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        tls: bool,
-        mut stop: watch::Receiver<bool>,
-    ) {
+    /// Accepts connections until stop; each connection is a task of
+    /// `tasks` that ends at stop too.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: bool) {
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
-                _ = stop.wait_for(|s| *s) => return,
+                () = self.stop.cancelled() => return,
             };
             let Ok((tcp, peer)) = accepted else {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -161,7 +169,13 @@ impl Streams {
             let local = tcp.local_addr().unwrap_or(peer);
             let _ = tcp.set_nodelay(true);
             let me = self.clone();
-            tokio::spawn(async move { me.connection(tcp, peer, local, tls).await });
+            self.tasks.spawn(async move {
+                let stop = me.stop.clone();
+                tokio::select! {
+                    () = me.connection(tcp, peer, local, tls) => {}
+                    () = stop.cancelled() => {}
+                }
+            });
         }
     }
 
@@ -172,14 +186,10 @@ impl Streams {
         local: SocketAddr,
         tls: bool,
     ) {
+        let limits = self.limits.load_full();
         let mut client = peer;
-        if self
-            .limits
-            .proxy_from
-            .iter()
-            .any(|n| n.contains(&peer.ip()))
-        {
-            match timeout(self.limits.handshake_timeout, read_proxy_header(&mut tcp)).await {
+        if limits.proxy_from.iter().any(|n| n.contains(&peer.ip())) {
+            match timeout(limits.handshake_timeout, read_proxy_header(&mut tcp)).await {
                 Ok(Ok(Proxied::Client(addr))) => client = addr,
                 Ok(Ok(_)) => {}
                 _ => {
@@ -188,7 +198,7 @@ impl Streams {
                 }
             }
         }
-        let Some(slot) = self.admit(client.ip()) else {
+        let Some(slot) = self.admit(client.ip(), &limits) else {
             self.stats
                 .refused_over_limit
                 .fetch_add(1, Ordering::Relaxed);
@@ -199,7 +209,7 @@ impl Streams {
             let Some(acceptor) = self.tls.clone() else {
                 return;
             };
-            let stream = match timeout(self.limits.handshake_timeout, acceptor.accept(tcp)).await {
+            let stream = match timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 failed => {
                     let why = match failed {
@@ -219,14 +229,14 @@ impl Streams {
                 server: local,
                 transport: Transport::Tls,
             };
-            self.route(stream, ft, alpn.as_deref(), slot).await;
+            self.route(stream, ft, alpn.as_deref(), slot, &limits).await;
         } else {
             let ft = FiveTuple {
                 client,
                 server: local,
                 transport: Transport::Tcp,
             };
-            self.route(tcp, ft, None, slot).await;
+            self.route(tcp, ft, None, slot, &limits).await;
         }
     }
 
@@ -236,6 +246,7 @@ impl Streams {
         ft: FiveTuple,
         alpn: Option<&[u8]>,
         mut slot: UnauthSlot<'_>,
+        limits: &StreamLimits,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -244,7 +255,7 @@ impl Streams {
             Some(_) => false,
             None => {
                 let mut first = [0u8; 1];
-                match timeout(self.limits.unauth_timeout, stream.read(&mut first)).await {
+                match timeout(limits.unauth_timeout, stream.read(&mut first)).await {
                     Ok(Ok(1)) => {
                         // A TURN client's first message is STUN: there is no
                         // channel to send ChannelData on yet. (HTTP methods
@@ -255,10 +266,10 @@ impl Streams {
                             inner: stream,
                         };
                         return if turn {
-                            self.turn(prefixed, ft, slot).await
+                            self.turn(prefixed, ft, slot, limits).await
                         } else {
                             slot.release();
-                            self.http(prefixed, ft).await
+                            self.http(prefixed, limits).await
                         };
                     }
                     Ok(_) => return,
@@ -274,14 +285,14 @@ impl Streams {
             inner: stream,
         };
         if is_turn {
-            self.turn(prefixed, ft, slot).await
+            self.turn(prefixed, ft, slot, limits).await
         } else {
             slot.release();
-            self.http(prefixed, ft).await
+            self.http(prefixed, limits).await
         }
     }
 
-    async fn http<S>(&self, stream: S, _ft: FiveTuple)
+    async fn http<S>(&self, stream: S, limits: &StreamLimits)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -292,7 +303,7 @@ impl Streams {
         builder
             .http1()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(self.limits.unauth_timeout);
+            .header_read_timeout(limits.unauth_timeout);
         let _ = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .await;
@@ -306,8 +317,13 @@ impl Streams {
         (n > 0).then(|| &self.shards[(h.finish() as usize) % n])
     }
 
-    async fn turn<S>(&self, stream: S, ft: FiveTuple, mut slot: UnauthSlot<'_>)
-    where
+    async fn turn<S>(
+        &self,
+        stream: S,
+        ft: FiveTuple,
+        mut slot: UnauthSlot<'_>,
+        limits: &StreamLimits,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let Some(shard) = self.shard_for(&ft).cloned() else {
@@ -336,7 +352,6 @@ impl Streams {
             // The reader ended, or the shard dropped our queue.
             let _ = wr.shutdown().await;
         };
-        let limits = &self.limits;
         let stats = &self.stats;
         let reader = async {
             // Until the shard says this connection holds an allocation, the

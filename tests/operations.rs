@@ -201,7 +201,7 @@ fn metrics_can_live_on_their_own_listener() {
 }
 
 fn rest(secret: &str) -> (String, String) {
-    let c = turnkey::turn::auth::mint(secret, "op", turnkey::app::unix_now(), 600);
+    let c = turnkey::turn::auth::mint(secret, "op", turnkey::ice::unix_now(), 600);
     (c.username, c.password)
 }
 

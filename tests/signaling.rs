@@ -2,7 +2,7 @@
 //! by axum on 127.0.0.1, driven by tokio-tungstenite clients. Every wait has
 //! a deadline; nothing sleeps to let things settle.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ const WAIT: Duration = Duration::from_secs(3);
 struct Server {
     url: String,
     sig: Arc<Signaling>,
+    draining: Arc<AtomicBool>,
 }
 
 /// A stub provider whose usernames count up, so refreshes are recognisable.
@@ -42,7 +43,8 @@ fn stub_ice(ttl: Duration) -> IceServersFn {
 }
 
 async fn start_with(cfg: SignalConfig, ttl: Duration) -> Server {
-    let sig = Signaling::new(cfg, stub_ice(ttl));
+    let draining = Arc::new(AtomicBool::new(false));
+    let sig = Signaling::new(cfg, stub_ice(ttl), draining.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     // As in production: signaling is many small writes, which Nagle's
@@ -55,6 +57,7 @@ async fn start_with(cfg: SignalConfig, ttl: Duration) -> Server {
     Server {
         url: format!("ws://{addr}/ws"),
         sig,
+        draining,
     }
 }
 
@@ -463,11 +466,11 @@ async fn draining_refuses_joins_until_lifted() {
     let server = start().await;
     let mut a = connect(&server).await;
     join(&mut a, "r").await;
-    server.sig.set_draining(true);
+    server.draining.store(true, Ordering::Relaxed);
     let mut b = connect(&server).await;
     send(&mut b, json!({"type": "join", "room": "r"})).await;
     expect_error(&mut b, "draining").await;
-    server.sig.set_draining(false);
+    server.draining.store(false, Ordering::Relaxed);
     join(&mut b, "r").await;
     recv_type(&mut a, "peer-joined").await;
 }

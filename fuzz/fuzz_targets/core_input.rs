@@ -88,7 +88,7 @@ impl Harness {
             max_channels: 3,
             alternate_server: Some(SocketAddr::new(Ipv4Addr::new(192, 0, 2, 11).into(), 3478)),
         };
-        let shared = Arc::new(Shared::new(PORTS));
+        let shared = Arc::new(Shared::new(PORTS, Default::default()));
         let cfg = CoreConfig {
             relay_v4: Some(RELAY_IP.into()),
             relay_v6: Some(RELAY_IP6.into()),

@@ -9,9 +9,10 @@
 //! application uses: [`Signaling`], [`SignalConfig`], [`SignalStats`] and
 //! [`router`].
 //!
-//! Lifecycle: [`Signaling::set_draining`] refuses new joins while running
-//! calls continue; [`Signaling::shutdown`] closes every connection with
-//! 1001 "going away" and [`Signaling::wait_idle`] tells when they are gone.
+//! Lifecycle: while the drain flag it shares with the relay is set, new
+//! joins are refused and running calls continue; [`Signaling::shutdown`]
+//! closes every connection with 1001 "going away" and
+//! [`Signaling::wait_idle`] tells when they are gone.
 
 pub mod ids;
 pub mod protocol;
@@ -20,7 +21,7 @@ pub mod timers;
 mod ws;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -114,6 +115,8 @@ pub struct Signaling {
     /// Outgoing queues of every open connection, joined or not.
     peers: Mutex<HashMap<PeerId, ws::PeerHandle>>,
     stats: SignalStats,
+    /// The appliance's drain flag: while set, joins are refused.
+    draining: Arc<AtomicBool>,
     /// Flips to `true` once, on shutdown; every connection watches it.
     shutdown: watch::Sender<bool>,
     /// Woken when the last connection goes away.
@@ -121,13 +124,14 @@ pub struct Signaling {
 }
 
 impl Signaling {
-    pub fn new(cfg: SignalConfig, ice: IceServersFn) -> Arc<Self> {
+    pub fn new(cfg: SignalConfig, ice: IceServersFn, draining: Arc<AtomicBool>) -> Arc<Self> {
         Arc::new(Self {
             config: RwLock::new(cfg),
             ice,
             rooms: Mutex::new(Rooms::new(cfg.room_capacity)),
             peers: Mutex::new(HashMap::new()),
             stats: SignalStats::default(),
+            draining,
             shutdown: watch::Sender::new(false),
             idle: Notify::new(),
         })
@@ -145,20 +149,15 @@ impl Signaling {
     }
 
     /// While draining, `join` is answered with the `draining` error; peers
-    /// already in rooms keep signaling. Set it when the process is asked to
-    /// stop (or taken out of a load balancer), before [`Self::shutdown`].
-    pub fn set_draining(&self, on: bool) {
-        self.with_rooms(|rooms| rooms.set_draining(on));
-    }
-
+    /// already in rooms keep signaling.
     pub fn is_draining(&self) -> bool {
-        self.with_rooms(|rooms| rooms.is_draining())
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Drains and closes every connection with 1001 "going away"; new
     /// connections are closed the same way. Final: there is no undo.
     pub fn shutdown(&self) {
-        self.set_draining(true);
+        self.draining.store(true, Ordering::Relaxed);
         self.shutdown.send_replace(true);
     }
 

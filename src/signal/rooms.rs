@@ -73,7 +73,6 @@ impl RoomError {
 #[derive(Debug)]
 pub struct Rooms {
     capacity: usize,
-    draining: bool,
     rooms: HashMap<RoomName, Vec<PeerId>>,
     member_of: HashMap<PeerId, RoomName>,
 }
@@ -83,7 +82,6 @@ impl Rooms {
     pub fn new(capacity: usize) -> Self {
         Self {
             capacity,
-            draining: false,
             rooms: HashMap::new(),
             member_of: HashMap::new(),
         }
@@ -94,28 +92,21 @@ impl Rooms {
         self.capacity = capacity;
     }
 
-    /// While draining, joins are refused; peers already in rooms stay and
-    /// may keep signaling so running calls finish their negotiation.
-    pub fn set_draining(&mut self, on: bool) {
-        self.draining = on;
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining
-    }
-
     /// Puts `peer` into `room`. On success the peer gets `joined` (listing
-    /// the members before it) and each of those gets `peer-joined`.
+    /// the members before it) and each of those gets `peer-joined`. While
+    /// the server drains, joins are refused; peers already in rooms stay
+    /// and may keep signaling so running calls finish their negotiation.
     pub fn join(
         &mut self,
         peer: PeerId,
         room: RoomName,
         grant: IceGrant,
+        draining: bool,
     ) -> Result<Vec<Delivery>, RoomError> {
         if let Some(current) = self.member_of.get(&peer) {
             return Err(RoomError::AlreadyJoined(current.clone()));
         }
-        if self.draining {
+        if draining {
             return Err(RoomError::Draining);
         }
         let members = self.rooms.get(&room).map(Vec::as_slice).unwrap_or_default();
@@ -232,7 +223,7 @@ mod tests {
     fn first_peer_gets_an_empty_room() {
         let mut rooms = Rooms::new(2);
         assert_eq!(
-            rooms.join(A, room("r"), grant()),
+            rooms.join(A, room("r"), grant(), false),
             Ok(vec![joined("r", A, &[])])
         );
         assert_eq!(rooms.room_of(A), Some(&room("r")));
@@ -242,8 +233,8 @@ mod tests {
     #[test]
     fn second_peer_learns_the_first_and_the_first_is_told() {
         let mut rooms = Rooms::new(2);
-        rooms.join(A, room("r"), grant()).unwrap();
-        let out = rooms.join(B, room("r"), grant()).unwrap();
+        rooms.join(A, room("r"), grant(), false).unwrap();
+        let out = rooms.join(B, room("r"), grant(), false).unwrap();
         let announce = Delivery {
             to: vec![A],
             msg: ServerMessage::PeerJoined { id: B },
@@ -254,9 +245,9 @@ mod tests {
     #[test]
     fn a_full_room_refuses_and_changes_nothing() {
         let mut rooms = Rooms::new(2);
-        rooms.join(A, room("r"), grant()).unwrap();
-        rooms.join(B, room("r"), grant()).unwrap();
-        let err = rooms.join(C, room("r"), grant()).unwrap_err();
+        rooms.join(A, room("r"), grant(), false).unwrap();
+        rooms.join(B, room("r"), grant(), false).unwrap();
+        let err = rooms.join(C, room("r"), grant(), false).unwrap_err();
         assert_eq!(err, RoomError::Full(room("r")));
         assert_eq!(err.reply(), ServerMessage::Full { room: room("r") });
         assert_eq!(rooms.room_of(C), None);
@@ -266,16 +257,16 @@ mod tests {
     #[test]
     fn capacity_three_forms_a_mesh() {
         let mut rooms = Rooms::new(3);
-        rooms.join(A, room("m"), grant()).unwrap();
-        rooms.join(B, room("m"), grant()).unwrap();
-        let out = rooms.join(C, room("m"), grant()).unwrap();
+        rooms.join(A, room("m"), grant(), false).unwrap();
+        rooms.join(B, room("m"), grant(), false).unwrap();
+        let out = rooms.join(C, room("m"), grant(), false).unwrap();
         let announce = Delivery {
             to: vec![A, B],
             msg: ServerMessage::PeerJoined { id: C },
         };
         assert_eq!(out, vec![joined("m", C, &[A, B]), announce]);
         assert_eq!(
-            rooms.join(D, room("m"), grant()),
+            rooms.join(D, room("m"), grant(), false),
             Err(RoomError::Full(room("m")))
         );
         for (from, to) in [(A, B), (A, C), (B, C), (C, A)] {
@@ -296,9 +287,9 @@ mod tests {
     #[test]
     fn signals_reach_only_the_same_room() {
         let mut rooms = Rooms::new(2);
-        rooms.join(A, room("one"), grant()).unwrap();
-        rooms.join(B, room("one"), grant()).unwrap();
-        rooms.join(C, room("two"), grant()).unwrap();
+        rooms.join(A, room("one"), grant(), false).unwrap();
+        rooms.join(B, room("one"), grant(), false).unwrap();
+        rooms.join(C, room("two"), grant(), false).unwrap();
         let data = json!({"sdp": "offer"});
         let d = rooms.route(A, B, data.clone()).unwrap();
         assert_eq!(
@@ -321,8 +312,8 @@ mod tests {
     #[test]
     fn leave_announces_and_frees_empty_rooms() {
         let mut rooms = Rooms::new(2);
-        rooms.join(A, room("r"), grant()).unwrap();
-        rooms.join(B, room("r"), grant()).unwrap();
+        rooms.join(A, room("r"), grant(), false).unwrap();
+        rooms.join(B, room("r"), grant(), false).unwrap();
         let out = rooms.leave(A).unwrap();
         assert_eq!(
             out,
@@ -342,20 +333,20 @@ mod tests {
     fn a_freed_room_can_be_filled_again() {
         let mut rooms = Rooms::new(2);
         for p in [A, B] {
-            rooms.join(p, room("r"), grant()).unwrap();
+            rooms.join(p, room("r"), grant(), false).unwrap();
         }
         rooms.disconnect(A);
         rooms.disconnect(B);
         for p in [C, D] {
-            assert!(rooms.join(p, room("r"), grant()).is_ok());
+            assert!(rooms.join(p, room("r"), grant(), false).is_ok());
         }
     }
 
     #[test]
     fn rejoin_after_leave_and_already_joined_before() {
         let mut rooms = Rooms::new(2);
-        rooms.join(A, room("r"), grant()).unwrap();
-        let err = rooms.join(A, room("other"), grant()).unwrap_err();
+        rooms.join(A, room("r"), grant(), false).unwrap();
+        let err = rooms.join(A, room("other"), grant(), false).unwrap_err();
         assert_eq!(err, RoomError::AlreadyJoined(room("r")));
         assert!(matches!(
             err.reply(),
@@ -366,7 +357,7 @@ mod tests {
         ));
         rooms.leave(A).unwrap();
         assert_eq!(
-            rooms.join(A, room("other"), grant()),
+            rooms.join(A, room("other"), grant(), false),
             Ok(vec![joined("other", A, &[])])
         );
         assert_eq!(rooms.room_count(), 1);
@@ -375,9 +366,11 @@ mod tests {
     #[test]
     fn draining_refuses_joins_but_keeps_rooms_working() {
         let mut rooms = Rooms::new(2);
-        rooms.join(A, room("r"), grant()).unwrap();
-        rooms.set_draining(true);
-        assert_eq!(rooms.join(B, room("r"), grant()), Err(RoomError::Draining));
+        rooms.join(A, room("r"), grant(), false).unwrap();
+        assert_eq!(
+            rooms.join(B, room("r"), grant(), true),
+            Err(RoomError::Draining)
+        );
         assert!(matches!(
             RoomError::Draining.reply(),
             ServerMessage::Error {
@@ -386,21 +379,20 @@ mod tests {
             }
         ));
         assert_eq!(rooms.leave(A), Ok(vec![]));
-        rooms.set_draining(false);
-        assert!(rooms.join(B, room("r"), grant()).is_ok());
+        assert!(rooms.join(B, room("r"), grant(), false).is_ok());
     }
 
     #[test]
     fn lowering_capacity_keeps_current_members() {
         let mut rooms = Rooms::new(3);
         for p in [A, B, C] {
-            rooms.join(p, room("r"), grant()).unwrap();
+            rooms.join(p, room("r"), grant(), false).unwrap();
         }
         rooms.set_capacity(2);
         assert_eq!(rooms.members(&room("r")).len(), 3);
         rooms.leave(C).unwrap();
         assert_eq!(
-            rooms.join(C, room("r"), grant()),
+            rooms.join(C, room("r"), grant(), false),
             Err(RoomError::Full(room("r")))
         );
     }
@@ -412,7 +404,7 @@ mod tests {
             servers: json!([]),
             ttl: Duration::from_millis(1999),
         };
-        let out = rooms.join(A, room("r"), grant).unwrap();
+        let out = rooms.join(A, room("r"), grant, false).unwrap();
         assert!(matches!(
             out.first(),
             Some(Delivery {

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::http::{header, HeaderMap};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
@@ -64,50 +64,13 @@ async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     let cfg = sig.config();
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .and_then(ice_host)
-        .map(str::to_owned);
+    let host = crate::ice::host_from_headers(&headers);
     let limit = transport_limit(cfg.max_message_bytes);
     ws.read_buffer_size(SOCKET_BUFFER)
         .write_buffer_size(SOCKET_BUFFER)
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| serve(sig, socket, host, cfg))
-}
-
-/// The host part of a `Host` header, without the port, if it is a plain DNS
-/// name or IP literal. IPv6 literals keep their brackets so the value can go
-/// straight into a `turn:` URI. Anything else is `None`: the header is
-/// client-controlled and ends up inside URLs we hand out.
-pub fn ice_host(header: &str) -> Option<&str> {
-    let split = if header.starts_with('[') {
-        header.find(']')? + 1
-    } else {
-        header.find(':').unwrap_or(header.len())
-    };
-    let (host, port) = header.split_at_checked(split)?;
-    let port_ok = port.is_empty()
-        || port
-            .strip_prefix(':')
-            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
-    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        Some(v6) => {
-            !v6.is_empty()
-                && v6
-                    .bytes()
-                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-        }
-        None => {
-            !host.is_empty()
-                && host.len() <= 253
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-        }
-    };
-    (port_ok && host_ok).then_some(host)
 }
 
 /// What the writer task sends.
@@ -378,9 +341,10 @@ impl Conn {
     fn join(&mut self, room: RoomName) -> Result<Vec<Delivery>, RoomError> {
         let (servers, ttl) = (self.sig.ice)(self.host.as_deref());
         let id = self.id;
+        let draining = self.sig.is_draining();
         let out = self
             .sig
-            .with_rooms(|rooms| rooms.join(id, room, IceGrant { servers, ttl }))?;
+            .with_rooms(|rooms| rooms.join(id, room, IceGrant { servers, ttl }, draining))?;
         self.refresh_at = timers::refresh_after(ttl).map(|after| Instant::now() + after);
         Ok(out)
     }
@@ -432,30 +396,6 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Recei
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ice_host_strips_ports_and_keeps_plain_names() {
-        let cases = [
-            ("example.org", Some("example.org")),
-            ("example.org:8443", Some("example.org")),
-            ("127.0.0.1:3000", Some("127.0.0.1")),
-            ("[::1]:8080", Some("[::1]")),
-            ("[2001:db8::1]", Some("[2001:db8::1]")),
-            ("", None),
-            (":80", None),
-            ("example.org:", None),
-            ("example.org:80x", None),
-            ("evil.org/path?x=", None),
-            ("a b", None),
-            ("[::1", None),
-            ("[]:80", None),
-            ("[::1]x", None),
-            ("[zz::1]", None),
-        ];
-        for (header, want) in cases {
-            assert_eq!(ice_host(header), want, "{header:?}");
-        }
-    }
 
     #[test]
     fn transport_limit_leaves_room_for_a_polite_refusal() {

@@ -75,7 +75,9 @@ pub struct Shared {
     users: Mutex<HashMap<String, usize>>,
     total: AtomicUsize,
     reservations: AtomicUsize,
-    pub draining: AtomicBool,
+    /// The appliance's drain flag, shared with signaling: while set, new
+    /// allocations are refused or sent to the alternate server.
+    pub draining: Arc<AtomicBool>,
 }
 
 pub(super) struct PortState {
@@ -84,7 +86,7 @@ pub(super) struct PortState {
 }
 
 impl Shared {
-    pub fn new(ports: std::ops::RangeInclusive<u16>) -> Self {
+    pub fn new(ports: std::ops::RangeInclusive<u16>, draining: Arc<AtomicBool>) -> Self {
         let state = || {
             Mutex::new(PortState {
                 pool: PortPool::new(ports.clone(), &mut rand::rng()),
@@ -97,7 +99,7 @@ impl Shared {
             users: Mutex::new(HashMap::new()),
             total: AtomicUsize::new(0),
             reservations: AtomicUsize::new(0),
-            draining: AtomicBool::new(false),
+            draining,
         }
     }
 

@@ -112,7 +112,7 @@ fn harness_families(rules: Rules, ports: std::ops::RangeInclusive<u16>, v6: bool
         mono0: now,
         unix0: 1_700_000_000,
     };
-    let shared = Arc::new(Shared::new(ports));
+    let shared = Arc::new(Shared::new(ports, Default::default()));
     let stats = Arc::new(TurnStats::default());
     let cfg = CoreConfig {
         relay_v4: Some(RELAY_IP.parse().unwrap()),

@@ -1,0 +1,250 @@
+//! The control handle: the one owner of what may change while the
+//! appliance runs.
+//!
+//! It holds the relay's rules (credentials, peer policy, lifetimes, quotas;
+//! every shard reads the same `ArcSwap`), the drain flag (one flag, read by
+//! the TURN core and by signaling), the signaling settings, the TCP/TLS
+//! connection limits, the TLS certificates and the ICE grant settings. A
+//! reload goes through [`Control::reload`], which applies every key that can
+//! change at run time and reports the ones that need a restart (decided in
+//! `reload.rs`); drain goes through [`Control::start_drain`] and
+//! [`Control::drained`]. The shells only read.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{Config, ConfigError, Secret};
+use crate::ice::{IceGrants, IceSettings};
+use crate::reload::{self, Report};
+use crate::signal::{SignalConfig, Signaling};
+use crate::stream::StreamLimits;
+use crate::tls::CertStore;
+use crate::turn::auth::Credentials;
+use crate::turn::policy::PeerPolicy;
+use crate::turn::server::{Rules, Shared};
+
+/// What was bound at start and goes into `iceServers`.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub advertised_ip: IpAddr,
+    pub turn_port: u16,
+    pub tcp_port: Option<u16>,
+    pub tls_port: Option<u16>,
+}
+
+/// What the control handle is built from (by the composition root).
+pub struct Parts {
+    pub config: Config,
+    pub path: Option<PathBuf>,
+    /// The REST secret used when the config has none (random per run).
+    pub generated: Secret,
+    /// Our own relay addresses, always allowed by the peer policy.
+    pub relay_ips: Vec<IpAddr>,
+    pub rules: Arc<ArcSwap<Rules>>,
+    pub shared: Arc<Shared>,
+    pub draining: Arc<AtomicBool>,
+    pub bound: Bound,
+    pub certs: Option<Arc<CertStore>>,
+}
+
+pub struct Control {
+    /// The configuration in force (restart keys keep their start values).
+    current: Mutex<Config>,
+    path: Option<PathBuf>,
+    generated: Secret,
+    relay_ips: Vec<IpAddr>,
+    bound: Bound,
+    rules: Arc<ArcSwap<Rules>>,
+    shared: Arc<Shared>,
+    draining: Arc<AtomicBool>,
+    signaling: Arc<Signaling>,
+    ice: Arc<IceGrants>,
+    stream_limits: Arc<ArcSwap<StreamLimits>>,
+    certs: Option<Arc<CertStore>>,
+}
+
+/// The relay's rules from a config.
+pub fn rules_from(cfg: &Config, generated: &Secret, relay_ips: Vec<IpAddr>) -> Rules {
+    let t = &cfg.turn;
+    let secrets = if cfg.auth.secrets.is_empty() {
+        vec![generated.clone()]
+    } else {
+        cfg.auth.secrets.clone()
+    };
+    Rules {
+        credentials: Credentials::new(t.realm.clone(), secrets, cfg.auth.users.clone()),
+        policy: PeerPolicy::new(
+            t.allowed_peer_ranges.clone(),
+            t.denied_peer_ranges.clone(),
+            relay_ips,
+            t.relay_ports(),
+        ),
+        default_lifetime: t.default_lifetime(),
+        max_lifetime: t.max_lifetime(),
+        user_quota: t.user_quota,
+        total_quota: t.total_quota,
+        max_permissions: t.max_permissions,
+        max_channels: t.max_channels,
+        alternate_server: cfg.drain.alternate_server,
+    }
+}
+
+fn signal_config(cfg: &Config) -> SignalConfig {
+    SignalConfig {
+        room_capacity: cfg.signaling.room_capacity,
+        max_message_bytes: cfg.signaling.max_message_bytes,
+        ping_interval: Duration::from_millis(cfg.signaling.ping_interval_ms),
+        pong_timeout: Duration::from_millis(cfg.signaling.pong_timeout_ms),
+    }
+}
+
+pub fn stream_limits(cfg: &Config) -> StreamLimits {
+    let t = &cfg.turn;
+    StreamLimits {
+        handshake_timeout: Duration::from_millis(cfg.tls.handshake_timeout_ms),
+        unauth_timeout: Duration::from_secs(t.tcp_unauth_timeout_secs),
+        idle_timeout: Duration::from_secs(t.tcp_idle_timeout_secs),
+        unauth_per_ip: t.tcp_unauth_per_ip,
+        unauth_total: t.tcp_unauth_total,
+        proxy_from: t.proxy_protocol_from.clone(),
+    }
+}
+
+fn ice_settings(cfg: &Config, b: &Bound) -> IceSettings {
+    IceSettings {
+        public_host: cfg.http.public_host.clone(),
+        advertised_ip: b.advertised_ip,
+        turn_port: b.turn_port,
+        tcp_port: b.tcp_port,
+        tls_port: cfg.tls.public_port.or(b.tls_port),
+        rest_ttl_secs: cfg.auth.rest_ttl_secs,
+    }
+}
+
+impl Control {
+    pub fn new(p: Parts) -> Arc<Control> {
+        let ice = Arc::new(IceGrants::new(
+            ice_settings(&p.config, &p.bound),
+            p.rules.clone(),
+        ));
+        let grants = ice.clone();
+        let signaling = Signaling::new(
+            signal_config(&p.config),
+            Arc::new(move |host: Option<&str>| grants.grant_json(host)),
+            p.draining.clone(),
+        );
+        Arc::new(Control {
+            stream_limits: Arc::new(ArcSwap::from_pointee(stream_limits(&p.config))),
+            current: Mutex::new(p.config),
+            path: p.path,
+            generated: p.generated,
+            relay_ips: p.relay_ips,
+            bound: p.bound,
+            rules: p.rules,
+            shared: p.shared,
+            draining: p.draining,
+            signaling,
+            ice,
+            certs: p.certs,
+        })
+    }
+
+    pub fn signaling(&self) -> &Arc<Signaling> {
+        &self.signaling
+    }
+
+    pub fn ice(&self) -> &Arc<IceGrants> {
+        &self.ice
+    }
+
+    pub fn stream_limits(&self) -> Arc<ArcSwap<StreamLimits>> {
+        self.stream_limits.clone()
+    }
+
+    pub fn certs(&self) -> Option<&Arc<CertStore>> {
+        self.certs.as_ref()
+    }
+
+    /// A copy of the configuration in force.
+    pub fn config(&self) -> Config {
+        self.lock_current().clone()
+    }
+
+    fn lock_current(&self) -> std::sync::MutexGuard<'_, Config> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads the config file again and applies it (SIGHUP).
+    pub fn reload_file(&self) -> Result<Report, ReloadError> {
+        let path = self.path.as_deref().ok_or(ReloadError::NoFile)?;
+        let new = Config::load(Some(path), std::env::vars())?;
+        Ok(self.reload(&new)?)
+    }
+
+    /// Applies every key of `new` that may change while running; the keys
+    /// that need a restart keep their running values and are reported.
+    /// Certificates are re-read too. A refused config changes nothing.
+    pub fn reload(&self, new: &Config) -> Result<Report, ConfigError> {
+        let mut current = self.lock_current();
+        let (next, report) = reload::plan(&current, new)?;
+        self.rules.store(Arc::new(rules_from(
+            &next,
+            &self.generated,
+            self.relay_ips.clone(),
+        )));
+        self.signaling.set_config(signal_config(&next));
+        self.ice.set_settings(ice_settings(&next, &self.bound));
+        self.stream_limits.store(Arc::new(stream_limits(&next)));
+        *current = next;
+        Ok(report)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Starts draining: `/readyz` 503, new allocations refused (or sent to
+    /// `drain.alternate_server`), new joins refused; live calls go on.
+    /// Returns how long the drain may last, or None if it had started.
+    pub fn start_drain(&self) -> Option<Duration> {
+        if self.draining.swap(true, Ordering::Relaxed) {
+            return None;
+        }
+        Some(Duration::from_secs(self.lock_current().drain.grace_secs))
+    }
+
+    /// Whether no allocation and no signaling room is left.
+    pub fn is_drained(&self) -> bool {
+        self.shared.total_allocations() == 0
+            && self.signaling.stats().rooms.load(Ordering::Relaxed) == 0
+    }
+
+    /// Resolves once [`Self::is_drained`] holds.
+    pub async fn drained(&self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        while !self.is_drained() {
+            tick.tick().await;
+        }
+    }
+
+    /// Allocations and rooms still open, for the log.
+    pub fn remaining(&self) -> (usize, u64) {
+        (
+            self.shared.total_allocations(),
+            self.signaling.stats().rooms.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no config file to reload (started without --config)")]
+    NoFile,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}

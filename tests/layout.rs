@@ -1,0 +1,104 @@
+//! The crate's shape: modules depend on each other in one direction only.
+//! `app` is the composition root, which nothing but `main.rs` imports, and
+//! no two top-level modules of `src/` import each other, directly or round
+//! a longer loop.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// Top-level module → the top-level modules its files name as `crate::X`.
+fn imports() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut graph = BTreeMap::new();
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        if ["lib", "main"].contains(&name.as_str()) {
+            continue;
+        }
+        if path.is_dir() {
+            for f in std::fs::read_dir(&path).unwrap() {
+                files.push((name.clone(), f.unwrap().path()));
+            }
+        } else {
+            files.push((name, path));
+        }
+    }
+    for (module, file) in files {
+        // Code only: a doc link is not an import.
+        let text: String = std::fs::read_to_string(&file)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let deps: &mut BTreeSet<String> = graph.entry(module.clone()).or_default();
+        for (i, _) in text.match_indices("crate::") {
+            let rest = &text[i + "crate::".len()..];
+            let dep: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !dep.is_empty() && dep != module {
+                deps.insert(dep);
+            }
+        }
+        // `use crate::{a, b}` groups.
+        for (i, _) in text.match_indices("use crate::{") {
+            let rest = &text[i + "use crate::{".len()..];
+            let group = &rest[..rest.find('}').unwrap_or(0)];
+            for part in group.split(',') {
+                let dep: String = part
+                    .trim()
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !dep.is_empty() && dep != module {
+                    deps.insert(dep);
+                }
+            }
+        }
+    }
+    graph
+}
+
+#[test]
+fn only_main_imports_the_composition_root() {
+    for (module, deps) in imports() {
+        assert!(!deps.contains("app"), "src/{module} imports app");
+    }
+    let main =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/main.rs")).unwrap();
+    assert!(main.contains("turnkey::app::serve"));
+}
+
+#[test]
+fn top_level_modules_never_import_each_other() {
+    let graph = imports();
+    assert!(graph.contains_key("turn") && graph.contains_key("signal"));
+    // Depth-first search for any loop.
+    fn visit<'a>(
+        m: &'a str,
+        graph: &'a BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<&'a str>,
+        done: &mut BTreeSet<&'a str>,
+    ) {
+        if let Some(at) = path.iter().position(|p| *p == m) {
+            panic!("import loop: {} → {m}", path[at..].join(" → "));
+        }
+        if done.contains(m) {
+            return;
+        }
+        path.push(m);
+        for d in graph.get(m).into_iter().flatten() {
+            visit(d, graph, path, done);
+        }
+        path.pop();
+        done.insert(m);
+    }
+    let mut done = BTreeSet::new();
+    for m in graph.keys() {
+        visit(m, &graph, &mut Vec::new(), &mut done);
+    }
+}
