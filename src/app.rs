@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use rand::Rng;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -78,7 +79,11 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
         relay_ips.clone(),
     )));
     let draining = Arc::new(AtomicBool::new(false));
-    let shared = Arc::new(Shared::new(t.relay_ports(), draining.clone()));
+    let shared = Arc::new(Shared::new(
+        t.relay_ports(),
+        draining.clone(),
+        &mut rand::rng(),
+    ));
 
     // The relay shards: one event-loop thread each.
     let threads = match t.threads {
@@ -105,6 +110,7 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
             rules.clone(),
             shared.clone(),
             stats.clone(),
+            SmallRng::from_os_rng(),
         );
         shard_stats.push(stats.clone());
         specs.push(ShardSpec {

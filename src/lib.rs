@@ -4,6 +4,7 @@
 pub mod app;
 pub mod config;
 pub mod control;
+pub mod counter;
 pub mod http;
 pub mod ice;
 pub mod metrics;

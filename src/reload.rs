@@ -199,6 +199,78 @@ mod tests {
         );
     }
 
+    /// The README's configuration table says the same as [`KEYS`], row by
+    /// row (a row may name several keys of one kind).
+    #[test]
+    fn the_readme_table_agrees() {
+        let readme = include_str!("../README.md");
+        let mut seen = Vec::new();
+        for row in readme.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let (Some(keys), Some(reload)) = (cells.get(1), cells.get(3)) else {
+                continue;
+            };
+            for key in keys.split(" / ") {
+                let key = key.trim_matches('`');
+                let Some(want) = on_reload(key) else {
+                    continue;
+                };
+                let said = match *reload {
+                    "SIGHUP" => Applied,
+                    "restart" => Restart,
+                    other => panic!("README row for {key}: reload {other:?}"),
+                };
+                assert_eq!(said, want, "README row for {key}");
+                seen.push(key);
+            }
+        }
+        for (key, _) in KEYS {
+            assert!(seen.contains(key), "README table has no row for {key}");
+        }
+    }
+
+    /// `config/turnkey.toml` says "Needs a restart" in the comment of
+    /// exactly the keys that need one.
+    #[test]
+    fn the_example_config_agrees() {
+        let text = include_str!("../config/turnkey.toml");
+        let lines: Vec<&str> = text.lines().collect();
+        let assignment = |l: &str| {
+            let l = l.trim_start_matches('#').trim_start();
+            l.split_once(" = ")
+                .filter(|(k, _)| k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+                .map(|(k, _)| k.to_string())
+        };
+        for (key, want) in KEYS {
+            let (section, name) = key.split_once('.').unwrap();
+            let mut current = "";
+            let at = lines
+                .iter()
+                .position(|l| {
+                    // A table key (`auth.users`) is its own section.
+                    if *l == format!("[{key}]") {
+                        return true;
+                    }
+                    if let Some(s) = l.strip_prefix('[') {
+                        current = s.trim_end_matches(']');
+                    }
+                    current == section && assignment(l).as_deref() == Some(name)
+                })
+                .unwrap_or_else(|| panic!("{key} is not in config/turnkey.toml"));
+            // Its comment: the lines above its group of assignments.
+            let mut i = at;
+            while i > 0 && assignment(lines[i - 1]).is_some() {
+                i -= 1;
+            }
+            let mut restart = false;
+            while i > 0 && lines[i - 1].starts_with('#') && assignment(lines[i - 1]).is_none() {
+                i -= 1;
+                restart |= lines[i].contains("Needs a restart");
+            }
+            assert_eq!(restart, *want == Restart, "comment of {key}");
+        }
+    }
+
     #[test]
     fn nothing_changed_reports_nothing() {
         let c = Config::default();

@@ -35,9 +35,11 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::counter::inc;
 use crate::proxy_protocol::{self, Proxied};
 use crate::relay::{ShardHandle, StreamEvent, StreamLink};
 use crate::turn::allocation::{FiveTuple, Transport};
+use crate::turn::wire::{kind_of_first_byte, Kind};
 
 /// Answers queued towards one connection before it counts as not reading.
 const OUT_QUEUE: usize = 256;
@@ -193,18 +195,16 @@ impl Streams {
                 Ok(Ok(Proxied::Client(addr))) => client = addr,
                 Ok(Ok(_)) => {}
                 _ => {
-                    self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    inc(&self.stats.protocol_errors);
                     return;
                 }
             }
         }
         let Some(slot) = self.admit(client.ip(), &limits) else {
-            self.stats
-                .refused_over_limit
-                .fetch_add(1, Ordering::Relaxed);
+            inc(&self.stats.refused_over_limit);
             return;
         };
-        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        inc(&self.stats.accepted);
         if tls {
             let Some(acceptor) = self.tls.clone() else {
                 return;
@@ -217,9 +217,7 @@ impl Streams {
                         _ => "timed out".to_string(),
                     };
                     tracing::debug!(%client, "TLS handshake failed: {why}");
-                    self.stats
-                        .handshake_failures
-                        .fetch_add(1, Ordering::Relaxed);
+                    inc(&self.stats.handshake_failures);
                     return;
                 }
             };
@@ -259,8 +257,9 @@ impl Streams {
                     Ok(Ok(1)) => {
                         // A TURN client's first message is STUN: there is no
                         // channel to send ChannelData on yet. (HTTP methods
-                        // start with letters, 0x41 and up.)
-                        let turn = first[0] <= 0x03;
+                        // start with capital letters, which RFC 7983 would
+                        // read as ChannelData.)
+                        let turn = kind_of_first_byte(first[0]) == Kind::Stun;
                         let prefixed = Prefixed {
                             prefix: first.to_vec(),
                             inner: stream,
@@ -274,7 +273,7 @@ impl Streams {
                     }
                     Ok(_) => return,
                     Err(_) => {
-                        self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                        inc(&self.stats.timed_out);
                         return;
                     }
                 }
@@ -382,7 +381,7 @@ impl Streams {
                         continue;
                     }
                     _ = &mut deadline => {
-                        stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                        inc(&stats.timed_out);
                         return;
                     }
                 }
@@ -396,7 +395,7 @@ impl Streams {
                         }
                         Ok(None) => break,
                         Err(BadFrame) => {
-                            stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                            inc(&stats.protocol_errors);
                             return;
                         }
                     }
@@ -430,9 +429,9 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, BadFrame> {
         return Ok(None);
     };
     let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
-    let total = match first {
-        0x00..=0x03 if len % 4 == 0 => 20 + len,
-        0x40..=0x7F => (4 + len + 3) & !3,
+    let total = match kind_of_first_byte(first) {
+        Kind::Stun if len % 4 == 0 => 20 + len,
+        Kind::ChannelData => (4 + len + 3) & !3,
         _ => return Err(BadFrame),
     };
     if total > MAX_FRAME + 3 {

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use libfuzzer_sys::fuzz_target;
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
 use stun::agent::TransactionId;
 use stun::attributes::*;
 use stun::fingerprint::FINGERPRINT;
@@ -88,7 +90,7 @@ impl Harness {
             max_channels: 3,
             alternate_server: Some(SocketAddr::new(Ipv4Addr::new(192, 0, 2, 11).into(), 3478)),
         };
-        let shared = Arc::new(Shared::new(PORTS, Default::default()));
+        let shared = Arc::new(Shared::new(PORTS, Default::default(), &mut SmallRng::seed_from_u64(1)));
         let cfg = CoreConfig {
             relay_v4: Some(RELAY_IP.into()),
             relay_v6: Some(RELAY_IP6.into()),
@@ -101,6 +103,8 @@ impl Harness {
             Arc::new(ArcSwap::from_pointee(rules)),
             shared.clone(),
             Arc::new(TurnStats::default()),
+            // Deterministic: a crashing input replays exactly.
+            SmallRng::seed_from_u64(7),
         );
         Harness {
             s,

@@ -101,7 +101,7 @@ impl SignalStats {
 
     fn count_error(&self, code: ErrorCode) {
         if let Some(counter) = self.errors_total.get(code.index()) {
-            counter.fetch_add(1, Ordering::Relaxed);
+            crate::counter::inc(counter);
         }
     }
 }

@@ -32,6 +32,8 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::counter::inc;
+
 use super::protocol::{self, ClientMessage, ParseError, ServerMessage};
 use super::rooms::{Delivery, IceGrant, RoomError};
 use super::timers::{self, Beat, Heartbeat};
@@ -101,9 +103,9 @@ impl Signaling {
         for Delivery { to, msg } in deliveries {
             match &msg {
                 ServerMessage::Error { code, .. } => self.stats.count_error(*code),
-                ServerMessage::Joined { .. } => bump(&self.stats.joins_total),
-                ServerMessage::Full { .. } => bump(&self.stats.full_total),
-                ServerMessage::IceServers { .. } => bump(&self.stats.ice_refreshes_total),
+                ServerMessage::Joined { .. } => inc(&self.stats.joins_total),
+                ServerMessage::Full { .. } => inc(&self.stats.full_total),
+                ServerMessage::IceServers { .. } => inc(&self.stats.ice_refreshes_total),
                 _ => {}
             }
             let text = match serde_json::to_string(&msg) {
@@ -117,7 +119,7 @@ impl Signaling {
             let peers = self.lock_peers();
             for handle in to.iter().filter_map(|id| peers.get(id)) {
                 if self.push(&handle.tx, &handle.kick, Outgoing::Text(text.clone())) && relayed {
-                    bump(&self.stats.messages_relayed_total);
+                    inc(&self.stats.messages_relayed_total);
                 }
             }
         }
@@ -129,7 +131,7 @@ impl Signaling {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
                 if !kick.fired.swap(true, Ordering::Relaxed) {
-                    bump(&self.stats.slow_consumer_drops_total);
+                    inc(&self.stats.slow_consumer_drops_total);
                     kick.notify.notify_one();
                 }
                 false
@@ -165,10 +167,6 @@ impl Signaling {
             self.idle.notify_waiters();
         }
     }
-}
-
-fn bump(counter: &std::sync::atomic::AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Why a connection's reader loop ended.
@@ -305,7 +303,7 @@ impl Conn {
                 None
             }
             Beat::Dead => {
-                bump(&self.sig.stats.heartbeat_drops_total);
+                inc(&self.sig.stats.heartbeat_drops_total);
                 tracing::debug!(peer = %self.id, "signaling peer silent past the pong timeout");
                 Some(End::Dropped)
             }

@@ -274,11 +274,13 @@ impl Server {
         for _ in 0..16 {
             let port = self.shared.lock_ports(v6).pool.take(even, pair)?;
             let relay = RelayId { v6, port };
-            let next = RelayId { v6, port: port + 1 };
+            // Only a pair has a neighbour (the pool never hands out 65535
+            // as the even half of one).
+            let next = port.checked_add(1).map(|port| RelayId { v6, port });
             if io.open_relay(relay, dont_fragment) {
                 // The reserved neighbour is bound now and held until claimed
                 // or expired, so no other process can take it meanwhile.
-                if !pair || io.reserve_relay(next) {
+                if !pair || next.is_some_and(|n| io.reserve_relay(n)) {
                     self.stats
                         .relay_ports_used
                         .fetch_add(1 + i64::from(pair), Ordering::Relaxed);
@@ -287,8 +289,8 @@ impl Server {
                 io.close_relay(relay);
                 self.shared.lock_ports(v6).pool.give_back(port);
             }
-            if pair {
-                self.shared.lock_ports(v6).pool.give_back(port + 1);
+            if let (true, Some(n)) = (pair, next) {
+                self.shared.lock_ports(v6).pool.give_back(n.port);
             }
         }
         None

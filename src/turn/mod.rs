@@ -1,4 +1,5 @@
-//! STUN/TURN: the sans-IO protocol core and its UDP shell.
+//! STUN/TURN: the sans-IO protocol core. It touches no socket and reads no
+//! clock; the shells (`relay.rs` for UDP, `stream.rs` for TCP/TLS) feed it.
 
 pub mod allocation;
 pub mod auth;
@@ -9,3 +10,4 @@ pub mod reply;
 pub mod server;
 pub mod stats;
 pub mod wire;
+pub mod world;

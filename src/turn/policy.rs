@@ -41,8 +41,11 @@
 //! `64:ff9b::/96` means "not through the translator", not "no IPv4"), and
 //! allowed ranges never are: widening an allow can only open more.
 //!
-//! The checks run per relayed datagram, so they allocate nothing: they are
-//! straight scans over small slices and constant tables.
+//! The checks run on the control path and on Send indications: at
+//! CreatePermission, at ChannelBind (a bound channel's peer was checked
+//! then, so ChannelData is not checked per datagram), and for each Send
+//! indication's destination. They allocate nothing: they are straight
+//! scans over small slices and constant tables.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
@@ -333,8 +336,7 @@ impl PeerPolicy {
         self.judge(ip, normalise(ip))
     }
 
-    /// For Send indications, ChannelBind and every relayed datagram's
-    /// destination.
+    /// For Send indications and ChannelBind, which name a port too.
     pub fn check(&self, peer: SocketAddr) -> Result<(), Denial> {
         if self.relay_ips.contains(&peer.ip()) {
             return if self.relay_ports.contains(&peer.port()) {

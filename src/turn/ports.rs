@@ -1,4 +1,5 @@
-//! The relay port pool of one shard.
+//! A relay port pool, one per address family, shared by every shard
+//! (behind a lock on the control path, never touched per packet).
 //!
 //! Ports are handed out in random order (RFC 8656 §7.2 asks for
 //! unpredictable relayed ports) and a freed port goes to the back of the

@@ -3,8 +3,9 @@
 use super::*;
 use crate::config::Secret;
 use crate::turn::allocation::{RelayId, Transport};
-use crate::turn::auth::{long_term_key, mint};
+use crate::turn::auth::{long_term_key, mint, Credentials};
 use crate::turn::policy::PeerPolicy;
+use rand::SeedableRng;
 use std::collections::BTreeMap;
 use stun::agent::TransactionId;
 use stun::error_code::ErrorCodeAttribute;
@@ -112,7 +113,11 @@ fn harness_families(rules: Rules, ports: std::ops::RangeInclusive<u16>, v6: bool
         mono0: now,
         unix0: 1_700_000_000,
     };
-    let shared = Arc::new(Shared::new(ports, Default::default()));
+    let shared = Arc::new(Shared::new(
+        ports,
+        Default::default(),
+        &mut SmallRng::seed_from_u64(1),
+    ));
     let stats = Arc::new(TurnStats::default());
     let cfg = CoreConfig {
         relay_v4: Some(RELAY_IP.parse().unwrap()),
@@ -126,6 +131,7 @@ fn harness_families(rules: Rules, ports: std::ops::RangeInclusive<u16>, v6: bool
         Arc::new(ArcSwap::from_pointee(rules)),
         shared.clone(),
         stats.clone(),
+        SmallRng::seed_from_u64(7),
     );
     Harness {
         s,
@@ -802,6 +808,14 @@ fn a_stream_allocation_that_ends_closes_its_connection() {
     h.s.handle_timeout(h.now, &mut h.io);
     assert_eq!(h.s.allocation_count(), 0);
     assert_eq!(h.io.closed_clients, vec![tcp(4000), tcp(4001)]);
+}
+
+#[test]
+fn the_last_port_of_the_range_is_usable() {
+    // Debug builds panicked computing the neighbour of port 65535.
+    let mut h = harness_with(rules(8), 65535..=65535);
+    let relayed = h.allocate(ft(4000), &mut cred("alice", "wonderland"));
+    assert_eq!(relayed.port(), 65535);
 }
 
 #[test]

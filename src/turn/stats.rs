@@ -40,8 +40,6 @@ pub struct TurnStats {
     pub stream_overflows: AtomicU64,
 }
 
-/// Counts one event. The `uncounted` feature (benchmarks only) compiles
-/// counting away, to measure what the counters cost on the relay path.
 /// Packets and application bytes of one kind of relayed traffic.
 #[derive(Default)]
 pub struct Flow {
@@ -75,21 +73,7 @@ pub const FRAMINGS: [(Framing, &str); 2] = [
     (Framing::Indication, "indication"),
 ];
 
-#[inline]
-pub fn inc(c: &AtomicU64) {
-    #[cfg(not(feature = "uncounted"))]
-    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    #[cfg(feature = "uncounted")]
-    let _ = c;
-}
-
-#[inline]
-pub fn add(c: &AtomicU64, n: usize) {
-    #[cfg(not(feature = "uncounted"))]
-    c.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-    #[cfg(feature = "uncounted")]
-    let _ = (c, n);
-}
+pub use crate::counter::{add, inc};
 
 impl TurnStats {
     #[inline]

@@ -38,10 +38,22 @@ pub enum Kind {
     Other,
 }
 
+/// The RFC 7983 rule itself: 0–3 is STUN, 64–127 ChannelData (TURN
+/// channels), anything else not ours. Datagrams, stream framing and the
+/// shared TCP/TLS port all decide by this one function.
+pub fn kind_of_first_byte(b: u8) -> Kind {
+    match b {
+        0..=3 => Kind::Stun,
+        0x40..=0x7F => Kind::ChannelData,
+        _ => Kind::Other,
+    }
+}
+
+/// A datagram's kind, when it is long enough to be one.
 pub fn classify(b: &[u8]) -> Kind {
-    match b.first() {
-        Some(0..=3) if b.len() >= HEADER_LEN => Kind::Stun,
-        Some(0x40..=0x7F) if b.len() >= CHANNEL_HEADER_LEN => Kind::ChannelData,
+    match b.first().map(|&f| kind_of_first_byte(f)) {
+        Some(Kind::Stun) if b.len() >= HEADER_LEN => Kind::Stun,
+        Some(Kind::ChannelData) if b.len() >= CHANNEL_HEADER_LEN => Kind::ChannelData,
         _ => Kind::Other,
     }
 }
