@@ -105,6 +105,7 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
                 relay_v6: families.advertised[1],
                 nonce_key,
                 nonce_lifetime: t.nonce_lifetime(),
+                shards: threads,
             },
             clock,
             rules.clone(),
@@ -122,6 +123,17 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
         });
     }
     let relay = Relay::start(specs).context("starting the TURN listeners")?;
+    if let Some((lo, hi)) = ephemeral_ports() {
+        if lo <= t.relay_port_max && t.relay_port_min <= hi {
+            tracing::warn!(
+                "the relay ports {}-{} overlap the kernel's ephemeral ports {lo}-{hi} \
+                 (net.ipv4.ip_local_port_range): the host's own connections may hold relay \
+                 ports; choose a range above {hi} or reserve it (net.ipv4.ip_local_reserved_ports)",
+                t.relay_port_min,
+                t.relay_port_max
+            );
+        }
+    }
     let turn_addrs = relay.local_addrs().to_vec();
 
     // Every TCP listener, bound before anything is announced.
@@ -134,6 +146,8 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
     let http_listener = bind_all(vec![cfg.http.listen], "http.listen").await?;
     let metrics_listener =
         bind_all(cfg.metrics.listen.into_iter().collect(), "metrics.listen").await?;
+    let admin_listener = bind_all(cfg.admin.listen.into_iter().collect(), "admin.listen").await?;
+    let admin_addr = local(&admin_listener);
     let (tcp_addrs, tls_addrs) = (local(&tcp_listeners), local(&tls_listeners));
     let http_addr = local(&http_listener);
     let metrics_addr = local(&metrics_listener);
@@ -178,6 +192,13 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
         let app = crate::http::metrics_router(http_state.clone());
         tasks.spawn(serve_http(l, app, stop.clone()));
     }
+    for l in admin_listener {
+        let app = crate::admin::router(crate::admin::AdminState {
+            control: control.clone(),
+            shards: relay.handles(),
+        });
+        tasks.spawn(serve_http(l, app, stop.clone()));
+    }
     for l in http_listener {
         let app = crate::http::router(http_state.clone());
         tasks.spawn(serve_http(l, app, stop.clone()));
@@ -207,12 +228,13 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
         &metrics_addr
     };
     tracing::info!(
-        "ready: http={} turn={} tcp={} tls={} metrics={} relay={advertised_ip} ports={}-{} shards={threads}",
+        "ready: http={} turn={} tcp={} tls={} metrics={} admin={} relay={advertised_ip} ports={}-{} shards={threads}",
         addr_list(&http_addr),
         addr_list(&turn_addrs),
         addr_list(&tcp_addrs),
         addr_list(&tls_addrs),
         addr_list(metrics_at),
+        addr_list(&admin_addr),
         t.relay_port_min,
         t.relay_port_max
     );
@@ -444,6 +466,13 @@ impl RelayFamilies {
     fn relay_ips(&self) -> Vec<IpAddr> {
         self.advertised.iter().flatten().copied().collect()
     }
+}
+
+/// Linux's range for the host's own outgoing ports, if it can be read.
+fn ephemeral_ports() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(|n| n.parse::<u16>().ok());
+    Some((it.next()??, it.next()??))
 }
 
 /// The address of the interface that routes to the internet, found by a

@@ -75,6 +75,17 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub drain: DrainConfig,
     pub tls: TlsConfig,
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// The admin API (sessions: list, end by id or user). Off unless set;
+    /// keep it on loopback or a private network.
+    pub listen: Option<SocketAddr>,
+    /// Bearer token the admin API requires (at least 16 characters).
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -197,8 +208,25 @@ pub struct TurnConfig {
     pub max_lifetime_secs: u64,
     /// How long a nonce stays fresh before 438 Stale Nonce.
     pub nonce_lifetime_secs: u64,
-    /// Allocations one username may hold at once (486 beyond); 0 = no cap.
+    /// Allocations one user may hold at once (486 beyond); a REST username
+    /// `EXPIRY:USER` counts as USER. 0 = no cap.
     pub user_quota: usize,
+    /// Allocations one client address (IPv6: one /64) may hold at once
+    /// (486 beyond); 0 = no cap.
+    pub ip_quota: usize,
+    /// Relayed bytes per second per allocation, each direction (excess is
+    /// dropped); 0 = unlimited.
+    pub max_bps: u64,
+    /// Relayed bytes per second for the whole relay; 0 = unlimited.
+    pub bps_capacity: u64,
+    /// An allocation ends this long after it was made, however often it is
+    /// refreshed; 0 = never.
+    pub max_allocation_age_secs: u64,
+    /// Per client address (IPv6: /64): requests without valid credentials,
+    /// and Binding requests, answered per second (twice that at once);
+    /// beyond, they are dropped. 0 = unlimited.
+    pub unauth_requests_per_sec: u64,
+    pub binding_requests_per_sec: u64,
     /// Allocations in all; 0 = limited only by the port range.
     pub total_quota: usize,
     /// Permissions and channels per allocation.
@@ -220,6 +248,9 @@ pub struct AuthConfig {
     pub rest_ttl_secs: u64,
     /// Static long-term users: name = password.
     pub users: BTreeMap<String, Secret>,
+    /// On reload, end the allocations made with a static user or a REST
+    /// secret that the new configuration removed.
+    pub revoke_on_reload: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -260,7 +291,7 @@ impl Default for TurnConfig {
             external_ip_v6: None,
             tcp_listen: None,
             tcp_unauth_timeout_secs: 10,
-            tcp_unauth_per_ip: 32,
+            tcp_unauth_per_ip: 8,
             tcp_unauth_total: 2048,
             tcp_idle_timeout_secs: 3600,
             proxy_protocol_from: Vec::new(),
@@ -272,6 +303,12 @@ impl Default for TurnConfig {
             max_lifetime_secs: 3600,
             nonce_lifetime_secs: 600,
             user_quota: 64,
+            ip_quota: 128,
+            max_bps: 3_000_000,
+            bps_capacity: 0,
+            max_allocation_age_secs: 86_400,
+            unauth_requests_per_sec: 20,
+            binding_requests_per_sec: 50,
             total_quota: 0,
             max_permissions: 64,
             max_channels: 64,
@@ -287,6 +324,7 @@ impl Default for AuthConfig {
             secrets: Vec::new(),
             rest_ttl_secs: 24 * 3600,
             users: BTreeMap::new(),
+            revoke_on_reload: false,
         }
     }
 }
@@ -420,8 +458,11 @@ impl Config {
                     "user names must be non-empty and contain no ':' (reserved for REST credentials)",
                 ));
             }
-            if pw.expose().is_empty() {
-                return Err(invalid(&format!("auth.users.{name}"), "empty password"));
+            if pw.expose().chars().count() < 12 {
+                return Err(invalid(
+                    &format!("auth.users.{name}"),
+                    "password shorter than 12 characters",
+                ));
             }
         }
         let s = &self.signaling;
@@ -509,6 +550,26 @@ impl Config {
                 ));
             }
         }
+        if let Some(addr) = self.admin.listen {
+            match &self.admin.token {
+                None => {
+                    return Err(invalid(
+                        "admin.token",
+                        "is required when admin.listen is set",
+                    ))
+                }
+                Some(t) if t.expose().len() < 16 => {
+                    return Err(invalid("admin.token", "is shorter than 16 characters"))
+                }
+                Some(_) => {}
+            }
+            if addr == self.http.listen && addr.port() != 0 {
+                return Err(invalid(
+                    "admin.listen",
+                    "must not be http.listen (a public listener)",
+                ));
+            }
+        }
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "is empty"));
         }
@@ -530,6 +591,10 @@ impl TurnConfig {
     }
     pub fn max_lifetime(&self) -> Duration {
         Duration::from_secs(self.max_lifetime_secs)
+    }
+    pub fn max_allocation_age(&self) -> Option<Duration> {
+        (self.max_allocation_age_secs > 0)
+            .then(|| Duration::from_secs(self.max_allocation_age_secs))
     }
     pub fn nonce_lifetime(&self) -> Duration {
         Duration::from_secs(self.nonce_lifetime_secs)

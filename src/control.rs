@@ -25,8 +25,9 @@ use crate::signal::{SignalConfig, Signaling};
 use crate::stream::StreamLimits;
 use crate::tls::CertStore;
 use crate::turn::auth::Credentials;
+use crate::turn::limits::Rate;
 use crate::turn::policy::PeerPolicy;
-use crate::turn::server::{Rules, Shared};
+use crate::turn::server::{Limits, Rules, Shared};
 
 /// What was bound at start and goes into `iceServers`.
 #[derive(Debug, Clone, Copy)]
@@ -91,6 +92,22 @@ pub fn rules_from(cfg: &Config, generated: &Secret, relay_ips: Vec<IpAddr>) -> R
         max_permissions: t.max_permissions,
         max_channels: t.max_channels,
         alternate_server: cfg.drain.alternate_server,
+        limits: Limits {
+            ip_quota: t.ip_quota,
+            max_bps: t.max_bps,
+            bps_capacity: t.bps_capacity,
+            max_allocation_age: t.max_allocation_age(),
+            revoke_on_reload: cfg.auth.revoke_on_reload,
+            // Twice the rate at once: a browser's first requests come together.
+            unauth_rate: Rate {
+                per_sec: t.unauth_requests_per_sec,
+                burst: t.unauth_requests_per_sec * 2,
+            },
+            binding_rate: Rate {
+                per_sec: t.binding_requests_per_sec,
+                burst: t.binding_requests_per_sec * 2,
+            },
+        },
     }
 }
 

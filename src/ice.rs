@@ -217,6 +217,7 @@ mod tests {
             max_permissions: 8,
             max_channels: 8,
             alternate_server: None,
+            limits: Default::default(),
         };
         IceGrants::new(
             IceSettings {

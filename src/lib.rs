@@ -1,6 +1,7 @@
 //! turnkey: a STUN/TURN relay, WebSocket signaling and a demo video-chat
 //! page in one binary.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod control;

@@ -211,12 +211,25 @@ impl Metrics {
         )?;
         self.counter(
             "turnkey_turn_quota_rejections_total",
-            "Allocations refused: per-user quota (486) or server capacity (508).",
+            "Allocations refused: per-user or per-address quota (486), or total quota or no free port (508).",
             &["kind"],
             vec![
                 (vec!["user"], c!(quota_rejections)),
+                (vec!["ip"], c!(ip_quota_rejections)),
                 (vec!["capacity"], c!(capacity_rejections)),
             ],
+        )?;
+        self.counter(
+            "turnkey_turn_rate_limited_total",
+            "Requests without valid credentials, and Bindings, dropped over their sender's budget.",
+            &[],
+            vec![(vec![], c!(rate_limited))],
+        )?;
+        self.counter(
+            "turnkey_turn_relay_bind_failures_total",
+            "Relay ports that failed to bind (held by another process); they cool off and return to the pool.",
+            &[],
+            vec![(vec![], c!(relay_bind_failures))],
         )?;
         self.counter(
             "turnkey_turn_dropped_packets_total",
@@ -226,6 +239,7 @@ impl Metrics {
                 (vec!["malformed"], c!(dropped_malformed)),
                 (vec!["no_allocation"], c!(dropped_no_allocation)),
                 (vec!["no_permission"], c!(dropped_no_permission)),
+                (vec!["over_bandwidth"], c!(dropped_over_bandwidth)),
             ],
         )?;
         self.counter(
@@ -249,9 +263,17 @@ impl Metrics {
                     }),
                 ),
                 (
+                    vec!["cooling"],
+                    Box::new(|s: &[Arc<TurnStats>], _: &SignalStats, _| {
+                        sum_i(s, |t| &t.relay_ports_cooling)
+                    }),
+                ),
+                (
                     vec!["free"],
                     Box::new(|s: &[Arc<TurnStats>], _: &SignalStats, total| {
-                        total - sum_i(s, |t| &t.relay_ports_used)
+                        total
+                            - sum_i(s, |t| &t.relay_ports_used)
+                            - sum_i(s, |t| &t.relay_ports_cooling)
                     }),
                 ),
             ],

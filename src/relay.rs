@@ -30,7 +30,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::mpsc;
 
 use crate::turn::allocation::{FiveTuple, RelayId, Transport};
-use crate::turn::server::{Io, Server};
+use crate::turn::server::{AllocationInfo, EndWhich, Io, Server};
 use crate::turn::stats::{inc, TurnStats};
 
 const WAKER: Token = Token(usize::MAX);
@@ -60,6 +60,14 @@ pub enum StreamEvent {
     Closed {
         ft: FiveTuple,
     },
+    /// An operator's question or order (the admin API).
+    Admin(AdminRequest),
+}
+
+/// What the admin API asks a shard.
+pub enum AdminRequest {
+    List(tokio::sync::oneshot::Sender<Vec<AllocationInfo>>),
+    End(EndWhich, tokio::sync::oneshot::Sender<usize>),
 }
 
 /// What a shard tells a stream connection's task.
@@ -504,8 +512,14 @@ fn drain_streams(
                 }
             }
             Ok(StreamEvent::Closed { ft }) => {
-                core.connection_closed(&ft, io);
+                core.connection_closed(now, &ft, io);
                 io.streams.remove(&ft);
+            }
+            Ok(StreamEvent::Admin(AdminRequest::List(reply))) => {
+                let _ = reply.send(core.allocations(now));
+            }
+            Ok(StreamEvent::Admin(AdminRequest::End(which, reply))) => {
+                let _ = reply.send(core.end_allocations(&which, now, io));
             }
             Err(_) => return false,
         }

@@ -47,6 +47,12 @@ pub const KEYS: &[(&str, OnReload)] = &[
     ("turn.max_lifetime_secs", Applied),
     ("turn.nonce_lifetime_secs", Restart),
     ("turn.user_quota", Applied),
+    ("turn.ip_quota", Applied),
+    ("turn.max_bps", Applied),
+    ("turn.bps_capacity", Applied),
+    ("turn.max_allocation_age_secs", Applied),
+    ("turn.unauth_requests_per_sec", Applied),
+    ("turn.binding_requests_per_sec", Applied),
     ("turn.total_quota", Applied),
     ("turn.max_permissions", Applied),
     ("turn.max_channels", Applied),
@@ -55,6 +61,7 @@ pub const KEYS: &[(&str, OnReload)] = &[
     ("auth.secrets", Applied),
     ("auth.rest_ttl_secs", Applied),
     ("auth.users", Applied),
+    ("auth.revoke_on_reload", Applied),
     ("signaling.room_capacity", Applied),
     ("signaling.max_message_bytes", Applied),
     ("signaling.ping_interval_ms", Applied),
@@ -67,6 +74,8 @@ pub const KEYS: &[(&str, OnReload)] = &[
     ("tls.key_file", Restart),
     ("tls.handshake_timeout_ms", Applied),
     ("tls.public_port", Applied),
+    ("admin.listen", Restart),
+    ("admin.token", Applied),
 ];
 
 pub fn on_reload(key: &str) -> Option<OnReload> {
@@ -107,6 +116,7 @@ fn changed(old: &Config, new: &Config) -> Vec<&'static str> {
         .filter(|k| match *k {
             "auth.secrets" => old.auth.secrets != new.auth.secrets,
             "auth.users" => old.auth.users != new.auth.users,
+            "admin.token" => old.admin.token != new.admin.token,
             _ => {
                 let get = |v: &[(String, serde_json::Value)]| {
                     v.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone())
@@ -140,9 +150,10 @@ pub fn plan(old: &Config, new: &Config) -> Result<(Config, Report), ConfigError>
                 *slot = was.clone();
             }
         }
-        let auth = next.auth.clone();
+        let (auth, admin_token) = (next.auth.clone(), next.admin.token.clone());
         next = serde_json::from_value(v).map_err(|e| ConfigError::Load(e.to_string()))?;
         next.auth = auth;
+        next.admin.token = admin_token;
     }
     next.validate()?;
     Ok((

@@ -39,6 +39,7 @@ use crate::counter::inc;
 use crate::proxy_protocol::{self, Proxied};
 use crate::relay::{ShardHandle, StreamEvent, StreamLink};
 use crate::turn::allocation::{FiveTuple, Transport};
+use crate::turn::limits::client_key;
 use crate::turn::wire::{kind_of_first_byte, Kind};
 
 /// Answers queued towards one connection before it counts as not reading.
@@ -73,8 +74,10 @@ pub struct Streams {
     limits: Arc<ArcSwap<StreamLimits>>,
     http: axum::Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    unauth: Mutex<HashMap<IpAddr, usize>>,
-    unauth_total: AtomicUsize,
+    /// Connections without an allocation, counted per listener kind (TURN
+    /// TCP [0], TLS [1]): a flood of one never starves the other, so
+    /// HTTPS and WSS on 443 keep working while 3478/tcp is flooded.
+    unauth: [Unauthenticated; 2],
     stats: Arc<StreamStats>,
     /// Every connection task, so stop can wait for them.
     tasks: TaskTracker,
@@ -82,10 +85,18 @@ pub struct Streams {
     stop: CancellationToken,
 }
 
+/// Connections without an allocation of one listener kind: per client
+/// address key (IPv6 per /64) and in total.
+#[derive(Default)]
+struct Unauthenticated {
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    total: AtomicUsize,
+}
+
 /// Holds a connection's place under the unauthenticated caps until it
 /// gets an allocation (or ends).
 struct UnauthSlot<'a> {
-    streams: &'a Streams,
+    budget: &'a Unauthenticated,
     ip: IpAddr,
     held: bool,
 }
@@ -93,8 +104,8 @@ struct UnauthSlot<'a> {
 impl UnauthSlot<'_> {
     fn release(&mut self) {
         if std::mem::take(&mut self.held) {
-            self.streams.unauth_total.fetch_sub(1, Ordering::Relaxed);
-            if let Ok(mut m) = self.streams.unauth.lock() {
+            self.budget.total.fetch_sub(1, Ordering::Relaxed);
+            if let Ok(mut m) = self.budget.per_ip.lock() {
                 if let Some(n) = m.get_mut(&self.ip) {
                     *n -= 1;
                     if *n == 0 {
@@ -127,19 +138,19 @@ impl Streams {
             limits,
             http,
             tls: tls.map(tokio_rustls::TlsAcceptor::from),
-            unauth: Mutex::new(HashMap::new()),
-            unauth_total: AtomicUsize::new(0),
+            unauth: Default::default(),
             stats,
             tasks,
             stop,
         })
     }
 
-    fn admit(&self, ip: IpAddr, limits: &StreamLimits) -> Option<UnauthSlot<'_>> {
-        let mut m = self.unauth.lock().ok()?;
+    fn admit(&self, ip: IpAddr, tls: bool, limits: &StreamLimits) -> Option<UnauthSlot<'_>> {
+        let budget = &self.unauth[usize::from(tls)];
+        let ip = client_key(ip);
+        let mut m = budget.per_ip.lock().ok()?;
         let n = m.entry(ip).or_insert(0);
-        if *n >= limits.unauth_per_ip
-            || self.unauth_total.load(Ordering::Relaxed) >= limits.unauth_total
+        if *n >= limits.unauth_per_ip || budget.total.load(Ordering::Relaxed) >= limits.unauth_total
         {
             if *n == 0 {
                 m.remove(&ip);
@@ -147,9 +158,9 @@ impl Streams {
             return None;
         }
         *n += 1;
-        self.unauth_total.fetch_add(1, Ordering::Relaxed);
+        budget.total.fetch_add(1, Ordering::Relaxed);
         Some(UnauthSlot {
-            streams: self,
+            budget,
             ip,
             held: true,
         })
@@ -200,7 +211,7 @@ impl Streams {
                 }
             }
         }
-        let Some(slot) = self.admit(client.ip(), &limits) else {
+        let Some(slot) = self.admit(client.ip(), tls, &limits) else {
             inc(&self.stats.refused_over_limit);
             return;
         };

@@ -174,7 +174,7 @@ async fn a_second_sigterm_stops_at_once_and_leaves_no_task() {
         let tcp = tokio::net::TcpStream::connect(tk.tcp.unwrap())
             .await
             .unwrap();
-        let mut turn = StreamTurn::new(tcp, "alice", "wonderland");
+        let mut turn = StreamTurn::new(tcp, "alice", "wonderland-rabbit");
         turn.allocate().await.expect("allocates over TCP");
         let _idle = tokio::net::TcpStream::connect(tk.tcp.unwrap())
             .await

@@ -81,20 +81,26 @@ fn check(extra: &[&str], name: &str) {
 
 #[test]
 fn uclient_with_channels() {
-    check(&["-u", "alice", "-w", "wonderland"], "uclient-channels");
+    check(
+        &["-u", "alice", "-w", "wonderland-rabbit"],
+        "uclient-channels",
+    );
 }
 
 #[test]
 fn uclient_without_channels() {
     check(
-        &["-c", "-u", "alice", "-w", "wonderland"],
+        &["-c", "-u", "alice", "-w", "wonderland-rabbit"],
         "uclient-nochannels",
     );
 }
 
 #[test]
 fn uclient_with_send_indications() {
-    check(&["-s", "-u", "alice", "-w", "wonderland"], "uclient-send");
+    check(
+        &["-s", "-u", "alice", "-w", "wonderland-rabbit"],
+        "uclient-send",
+    );
 }
 
 #[test]
@@ -104,7 +110,10 @@ fn uclient_with_rest_credentials() {
 
 #[test]
 fn uclient_over_tcp() {
-    check(&["-t", "-u", "alice", "-w", "wonderland"], "uclient-tcp");
+    check(
+        &["-t", "-u", "alice", "-w", "wonderland-rabbit"],
+        "uclient-tcp",
+    );
 }
 
 #[test]
@@ -115,7 +124,7 @@ fn uclient_over_tcp_with_rest_credentials() {
 #[test]
 fn uclient_over_tls() {
     check(
-        &["-t", "-S", "-u", "alice", "-w", "wonderland"],
+        &["-t", "-S", "-u", "alice", "-w", "wonderland-rabbit"],
         "uclient-tls",
     );
 }

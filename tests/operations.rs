@@ -19,8 +19,8 @@ const P2C_BYTES: &str = r#"turnkey_turn_relayed_bytes_total{direction="peer_to_c
 
 /// Two raw clients with channels bound to each other's relays.
 fn channel_pair(tk: &Turnkey) -> (Raw, Raw, SocketAddr, SocketAddr) {
-    let mut a = Raw::new(tk.turn, "alice", "wonderland");
-    let mut b = Raw::new(tk.turn, "bob", "builder");
+    let mut a = Raw::new(tk.turn, "alice", "wonderland-rabbit");
+    let mut b = Raw::new(tk.turn, "bob", "builder-of-things");
     let ra = a.allocate().expect("alice allocates");
     let rb = b.allocate().expect("bob allocates");
     a.bind_channel(0x4001, rb).expect("alice binds");
@@ -215,7 +215,9 @@ fn reload_config(secret: &str, allow_loopback: bool) -> String {
         ""
     };
     base_config(&format!("relay_ip = \"127.0.0.2\"\n{allow}"))
-        + &format!("[auth]\nsecrets = [\"{secret}\"]\n[auth.users]\nalice = \"wonderland\"\n")
+        + &format!(
+            "[auth]\nsecrets = [\"{secret}\"]\n[auth.users]\nalice = \"wonderland-rabbit\"\n"
+        )
 }
 
 fn wait_log(tk: &Turnkey, needle: &str) {
@@ -297,7 +299,7 @@ fn sigusr1_drains_and_exits_when_the_last_allocation_ends() {
         assert!(Instant::now() < deadline, "/readyz never turned 503");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut late = Raw::new(tk.turn, "alice", "wonderland");
+    let mut late = Raw::new(tk.turn, "alice", "wonderland-rabbit");
     assert_eq!(
         late.allocate(),
         Err(403),
@@ -417,7 +419,7 @@ fn check_config_prints_the_effective_config_with_secrets_masked() {
         "defaults are shown: {text}"
     );
     assert!(
-        !text.contains(SECRET) && !text.contains("wonderland"),
+        !text.contains(SECRET) && !text.contains("wonderland-rabbit"),
         "{text}"
     );
 }

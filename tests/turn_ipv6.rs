@@ -46,8 +46,8 @@ fn v6_listener(tk: &Turnkey) -> SocketAddr {
 fn an_ipv6_allocation_on_loopback_relays_between_two_clients() {
     let tk = dual_stack("v6-relay", "");
     let server = v6_listener(&tk);
-    let mut a = Raw::new(server, "alice", "wonderland");
-    let mut b = Raw::new(server, "bob", "builder");
+    let mut a = Raw::new(server, "alice", "wonderland-rabbit");
+    let mut b = Raw::new(server, "bob", "builder-of-things");
     let ra = a.allocate_with(requested_v6).expect("alice allocates")[0];
     let rb = b.allocate_with(requested_v6).expect("bob allocates")[0];
     assert_eq!(ra.ip().to_string(), "::1");
@@ -72,7 +72,7 @@ fn an_ipv6_allocation_on_loopback_relays_between_two_clients() {
 #[test]
 fn a_dual_allocation_returns_both_relayed_addresses() {
     let tk = dual_stack("v6-dual", "");
-    let mut c = Raw::new(tk.turn, "alice", "wonderland");
+    let mut c = Raw::new(tk.turn, "alice", "wonderland-rabbit");
     let relayed = c.allocate_with(additional_v6).expect("dual allocation");
     assert_eq!(relayed.len(), 2, "{relayed:?}");
     assert!(relayed[0].is_ipv4() && relayed[1].is_ipv6(), "{relayed:?}");
@@ -82,7 +82,7 @@ fn a_dual_allocation_returns_both_relayed_addresses() {
 fn family_mismatches_and_unconfigured_families() {
     // IPv4 only: IPv6 relays are not offered.
     let v4 = Turnkey::start("v4-only", &format!("{}{}", base_config(""), auth_section()));
-    let mut c = Raw::new(v4.turn, "alice", "wonderland");
+    let mut c = Raw::new(v4.turn, "alice", "wonderland-rabbit");
     assert_eq!(c.allocate_with(requested_v6), Err(440));
     c.allocate().expect("IPv4 allocation");
     assert_eq!(
@@ -97,7 +97,7 @@ fn ipv6_peers_follow_the_same_policy() {
     // The IPv6 relay advertises a documentation address, so ::1 is not one
     // of our relays here.
     let tk = dual_stack("v6-policy", r#"external_ip_v6 = "2001:db8::1""#);
-    let mut c = Raw::new(v6_listener(&tk), "alice", "wonderland");
+    let mut c = Raw::new(v6_listener(&tk), "alice", "wonderland-rabbit");
     let relayed = c.allocate_with(requested_v6).expect("allocates")[0];
     assert_eq!(relayed.ip().to_string(), "2001:db8::1");
     for peer in [

@@ -49,8 +49,8 @@ fn deliver(send: impl Fn(), recv: &Raw, want: &[u8]) -> (Option<SocketAddr>, Opt
 #[test]
 fn two_clients_relay_through_indications_and_channels() {
     let tk = server("relay", "");
-    let mut a = Raw::new(tk.turn, "alice", "wonderland");
-    let mut b = Raw::new(tk.turn, "bob", "builder");
+    let mut a = Raw::new(tk.turn, "alice", "wonderland-rabbit");
+    let mut b = Raw::new(tk.turn, "bob", "builder-of-things");
     let ra = a.allocate().expect("alice allocates");
     let rb = b.allocate().expect("bob allocates");
     assert_ne!(ra, rb);
@@ -124,7 +124,7 @@ fn wrong_password_and_expired_rest_credential_get_401() {
 #[test]
 fn stale_nonce_gets_438_and_a_fresh_nonce_works() {
     let tk = server("nonce", "nonce_lifetime_secs = 1");
-    let mut c = Raw::new(tk.turn, "alice", "wonderland");
+    let mut c = Raw::new(tk.turn, "alice", "wonderland-rabbit");
     c.allocate().expect("allocates");
     let deadline = Instant::now() + Duration::from_secs(5);
     let code = loop {
@@ -143,10 +143,10 @@ fn stale_nonce_gets_438_and_a_fresh_nonce_works() {
 #[test]
 fn refresh_zero_frees_the_allocation_and_its_port() {
     let tk = server("refresh0", "relay_port_min = 61000\nrelay_port_max = 61000");
-    let mut a = Raw::new(tk.turn, "alice", "wonderland");
+    let mut a = Raw::new(tk.turn, "alice", "wonderland-rabbit");
     let relayed = a.allocate().expect("allocates");
     assert_eq!(relayed.port(), 61000);
-    let mut b = Raw::new(tk.turn, "bob", "builder");
+    let mut b = Raw::new(tk.turn, "bob", "builder-of-things");
     assert_eq!(b.allocate(), Err(508), "the only port is taken");
     a.refresh(0).expect("refresh 0");
     assert_eq!(tk.metric("turnkey_turn_allocations"), 0.0);
@@ -161,7 +161,7 @@ fn refresh_zero_frees_the_allocation_and_its_port() {
 fn permissions_to_private_and_metadata_addresses_get_403() {
     // The relay is on 127.0.0.2, so 127.0.0.1 is not one of our relays.
     let tk = server("policy", r#"relay_ip = "127.0.0.2""#);
-    let mut c = Raw::new(tk.turn, "alice", "wonderland");
+    let mut c = Raw::new(tk.turn, "alice", "wonderland-rabbit");
     let relayed = c.allocate().expect("allocates");
     assert_eq!(relayed.ip().to_string(), "127.0.0.2");
     for peer in [
@@ -249,7 +249,7 @@ async fn webrtc_rs_turn_clients_exchange_data() {
     use webrtc_util::Conn;
     let tk = server("webrtc-rs", "");
     let (user, pass) = rest_credential("dave", 600);
-    let a = turn_client(tk.turn, "alice", "wonderland").await;
+    let a = turn_client(tk.turn, "alice", "wonderland-rabbit").await;
     let b = turn_client(tk.turn, &user, &pass).await;
     let ra = a.allocate().await.expect("static user allocates");
     let rb = b.allocate().await.expect("REST user allocates");

@@ -89,12 +89,14 @@ impl Harness {
             max_permissions: 3,
             max_channels: 3,
             alternate_server: Some(SocketAddr::new(Ipv4Addr::new(192, 0, 2, 11).into(), 3478)),
+            limits: Default::default(),
         };
         let shared = Arc::new(Shared::new(PORTS, Default::default(), &mut SmallRng::seed_from_u64(1)));
         let cfg = CoreConfig {
             relay_v4: Some(RELAY_IP.into()),
             relay_v6: Some(RELAY_IP6.into()),
             nonce_key: [7; 32],
+            shards: 1,
             nonce_lifetime: Duration::from_secs(600),
         };
         let s = Server::new(

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::auth::Key;
+use super::limits::Gcra;
 
 pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
 pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
@@ -76,6 +77,9 @@ pub enum BindError {
 }
 
 pub struct Allocation {
+    /// Unique for the process: how the admin API names it.
+    pub id: u64,
+    pub created: Instant,
     pub five_tuple: FiveTuple,
     /// The relayed transport addresses, IPv4 in [0] and IPv6 in [1]; a dual
     /// allocation (RFC 8656 §7.2, ADDITIONAL-ADDRESS-FAMILY) has both.
@@ -86,6 +90,10 @@ pub struct Allocation {
     /// The Allocate's transaction id, so a retransmission gets the same answer.
     pub txid: [u8; 12],
     pub dont_fragment: bool,
+    /// Relayed application bytes: client → peer [0], peer → client [1].
+    pub bytes: [u64; 2],
+    /// Bandwidth budgets, same order.
+    pub budget: [Gcra; 2],
     permissions: Vec<Permission>,
     channels: Vec<Channel>,
 }
@@ -93,6 +101,8 @@ pub struct Allocation {
 impl Allocation {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
+        id: u64,
+        created: Instant,
         five_tuple: FiveTuple,
         relayed: [Option<SocketAddr>; 2],
         username: String,
@@ -102,6 +112,8 @@ impl Allocation {
         dont_fragment: bool,
     ) -> Self {
         Allocation {
+            id,
+            created,
             five_tuple,
             relayed,
             username,
@@ -109,6 +121,8 @@ impl Allocation {
             expires,
             txid,
             dont_fragment,
+            bytes: [0; 2],
+            budget: [Gcra::new(); 2],
             permissions: Vec::new(),
             channels: Vec::new(),
         }
@@ -230,6 +244,8 @@ mod tests {
             transport: Transport::Udp,
         };
         Allocation::new(
+            1,
+            now,
             ft,
             [Some("192.0.2.2:50000".parse().unwrap()), None],
             "u".into(),

@@ -119,6 +119,24 @@ impl Credentials {
             None => Err(CredentialError::UnknownUser),
         }
     }
+
+    /// Whether these credentials would still give `username` the `key` an
+    /// allocation was made with, expiry aside: false once its static user
+    /// or its REST secret is gone (reload revocation).
+    pub fn still_grants(&self, username: &str, key: &Key) -> bool {
+        // Time 0: an expired REST credential is not a revoked one.
+        self.keys(username, 0).is_ok_and(|keys| keys.contains(key))
+    }
+}
+
+/// The user a username counts as for quotas: the part after `EXPIRY:` of
+/// a REST username (coturn's format), so one user's credentials, whatever
+/// their expiry, share one quota. Static user names contain no `:`.
+pub fn quota_user(username: &str) -> &str {
+    match username.split_once(':') {
+        Some((_, user)) if rest_expiry(username).is_some() => user,
+        _ => username,
+    }
 }
 
 /// The expiry of a REST username (`expiry` or `expiry:user`), if it is one.
@@ -213,6 +231,33 @@ mod tests {
             ],
             users,
         )
+    }
+
+    #[test]
+    fn rest_usernames_count_by_their_user() {
+        assert_eq!(quota_user("1795732169:alice"), "alice");
+        assert_eq!(quota_user("17:alice:x"), "alice:x");
+        assert_eq!(quota_user("alice"), "alice");
+        assert_eq!(quota_user("1795732169"), "1795732169");
+        assert_eq!(quota_user(":alice"), ":alice");
+        assert_eq!(quota_user("12a:alice"), "12a:alice");
+    }
+
+    #[test]
+    fn revocation_follows_removed_users_and_secrets_not_expiry() {
+        let c = creds();
+        let rest = "100:bob";
+        let key = c.keys(rest, 0).unwrap()[1];
+        assert!(c.still_grants(rest, &key), "expired, but not revoked");
+        let alice = c.keys("alice", 0).unwrap()[0];
+        let fewer = Credentials::new(
+            "turnkey".into(),
+            vec![Secret::new("new-secret-0123456789")],
+            BTreeMap::new(),
+        );
+        assert!(!fewer.still_grants(rest, &key), "its secret is gone");
+        assert!(!fewer.still_grants("alice", &alice), "the user is gone");
+        assert!(fewer.still_grants(rest, &fewer.keys(rest, 0).unwrap()[0]));
     }
 
     #[test]

@@ -19,9 +19,11 @@ use turn::proto::rsrvtoken::ReservationToken;
 use turn::proto::PROTO_UDP;
 
 use super::allocation::{Allocation, BindError, ChannelNumber, FiveTuple, RelayId};
-use super::auth::Key;
+use super::auth::{quota_user, Key};
+use super::limits::client_key;
 use super::reply::{answer, Reject};
 use super::server::{unknown_attributes, Answer, Io, Server, RESERVATION_LIFETIME};
+use super::stats::inc;
 use super::wire;
 
 /// ADDITIONAL-ADDRESS-FAMILY and ADDRESS-ERROR-CODE (RFC 8656 §18).
@@ -156,7 +158,16 @@ impl Server {
         if rules.total_quota > 0 && self.shared.total_allocations() >= rules.total_quota {
             return fail(Reject::InsufficientCapacity);
         }
-        if rules.user_quota > 0 && self.shared.user_allocations(&username) >= rules.user_quota {
+        if rules.user_quota > 0
+            && self.shared.user_allocations(quota_user(&username)) >= rules.user_quota
+        {
+            inc(&self.stats.quota_rejections);
+            return fail(Reject::QuotaReached);
+        }
+        if rules.limits.ip_quota > 0
+            && self.shared.ip_allocations(client_key(ft.client.ip())) >= rules.limits.ip_quota
+        {
+            inc(&self.stats.ip_quota_rejections);
             return fail(Reject::QuotaReached);
         }
 
@@ -180,14 +191,21 @@ impl Server {
                 None => return fail(Reject::InsufficientCapacity),
             }
         } else {
-            match self.take_port(fam.primary_v6, even.is_some(), reserve, dont_fragment, io) {
+            match self.take_port(
+                fam.primary_v6,
+                even.is_some(),
+                reserve,
+                dont_fragment,
+                now,
+                io,
+            ) {
                 Some(r) => r,
                 None => return fail(Reject::InsufficientCapacity),
             }
         };
         let mut relays = vec![primary];
         if fam.dual {
-            match self.take_port(true, false, false, dont_fragment, io) {
+            match self.take_port(true, false, false, dont_fragment, now, io) {
                 Some(r) => relays.push(r),
                 None => {
                     io.close_relay(primary);
@@ -222,6 +240,8 @@ impl Server {
             }
         }
         let a = Allocation::new(
+            self.shared.next_id.fetch_add(1, Ordering::Relaxed),
+            now,
             *ft,
             relayed,
             username.clone(),
@@ -230,8 +250,8 @@ impl Server {
             m.transaction_id.0,
             dont_fragment,
         );
+        self.count_new(&a);
         self.insert(a);
-        self.count_new(&username);
         Ok(self.allocate_success(m, ft, relayed, lifetime, token_out, fam.dual_refused, &key))
     }
 
@@ -262,13 +282,15 @@ impl Server {
 
     /// Takes a port (with `pair`, also its odd neighbour) from the pool of
     /// a family and opens its socket, skipping ports some other process
-    /// holds; those stay out of the pool.
+    /// holds; those cool off for a while and then return to the pool.
+    #[allow(clippy::too_many_arguments)]
     fn take_port(
         &mut self,
         v6: bool,
         even: bool,
         pair: bool,
         dont_fragment: bool,
+        now: Instant,
         io: &mut impl Io,
     ) -> Option<RelayId> {
         for _ in 0..16 {
@@ -277,23 +299,41 @@ impl Server {
             // Only a pair has a neighbour (the pool never hands out 65535
             // as the even half of one).
             let next = port.checked_add(1).map(|port| RelayId { v6, port });
-            if io.open_relay(relay, dont_fragment) {
-                // The reserved neighbour is bound now and held until claimed
-                // or expired, so no other process can take it meanwhile.
-                if !pair || next.is_some_and(|n| io.reserve_relay(n)) {
-                    self.stats
-                        .relay_ports_used
-                        .fetch_add(1 + i64::from(pair), Ordering::Relaxed);
-                    return Some(relay);
+            if !io.open_relay(relay, dont_fragment) {
+                self.cool_port(v6, port, now);
+                if let (true, Some(n)) = (pair, next) {
+                    self.shared.lock_ports(v6).pool.give_back(n.port);
                 }
-                io.close_relay(relay);
-                self.shared.lock_ports(v6).pool.give_back(port);
+                continue;
             }
-            if let (true, Some(n)) = (pair, next) {
-                self.shared.lock_ports(v6).pool.give_back(n.port);
+            // The reserved neighbour is bound now and held until claimed or
+            // expired, so no other process can take it meanwhile.
+            if !pair || next.is_some_and(|n| io.reserve_relay(n)) {
+                self.stats
+                    .relay_ports_used
+                    .fetch_add(1 + i64::from(pair), Ordering::Relaxed);
+                return Some(relay);
+            }
+            io.close_relay(relay);
+            self.shared.lock_ports(v6).pool.give_back(port);
+            if let Some(n) = next {
+                self.cool_port(v6, n.port, now);
             }
         }
         None
+    }
+
+    /// A port another process holds: out of the pool for a while, then
+    /// back (`return_cooled_ports`), so the pool never shrinks for good.
+    fn cool_port(&mut self, v6: bool, port: u16, now: Instant) {
+        inc(&self.stats.relay_bind_failures);
+        self.stats
+            .relay_ports_cooling
+            .fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .lock_ports(v6)
+            .cooling
+            .push((port, now + super::server::PORT_COOLDOWN));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -357,7 +397,7 @@ impl Server {
             rules.default_lifetime
         };
         if desired.is_zero() {
-            self.delete(id, io);
+            self.delete(id, "deleted by the client", now, io);
             super::stats::inc(&self.stats.allocations_deleted);
         } else if let Some(a) = self.alloc_mut(id) {
             a.expires = now + desired;

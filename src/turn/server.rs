@@ -24,11 +24,12 @@ use stun::uattrs::UnknownAttributes;
 use stun::xoraddr::XorMappedAddress;
 
 use super::allocation::{Allocation, FiveTuple, RelayId};
-use super::auth::{CredentialError, Key, Nonces};
+use super::auth::{quota_user, CredentialError, Key, Nonces};
+use super::limits::{client_key, Gcra, PerAddress, Rate};
 use super::reply::{answer, AlternateServer, Reject};
 use super::stats::{inc, Direction::*, Framing::*, TurnStats};
 use super::wire;
-pub use super::world::{Clock, CoreConfig, Io, Rules, Shared};
+pub use super::world::{Clock, CoreConfig, Io, Limits, Rules, Shared};
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 pub(super) const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
@@ -59,6 +60,96 @@ pub struct Server {
     next_sweep: Instant,
     pub(super) rng: SmallRng,
     scratch: Box<[u8]>,
+    /// The budgets the fast paths read, copied from the rules at each
+    /// sweep (so a reload takes effect within a second, and the per-packet
+    /// path loads nothing shared).
+    budgets: Budgets,
+    /// This shard's share of the relay's capacity.
+    capacity: Gcra,
+    /// Request budgets per client address, before authentication.
+    unauth: PerAddress,
+    bindings: PerAddress,
+    /// The rules the allocations were last checked against (revocation).
+    rules_seen: Arc<Rules>,
+}
+
+#[derive(Clone, Copy)]
+struct Budgets {
+    allocation: Rate,
+    shard: Rate,
+    unauth: Rate,
+    binding: Rate,
+}
+
+impl Budgets {
+    fn of(rules: &Rules, shards: usize) -> Self {
+        Budgets {
+            allocation: rules.limits.allocation_rate(),
+            shard: rules.limits.shard_rate(shards),
+            unauth: rules.limits.unauth_rate,
+            binding: rules.limits.binding_rate,
+        }
+    }
+}
+
+/// Addresses each shard tracks for request budgets before newcomers share
+/// one (bounds memory under a spoofed flood).
+const TRACKED_ADDRESSES: usize = 16_384;
+
+/// What an operator sees of one allocation (admin API).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AllocationInfo {
+    pub id: u64,
+    /// The quota user (the user part of a REST username).
+    pub user: String,
+    pub username: String,
+    pub client: SocketAddr,
+    pub transport: &'static str,
+    pub relayed: Vec<SocketAddr>,
+    pub age_secs: u64,
+    pub expires_in_secs: u64,
+    pub bytes_to_peer: u64,
+    pub bytes_to_client: u64,
+}
+
+/// Which allocations an operator ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndWhich {
+    Id(u64),
+    User(String),
+}
+
+pub fn transport_name(t: super::allocation::Transport) -> &'static str {
+    use super::allocation::Transport;
+    match t {
+        Transport::Udp => "udp",
+        Transport::Tcp => "tcp",
+        Transport::Tls => "tls",
+    }
+}
+
+/// How long a relay port that failed to bind stays out of the pool.
+pub(super) const PORT_COOLDOWN: Duration = Duration::from_secs(5);
+
+/// Spends `len` bytes of an allocation's budget in one direction and of
+/// the shard's capacity; false (and nothing spent on the shard) when either
+/// is exhausted.
+#[inline]
+fn spend(
+    a: &mut Allocation,
+    capacity: &mut Gcra,
+    b: &Budgets,
+    d: super::stats::Direction,
+    now: Instant,
+    len: usize,
+) -> bool {
+    let d = d as usize;
+    let len64 = len as u64;
+    if !a.budget[d].take(b.allocation, now, len64) || !capacity.take(b.shard, now, len64) {
+        return false;
+    }
+    a.bytes[d] += len64;
+    true
 }
 
 impl Server {
@@ -73,7 +164,13 @@ impl Server {
     ) -> Self {
         let port_base = *shared.ports_range.start();
         let nslots = shared.ports_range.clone().count();
+        let rules_seen = rules.load_full();
         Server {
+            budgets: Budgets::of(&rules_seen, cfg.shards),
+            capacity: Gcra::new(),
+            unauth: PerAddress::new(TRACKED_ADDRESSES),
+            bindings: PerAddress::new(TRACKED_ADDRESSES),
+            rules_seen,
             nonces: Nonces::new(cfg.nonce_key, cfg.nonce_lifetime.as_secs()),
             cfg,
             clock,
@@ -153,13 +250,29 @@ impl Server {
             inc(&self.stats.dropped_malformed);
             return;
         };
-        let Some(a) = self.by_client.get(ft).and_then(|&id| self.alloc(id)) else {
+        let a = self.by_client.get(ft).copied().and_then(|id| {
+            self.allocs
+                .get_mut(id as usize)
+                .and_then(|a| a.as_deref_mut())
+        });
+        let Some(a) = a else {
             inc(&self.stats.dropped_no_allocation);
             return;
         };
         match a.channel_peer(number, now) {
             Some(peer) if a.has_permission(peer.ip(), now) => {
                 if let Some(relay) = a.relay_for(peer) {
+                    if !spend(
+                        a,
+                        &mut self.capacity,
+                        &self.budgets,
+                        ClientToPeer,
+                        now,
+                        payload.len(),
+                    ) {
+                        inc(&self.stats.dropped_over_bandwidth);
+                        return;
+                    }
                     io.send_to_peer(relay, peer, payload);
                     self.stats
                         .relayed(ft.transport, ClientToPeer, ChannelData, payload.len());
@@ -174,7 +287,12 @@ impl Server {
             inc(&self.stats.dropped_malformed);
             return;
         };
-        let Some(a) = self.by_client.get(ft).and_then(|&id| self.alloc(id)) else {
+        let a = self.by_client.get(ft).copied().and_then(|id| {
+            self.allocs
+                .get_mut(id as usize)
+                .and_then(|a| a.as_deref_mut())
+        });
+        let Some(a) = a else {
             inc(&self.stats.dropped_no_allocation);
             return;
         };
@@ -187,6 +305,17 @@ impl Server {
         };
         if let Err(d) = self.rules.load().policy.check(peer) {
             self.stats.denied(d);
+            return;
+        }
+        if !spend(
+            a,
+            &mut self.capacity,
+            &self.budgets,
+            ClientToPeer,
+            now,
+            payload.len(),
+        ) {
+            inc(&self.stats.dropped_over_bandwidth);
             return;
         }
         io.send_to_peer(relay, peer, payload);
@@ -210,11 +339,22 @@ impl Server {
             .get(i)
             .copied()
             .unwrap_or(NO_ALLOC);
-        let Some(Some(a)) = self.allocs.get(id as usize) else {
+        let Some(Some(a)) = self.allocs.get_mut(id as usize) else {
             return;
         };
         if !a.has_permission(from.ip(), now) {
             inc(&self.stats.dropped_no_permission);
+            return;
+        }
+        if !spend(
+            a,
+            &mut self.capacity,
+            &self.budgets,
+            PeerToClient,
+            now,
+            data.len(),
+        ) {
+            inc(&self.stats.dropped_over_bandwidth);
             return;
         }
         let out = &mut self.scratch;
@@ -251,16 +391,47 @@ impl Server {
             return;
         }
         self.next_sweep = now + SWEEP_INTERVAL;
+        let rules = self.rules.load_full();
+        self.budgets = Budgets::of(&rules, self.cfg.shards);
+        self.unauth.sweep(now);
+        self.bindings.sweep(now);
+        let max_age = rules.limits.max_allocation_age;
         let expired: Vec<u32> = self
             .by_client
             .values()
             .copied()
-            .filter(|&id| self.alloc(id).is_some_and(|a| a.expires <= now))
+            .filter(|&id| {
+                self.alloc(id).is_some_and(|a| {
+                    a.expires <= now
+                        || max_age.is_some_and(|m| now.saturating_duration_since(a.created) >= m)
+                })
+            })
             .collect();
         for id in expired {
-            self.delete(id, io);
+            self.delete(id, "expired", now, io);
             inc(&self.stats.allocations_expired);
         }
+        // A reload that removed a static user or a REST secret ends the
+        // allocations made with it, when the operator asks for that.
+        if !Arc::ptr_eq(&rules, &self.rules_seen) {
+            self.rules_seen = rules.clone();
+            if rules.limits.revoke_on_reload {
+                let revoked: Vec<u32> = self
+                    .by_client
+                    .values()
+                    .copied()
+                    .filter(|&id| {
+                        self.alloc(id)
+                            .is_some_and(|a| !rules.credentials.still_grants(&a.username, &a.key))
+                    })
+                    .collect();
+                for id in revoked {
+                    self.delete(id, "revoked by reload", now, io);
+                    inc(&self.stats.allocations_deleted);
+                }
+            }
+        }
+        self.return_cooled_ports(now);
         for a in self.allocs.iter_mut().flatten() {
             a.prune(now);
         }
@@ -285,12 +456,33 @@ impl Server {
         }
     }
 
+    /// Puts ports whose bind failed back into the pool once cooled down.
+    fn return_cooled_ports(&mut self, now: Instant) {
+        for v6 in [false, true] {
+            let mut ports = self.shared.lock_ports(v6);
+            if ports.cooling.is_empty() {
+                continue;
+            }
+            let (ready, cooling): (Vec<_>, Vec<_>) =
+                ports.cooling.drain(..).partition(|(_, at)| *at <= now);
+            ports.cooling = cooling;
+            for (port, _) in ready {
+                ports.pool.give_back(port);
+                self.stats
+                    .relay_ports_cooling
+                    .fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     pub(super) fn release_port(&mut self, relay: RelayId) {
         self.shared.lock_ports(relay.v6).pool.give_back(relay.port);
         self.stats.relay_ports_used.fetch_sub(1, Ordering::Relaxed);
     }
 
-    pub(super) fn delete(&mut self, id: u32, io: &mut impl Io) {
+    /// Ends an allocation: its relay ports go back, its counts drop, and a
+    /// TCP/TLS client's connection closes. `why` is for the log line.
+    pub(super) fn delete(&mut self, id: u32, why: &str, now: Instant, io: &mut impl Io) {
         let Some(a) = self.allocs.get_mut(id as usize).and_then(Option::take) else {
             return;
         };
@@ -304,29 +496,97 @@ impl Server {
             self.release_port(r);
         }
         self.shared.total.fetch_sub(1, Ordering::Relaxed);
-        self.shared.count_user(&a.username, -1);
+        self.shared.count_holder(
+            quota_user(&a.username),
+            client_key(a.five_tuple.client.ip()),
+            -1,
+        );
         self.stats
             .allocations_active
             .fetch_sub(1, Ordering::Relaxed);
+        tracing::info!(
+            id = a.id,
+            user = %a.username,
+            client = %a.five_tuple.client,
+            transport = transport_name(a.five_tuple.transport),
+            relayed = ?a.relayed.iter().flatten().collect::<Vec<_>>(),
+            secs = now.saturating_duration_since(a.created).as_secs(),
+            bytes_to_peer = a.bytes[0],
+            bytes_to_client = a.bytes[1],
+            "allocation ended: {why}"
+        );
         if a.five_tuple.transport.is_stream() {
             io.close_client(&a.five_tuple);
         }
     }
 
-    /// Records a new allocation in the shared counts.
-    pub(super) fn count_new(&mut self, username: &str) {
+    /// Records a new allocation in the shared counts and the log.
+    pub(super) fn count_new(&mut self, a: &Allocation) {
         self.shared.total.fetch_add(1, Ordering::Relaxed);
-        self.shared.count_user(username, 1);
+        self.shared.count_holder(
+            quota_user(&a.username),
+            client_key(a.five_tuple.client.ip()),
+            1,
+        );
         inc(&self.stats.allocations_created);
         self.stats
             .allocations_active
             .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            id = a.id,
+            user = %a.username,
+            client = %a.five_tuple.client,
+            transport = transport_name(a.five_tuple.transport),
+            relayed = ?a.relayed.iter().flatten().collect::<Vec<_>>(),
+            "allocation started"
+        );
+    }
+
+    /// Every allocation of this shard, for the admin API.
+    pub fn allocations(&self, now: Instant) -> Vec<AllocationInfo> {
+        self.allocs
+            .iter()
+            .flatten()
+            .map(|a| AllocationInfo {
+                id: a.id,
+                user: quota_user(&a.username).to_string(),
+                username: a.username.clone(),
+                client: a.five_tuple.client,
+                transport: transport_name(a.five_tuple.transport),
+                relayed: a.relayed.iter().flatten().copied().collect(),
+                age_secs: now.saturating_duration_since(a.created).as_secs(),
+                expires_in_secs: a.expires.saturating_duration_since(now).as_secs(),
+                bytes_to_peer: a.bytes[0],
+                bytes_to_client: a.bytes[1],
+            })
+            .collect()
+    }
+
+    /// Ends the allocations an operator names: by id, or all of a user's
+    /// (the quota user, as listed). How many ended.
+    pub fn end_allocations(&mut self, which: &EndWhich, now: Instant, io: &mut impl Io) -> usize {
+        let ids: Vec<u32> = self
+            .by_client
+            .values()
+            .copied()
+            .filter(|&id| {
+                self.alloc(id).is_some_and(|a| match which {
+                    EndWhich::Id(n) => a.id == *n,
+                    EndWhich::User(u) => quota_user(&a.username) == u,
+                })
+            })
+            .collect();
+        for &id in &ids {
+            self.delete(id, "ended by the operator", now, io);
+            inc(&self.stats.allocations_deleted);
+        }
+        ids.len()
     }
 
     /// Ends the allocation of a stream connection that closed.
-    pub fn connection_closed(&mut self, ft: &FiveTuple, io: &mut impl Io) {
+    pub fn connection_closed(&mut self, now: Instant, ft: &FiveTuple, io: &mut impl Io) {
         if let Some(&id) = self.by_client.get(ft) {
-            self.delete(id, io);
+            self.delete(id, "connection closed", now, io);
             inc(&self.stats.allocations_deleted);
         }
     }
@@ -343,6 +603,22 @@ impl Server {
             // Binding indications are keep-alives; stray responses are ignored.
             return;
         }
+        // Requests that prove nothing about their sender have a budget per
+        // address, so a flood (maybe with a forged source) cannot use us as
+        // an amplifier beyond it.
+        let budget = if m.typ.method == METHOD_BINDING {
+            Some((&mut self.bindings, self.budgets.binding))
+        } else if !m.contains(ATTR_MESSAGE_INTEGRITY) {
+            Some((&mut self.unauth, self.budgets.unauth))
+        } else {
+            None
+        };
+        if let Some((limiter, rate)) = budget {
+            if !limiter.allow(ft.client.ip(), rate, now) {
+                inc(&self.stats.rate_limited);
+                return;
+            }
+        }
         let result = match m.typ.method {
             METHOD_BINDING => self.binding(&m, &ft),
             METHOD_ALLOCATE => self.allocate(now, &ft, &mut m, io),
@@ -353,6 +629,15 @@ impl Server {
         };
         let bytes = match result {
             Ok(bytes) => bytes,
+            Err((reject, None))
+                if m.contains(ATTR_MESSAGE_INTEGRITY)
+                    && !self.unauth.allow(ft.client.ip(), self.budgets.unauth, now) =>
+            {
+                // Credentials that did not verify: the same budget.
+                let _ = reject;
+                inc(&self.stats.rate_limited);
+                return;
+            }
             Err((reject, key)) => self.error_answer(now, &ft, &m, reject, key.as_ref()),
         };
         if let Some(b) = bytes {
@@ -388,7 +673,6 @@ impl Server {
                 )));
             }
             Reject::TryAlternate(alt) => attrs.push(Box::new(AlternateServer(*alt))),
-            Reject::QuotaReached => inc(&self.stats.quota_rejections),
             Reject::InsufficientCapacity => inc(&self.stats.capacity_rejections),
             Reject::Forbidden(Some(d)) => self.stats.denied(*d),
             _ => {}

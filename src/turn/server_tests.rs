@@ -100,6 +100,7 @@ fn rules(user_quota: usize) -> Rules {
         max_permissions: 4,
         max_channels: 4,
         alternate_server: None,
+        limits: Default::default(),
     }
 }
 
@@ -123,6 +124,7 @@ fn harness_families(rules: Rules, ports: std::ops::RangeInclusive<u16>, v6: bool
         relay_v4: Some(RELAY_IP.parse().unwrap()),
         relay_v6: v6.then(|| RELAY_IP6.parse().unwrap()),
         nonce_key: [3; 32],
+        shards: 1,
         nonce_lifetime: Duration::from_secs(600),
     };
     let s = Server::new(

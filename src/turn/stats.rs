@@ -26,8 +26,21 @@ pub struct TurnStats {
     pub auth_expired: AtomicU64,
     pub auth_stale_nonce: AtomicU64,
     pub peer_denied: [AtomicU64; DENIAL_SLOTS],
+    /// 486: a user's or a client address's quota; 508: the total quota or
+    /// no free port.
     pub quota_rejections: AtomicU64,
+    pub ip_quota_rejections: AtomicU64,
     pub capacity_rejections: AtomicU64,
+    /// Relayed datagrams dropped over an allocation's or the relay's
+    /// bandwidth budget.
+    pub dropped_over_bandwidth: AtomicU64,
+    /// Requests without valid credentials, and Bindings, dropped over
+    /// their sender's budget.
+    pub rate_limited: AtomicU64,
+    /// Relay ports that failed to bind (another process held them), and
+    /// how many are cooling off before they return to the pool.
+    pub relay_bind_failures: AtomicU64,
+    pub relay_ports_cooling: AtomicI64,
 
     /// Datagrams dropped: malformed, no allocation, no permission, unknown channel.
     pub dropped_malformed: AtomicU64,

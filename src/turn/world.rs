@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use rand::Rng;
 
 use super::allocation::{FiveTuple, RelayId};
 use super::auth::Credentials;
+use super::limits::Rate;
 use super::policy::PeerPolicy;
 use super::ports::PortPool;
 
@@ -42,12 +43,56 @@ pub struct Rules {
     pub policy: PeerPolicy,
     pub default_lifetime: Duration,
     pub max_lifetime: Duration,
+    /// Allocations per user (the user part of a REST username) and in
+    /// all; 0 = no cap.
     pub user_quota: usize,
     pub total_quota: usize,
     pub max_permissions: usize,
     pub max_channels: usize,
     /// Where a draining server sends new allocations (300 Try Alternate).
     pub alternate_server: Option<SocketAddr>,
+    pub limits: Limits,
+}
+
+/// What keeps one client from taking the relay, beyond the per-user and
+/// total quotas. The default is no limit at all (tests start from it).
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Allocations per client address (IPv6: per /64); 0 = no cap.
+    pub ip_quota: usize,
+    /// Relayed bytes per second per allocation, each direction; and for
+    /// the whole relay (each shard takes its share). 0 = unlimited.
+    pub max_bps: u64,
+    pub bps_capacity: u64,
+    /// An allocation ends this long after it was made, refreshed or not.
+    pub max_allocation_age: Option<Duration>,
+    /// On reload, end allocations whose static user or REST secret was
+    /// removed.
+    pub revoke_on_reload: bool,
+    /// Per client address: requests without valid credentials (answered
+    /// 401/438/400) and Binding requests; beyond, they are dropped.
+    pub unauth_rate: Rate,
+    pub binding_rate: Rate,
+}
+
+impl Limits {
+    /// The budget of one direction of one allocation: a quarter second of
+    /// burst, and at least one largest datagram.
+    pub fn allocation_rate(&self) -> Rate {
+        Rate {
+            per_sec: self.max_bps,
+            burst: (self.max_bps / 4).max(65_536),
+        }
+    }
+
+    /// One shard's share of the relay's capacity.
+    pub fn shard_rate(&self, shards: usize) -> Rate {
+        let per_sec = self.bps_capacity / shards.max(1) as u64;
+        Rate {
+            per_sec,
+            burst: (per_sec / 4).max(65_536),
+        }
+    }
 }
 
 /// State shared by all shards, touched only on the control path: the
@@ -59,7 +104,12 @@ pub struct Shared {
     pub(super) ports: [Mutex<PortState>; 2],
     pub(super) ports_range: std::ops::RangeInclusive<u16>,
     pub(super) users: Mutex<HashMap<String, usize>>,
+    /// Allocations per client address key (see `limits::client_key`).
+    pub(super) ips: Mutex<HashMap<IpAddr, usize>>,
     pub(super) total: AtomicUsize,
+    /// Allocation ids, unique for the process (the admin API names
+    /// allocations by them).
+    pub(super) next_id: AtomicU64,
     pub(super) reservations: AtomicUsize,
     /// The appliance's drain flag, shared with signaling: while set, new
     /// allocations are refused or sent to the alternate server.
@@ -69,6 +119,9 @@ pub struct Shared {
 pub(super) struct PortState {
     pub(super) pool: PortPool,
     pub(super) reservations: HashMap<[u8; 8], (u16, Instant)>,
+    /// Ports that failed to bind (another process held them), with when
+    /// they go back into the pool: never lost, never retried at once.
+    pub(super) cooling: Vec<(u16, Instant)>,
 }
 
 impl Shared {
@@ -83,12 +136,15 @@ impl Shared {
             Mutex::new(PortState {
                 pool: PortPool::new(ports.clone(), rng),
                 reservations: HashMap::new(),
+                cooling: Vec::new(),
             })
         };
         Shared {
             ports: [state(), state()],
             ports_range: ports.clone(),
             users: Mutex::new(HashMap::new()),
+            ips: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
             total: AtomicUsize::new(0),
             reservations: AtomicUsize::new(0),
             draining,
@@ -112,15 +168,11 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn count_user(&self, user: &str, delta: isize) -> usize {
-        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        let n = users.entry(user.to_string()).or_insert(0);
-        *n = n.saturating_add_signed(delta);
-        let now = *n;
-        if now == 0 {
-            users.remove(user);
-        }
-        now
+    /// Counts an allocation made (+1) or ended (-1) for a quota user and
+    /// a client address key.
+    pub(super) fn count_holder(&self, user: &str, ip: IpAddr, delta: isize) {
+        adjust(&self.users, user.to_string(), delta);
+        adjust(&self.ips, ip, delta);
     }
 
     pub(super) fn reservations_add(&self, delta: isize) {
@@ -137,6 +189,11 @@ impl Shared {
         let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         users.get(user).copied().unwrap_or(0)
     }
+
+    pub(super) fn ip_allocations(&self, ip: IpAddr) -> usize {
+        let ips = self.ips.lock().unwrap_or_else(|e| e.into_inner());
+        ips.get(&ip).copied().unwrap_or(0)
+    }
 }
 
 /// Fixed settings of one shard.
@@ -147,6 +204,9 @@ pub struct CoreConfig {
     pub relay_v6: Option<IpAddr>,
     pub nonce_key: [u8; 32],
     pub nonce_lifetime: Duration,
+    /// How many shards share the relay (each takes its share of
+    /// `Rules::bps_capacity`).
+    pub shards: usize,
 }
 
 /// Maps the shell's monotonic clock to Unix seconds, for REST expiries and
@@ -160,5 +220,26 @@ pub struct Clock {
 impl Clock {
     pub fn unix(&self, now: Instant) -> u64 {
         self.unix0 + now.saturating_duration_since(self.mono0).as_secs()
+    }
+}
+
+/// Adds `delta` to the count of `key`, forgetting keys that reach 0.
+fn adjust<K: std::hash::Hash + Eq>(map: &Mutex<HashMap<K, usize>>, key: K, delta: isize) {
+    use std::collections::hash_map::Entry;
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    match map.entry(key) {
+        Entry::Occupied(mut e) => {
+            let n = e.get().saturating_add_signed(delta);
+            if n == 0 {
+                e.remove();
+            } else {
+                *e.get_mut() = n;
+            }
+        }
+        Entry::Vacant(e) => {
+            if delta > 0 {
+                e.insert(delta.unsigned_abs());
+            }
+        }
     }
 }

@@ -70,8 +70,8 @@ pub fn auth_section() -> String {
 [auth]
 secrets = ["{SECRET}"]
 [auth.users]
-alice = "wonderland"
-bob = "builder"
+alice = "wonderland-rabbit"
+bob = "builder-of-things"
 "#
     )
 }
