@@ -5,6 +5,7 @@ pub mod app;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod probe;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod signal;
