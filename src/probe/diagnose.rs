@@ -44,6 +44,8 @@ pub enum Cause {
     Timeout(Duration),
     /// A TCP RST or an ICMP port unreachable.
     Refused,
+    /// This machine's own firewall refused to send (EPERM).
+    LocalFirewall,
     /// No route, network or host unreachable, or another socket error.
     Io(String),
     /// The name did not resolve.
@@ -118,6 +120,9 @@ impl Failure {
                     Transport::Tcp => "turn.tcp_listen",
                     _ => "turn.listen",
                 }
+            ),
+            (Cause::LocalFirewall, _) => format!(
+                "{at}: this machine's own firewall refuses to send to {port}/{proto} (EPERM): allow outgoing {port}/{proto} here, or probe from another machine"
             ),
             (Cause::Timeout(d), Stage::TlsHandshake) => format!(
                 "{at}: the TLS handshake got no answer in {}: something on {port}/tcp is not turnkey's TLS listener (tls.listen, tls.public_port)",
@@ -216,6 +221,7 @@ pub fn api_fix(e: &ApiFailure, base: &str, token_given: bool) -> String {
             let what = match cause {
                 Cause::Timeout(d) => format!("no answer in {}: the port is filtered or the host is down", secs(*d)),
                 Cause::Refused => "connection refused: nothing listens there (http.listen, tls.listen)".into(),
+                Cause::LocalFirewall => "this machine's own firewall refuses to connect there (EPERM)".into(),
                 Cause::Resolve(e) => format!("the name does not resolve ({e}): fix DNS"),
                 Cause::Certificate(CertProblem::WrongName) => "the TLS certificate does not name this host: fix tls.cert_file".into(),
                 Cause::Certificate(CertProblem::Expired) => "the TLS certificate has expired: renew tls.cert_file".into(),
@@ -297,6 +303,11 @@ mod tests {
         );
         let udp_closed = f(Transport::Udp, Stage::Allocate, Cause::Refused).fix();
         assert!(udp_closed.contains("3478/udp") && udp_closed.ends_with("turn.listen"));
+        let local = f(Transport::Udp, Stage::Allocate, Cause::LocalFirewall).fix();
+        assert!(
+            local.contains("own firewall refuses to send to 3478/udp (EPERM)"),
+            "{local}"
+        );
         let tls_closed = f(Transport::Tls, Stage::Connect, Cause::Refused).fix();
         assert!(tls_closed.contains("tls.listen"));
     }
@@ -411,6 +422,7 @@ mod tests {
         let causes = [
             Cause::Timeout(Duration::from_secs(1)),
             Cause::Refused,
+            Cause::LocalFirewall,
             Cause::Io("no route to host".into()),
             Cause::Resolve("no such host".into()),
             Cause::Certificate(CertProblem::NotYetValid),

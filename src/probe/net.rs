@@ -118,6 +118,8 @@ fn tls_cause(e: &io::Error) -> Cause {
 fn io_cause(e: &io::Error) -> Cause {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => Cause::Refused,
+        // What Linux answers when a local netfilter rule drops the packet.
+        io::ErrorKind::PermissionDenied => Cause::LocalFirewall,
         io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof => Cause::Closed,
         _ => Cause::Io(e.to_string()),
     }
