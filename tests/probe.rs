@@ -613,3 +613,128 @@ fn names_a_filtered_and_a_closed_udp_port() {
         )
     );
 }
+
+/// The self-test page in Chromium: relay candidates over UDP, TCP and TLS,
+/// a STUN row, and a loopback call through the relay with round trips.
+#[test]
+fn selftest_page_in_chromium() {
+    require("chromium", "chromium");
+    require("node", "nodejs");
+    require("npm", "npm");
+    require("certutil", "libnss3-tools");
+    let harness = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    common::ensure_node_modules(&harness);
+    let (pki, dir, tls) = tls_setup("probe-selftest", "localhost");
+    let t = Turnkey::start(
+        "probe-selftest",
+        &base_config(&format!("{}{tls}", auth_section())),
+    );
+    let home = dir.join("home");
+    trust_ca(&home, &pki.ca_pem);
+    let screenshot = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("selftest.png");
+    let _ = std::fs::remove_file(&screenshot);
+
+    let mut node = Command::new("node");
+    node.arg(harness.join("selftest.mjs"))
+        .arg(format!("{}/selftest.html", base(&t)))
+        .arg(&screenshot)
+        .env("HOME", &home)
+        .current_dir(&harness);
+    let (ok, stdout, stderr) = run_with_timeout(node, Duration::from_secs(120));
+    eprintln!("{stdout}{stderr}");
+    assert!(ok, "the self-test harness failed (output above)");
+    let out: Value = stdout
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("a JSON line from selftest.mjs");
+    let report = &out["report"];
+    assert_eq!(report["ok"], true, "{report:#}");
+    let rows = report["rows"].as_array().unwrap();
+    let checks: Vec<&str> = rows.iter().filter_map(|r| r["check"].as_str()).collect();
+    assert_eq!(
+        checks,
+        ["stun", "relay udp", "relay tcp", "relay tls"],
+        "{report:#}"
+    );
+    for transport in ["udp", "tcp", "tls"] {
+        let r = rows.iter().find(|r| r["transport"] == transport).unwrap();
+        assert_eq!(r["ok"], true, "{r:#}");
+        let relays: Vec<&Value> = r["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["type"] == "relay")
+            .collect();
+        assert!(
+            !relays.is_empty(),
+            "no relay candidate over {transport}: {r:#}"
+        );
+        for c in relays {
+            // Chromium names the transport it allocated over, when it does.
+            if !c["relayProtocol"].is_null() {
+                assert_eq!(c["relayProtocol"], transport, "{r:#}");
+            }
+            assert_eq!(c["address"], "127.0.0.1", "{r:#}");
+        }
+        assert!(r["firstMs"].as_f64().is_some(), "{r:#}");
+        assert_eq!(r["errors"].as_array().unwrap().len(), 0, "{r:#}");
+    }
+    let call = &report["call"];
+    assert_eq!(call["ok"], true, "{call:#}");
+    assert_eq!(call["selected"]["local"], "relay", "{call:#}");
+    assert_eq!(call["selected"]["remote"], "relay", "{call:#}");
+    let rtts = call["rttMs"].as_array().unwrap();
+    assert_eq!(rtts.len(), 5, "{call:#}");
+    assert!(rtts.iter().all(|v| v.as_f64().unwrap() > 0.0));
+    // "Copy report" put the same report on the clipboard.
+    let copied: Value = serde_json::from_str(out["copied"].as_str().unwrap()).unwrap();
+    assert_eq!(&copied, report);
+    assert!(
+        screenshot.exists(),
+        "no screenshot at {}",
+        screenshot.display()
+    );
+    eprintln!("screenshot: {}", screenshot.display());
+    // The data channel's pings crossed turnkey's relay.
+    let relayed = t.metric(
+        "turnkey_turn_relayed_packets_total{direction=\"client_to_peer\",framing=\"channel_data\",transport=\"udp\"}",
+    ) + t.metric(
+        "turnkey_turn_relayed_packets_total{direction=\"client_to_peer\",framing=\"indication\",transport=\"udp\"}",
+    );
+    assert!(relayed > 0.0, "no packets relayed over UDP");
+}
+
+/// Makes `home`'s NSS database (where Chromium looks) trust `ca_pem` for
+/// TLS servers, as tests/browser_tcp_tls.rs does.
+fn trust_ca(home: &std::path::Path, ca_pem: &str) {
+    let nssdb = home.join(".pki/nssdb");
+    std::fs::create_dir_all(&nssdb).expect("create nssdb dir");
+    let pem_path = home.join("turnkey-test-ca.pem");
+    std::fs::write(&pem_path, ca_pem).expect("write CA PEM");
+    let db = format!("sql:{}", nssdb.display());
+    let pem_arg = pem_path.to_string_lossy().to_string();
+    for args in [
+        vec!["-N", "-d", &db, "--empty-password"],
+        vec![
+            "-A",
+            "-d",
+            &db,
+            "-n",
+            "turnkey-test-ca",
+            "-t",
+            "C,,",
+            "-i",
+            &pem_arg,
+        ],
+    ] {
+        let out = Command::new("certutil")
+            .args(&args)
+            .output()
+            .expect("run certutil");
+        assert!(
+            out.status.success(),
+            "certutil {args:?}: {}",
+            common::printed(&out)
+        );
+    }
+}
