@@ -277,6 +277,13 @@ async function main() {
   $("call").textContent = "calling through the relay…";
   report.call = turn.length ? await loopbackCall(turn) : { ok: false, failure: "the server offers no TURN URL" };
   const call = report.call;
+  const relays = report.rows.flatMap((r) => r.candidates.filter((c) => c.type === "relay").map((c) => c.address));
+  if (!call.ok && relays.length > 0) {
+    // Allocations worked, so the ports and the credential are fine: what
+    // is left is the relayed address itself.
+    call.failure += ` — relay candidates appeared (${[...new Set(relays)].join(", ")}) but do not reach the relay:` +
+      " turn.external_ip must be the server's public address, and the relay port range open for UDP";
+  }
   const rtt = [...call.rttMs].sort((x, y) => x - y);
   $("call").textContent = call.ok
     ? `connected in ${call.connectMs} ms over ${call.selected.local}/${call.selected.remote}` +

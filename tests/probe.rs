@@ -614,31 +614,31 @@ fn names_a_filtered_and_a_closed_udp_port() {
     );
 }
 
-/// The self-test page in Chromium: relay candidates over UDP, TCP and TLS,
-/// a STUN row, and a loopback call through the relay with round trips.
-#[test]
-fn selftest_page_in_chromium() {
+/// Runs tests/browser/selftest.mjs on `t`'s self-test page: what it
+/// printed ({ report, copied, chromium }), and the screenshot's path.
+fn selftest_in_chromium(
+    t: &Turnkey,
+    home: &std::path::Path,
+    name: &str,
+) -> (Value, std::path::PathBuf) {
     require("chromium", "chromium");
     require("node", "nodejs");
     require("npm", "npm");
-    require("certutil", "libnss3-tools");
+    // One Chromium at a time: two cores, and timings that mean something.
+    static ONE_BROWSER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_BROWSER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let harness = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
     common::ensure_node_modules(&harness);
-    let (pki, dir, tls) = tls_setup("probe-selftest", "localhost");
-    let t = Turnkey::start(
-        "probe-selftest",
-        &base_config(&format!("{}{tls}", auth_section())),
-    );
-    let home = dir.join("home");
-    trust_ca(&home, &pki.ca_pem);
-    let screenshot = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("selftest.png");
+    let screenshot =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.png"));
     let _ = std::fs::remove_file(&screenshot);
-
     let mut node = Command::new("node");
     node.arg(harness.join("selftest.mjs"))
-        .arg(format!("{}/selftest.html", base(&t)))
+        .arg(format!("{}/selftest.html", base(t)))
         .arg(&screenshot)
-        .env("HOME", &home)
+        .env("HOME", home)
         .current_dir(&harness);
     let (ok, stdout, stderr) = run_with_timeout(node, Duration::from_secs(120));
     eprintln!("{stdout}{stderr}");
@@ -647,6 +647,28 @@ fn selftest_page_in_chromium() {
         .lines()
         .find_map(|l| serde_json::from_str(l).ok())
         .expect("a JSON line from selftest.mjs");
+    assert!(
+        screenshot.exists(),
+        "no screenshot at {}",
+        screenshot.display()
+    );
+    eprintln!("screenshot: {}", screenshot.display());
+    (out, screenshot)
+}
+
+/// The self-test page in Chromium: relay candidates over UDP, TCP and TLS,
+/// a STUN row, and a loopback call through the relay with round trips.
+#[test]
+fn selftest_page_in_chromium() {
+    require("certutil", "libnss3-tools");
+    let (pki, dir, tls) = tls_setup("probe-selftest", "localhost");
+    let t = Turnkey::start(
+        "probe-selftest",
+        &base_config(&format!("{}{tls}", auth_section())),
+    );
+    let home = dir.join("home");
+    trust_ca(&home, &pki.ca_pem);
+    let (out, _) = selftest_in_chromium(&t, &home, "selftest");
     let report = &out["report"];
     assert_eq!(report["ok"], true, "{report:#}");
     let rows = report["rows"].as_array().unwrap();
@@ -689,19 +711,41 @@ fn selftest_page_in_chromium() {
     // "Copy report" put the same report on the clipboard.
     let copied: Value = serde_json::from_str(out["copied"].as_str().unwrap()).unwrap();
     assert_eq!(&copied, report);
-    assert!(
-        screenshot.exists(),
-        "no screenshot at {}",
-        screenshot.display()
-    );
-    eprintln!("screenshot: {}", screenshot.display());
     // The data channel's pings crossed turnkey's relay.
-    let relayed = t.metric(
-        "turnkey_turn_relayed_packets_total{direction=\"client_to_peer\",framing=\"channel_data\",transport=\"udp\"}",
-    ) + t.metric(
-        "turnkey_turn_relayed_packets_total{direction=\"client_to_peer\",framing=\"indication\",transport=\"udp\"}",
-    );
+    let relayed: f64 = ["channel_data", "indication"]
+        .iter()
+        .map(|framing| {
+            t.metric(&format!(
+                "turnkey_turn_relayed_packets_total{{direction=\"client_to_peer\",framing=\"{framing}\",transport=\"udp\"}}"
+            ))
+        })
+        .sum();
     assert!(relayed > 0.0, "no packets relayed over UDP");
+}
+
+/// With a `turn.external_ip` that does not reach the relay, the page still
+/// finds relay candidates, but its loopback call fails and says why.
+#[test]
+fn selftest_page_names_a_wrong_external_ip() {
+    let t = Turnkey::start(
+        "probe-selftest-external-ip",
+        &base_config(&format!("external_ip = \"127.0.0.9\"\n{}", auth_section())),
+    );
+    let home = test_dir("probe-selftest-external-ip-home");
+    let (out, _) = selftest_in_chromium(&t, &home, "selftest-external-ip");
+    let report = &out["report"];
+    assert_eq!(report["ok"], false, "{report:#}");
+    for r in report["rows"].as_array().unwrap() {
+        assert_eq!(r["ok"], true, "allocations work: {r:#}");
+    }
+    let call = &report["call"];
+    assert_eq!(call["ok"], false, "{call:#}");
+    let failure = call["failure"].as_str().unwrap();
+    assert!(
+        failure.contains("relay candidates appeared (127.0.0.9)")
+            && failure.contains("turn.external_ip"),
+        "{failure}"
+    );
 }
 
 /// Makes `home`'s NSS database (where Chromium looks) trust `ca_pem` for
