@@ -32,6 +32,12 @@ pub fn router(state: HttpState) -> Router {
     let mut r = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        // The self-test page (`static/selftest.html`) under a short name;
+        // a redirect works with `http.static_dir` too.
+        .route(
+            "/selftest",
+            get(|| async { axum::response::Redirect::permanent("/selftest.html") }),
+        )
         .route("/api/ice-servers", get(ice_servers));
     if state.serve_metrics_here {
         r = r.route("/metrics", get(metrics));

@@ -9,6 +9,7 @@ pub mod counter;
 pub mod http;
 pub mod ice;
 pub mod metrics;
+pub mod probe;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod reload;

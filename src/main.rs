@@ -1,4 +1,5 @@
-//! The `turnkey` command: serve, check a config, mint a credential.
+//! The `turnkey` command: serve, check a config, mint a credential, probe
+//! a deployment.
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -35,6 +36,22 @@ enum Command {
         /// Lifetime in seconds (default: auth.rest_ttl_secs).
         #[arg(long)]
         ttl: Option<u64>,
+    },
+    /// Test a deployment from here: STUN, TURN over UDP, TCP and TLS, and a
+    /// round trip through the relay, with what to fix when one fails.
+    Probe {
+        /// turnkey's base URL, e.g. https://turn.example.com
+        #[arg(value_name = "URL")]
+        url: String,
+        /// Sent to /api/ice-servers as `Authorization: Bearer TOKEN`.
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Trust the CAs in this PEM file instead of the system's.
+        #[arg(long, value_name = "PEM")]
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -76,6 +93,19 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Some(Command::Probe {
+            url,
+            token,
+            json,
+            ca_file,
+        }) => probe(
+            turnkey::probe::Options {
+                url,
+                token,
+                ca_file,
+            },
+            json,
+        ),
         None => {
             let cfg = match load(cli.config.as_deref()) {
                 Ok(c) => c,
@@ -99,6 +129,46 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Runs the probe: the report on stdout, and on failure one line on
+/// stderr saying what to fix (exit 1); exit 2 when it cannot start.
+fn probe(opts: turnkey::probe::Options, json: bool) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("turnkey probe: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = match rt.block_on(turnkey::probe::run(&opts, turnkey::ice::unix_now())) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("turnkey probe: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("turnkey probe: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        print!("{}", report.table());
+    }
+    match &report.fix {
+        None if report.ok => ExitCode::SUCCESS,
+        fix => {
+            eprintln!("FAIL: {}", fix.as_deref().unwrap_or("nothing was tested"));
+            ExitCode::FAILURE
         }
     }
 }

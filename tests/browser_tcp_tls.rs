@@ -21,7 +21,6 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::stream::test_pki;
 use common::{auth_section, base_config, require, test_dir, Turnkey};
 use serde_json::Value;
@@ -95,7 +94,7 @@ fn call_over(transport: Transport) {
     let home = dir.join("home");
     std::fs::create_dir_all(&home).expect("create HOME");
     if let Transport::Tls = transport {
-        trust_ca(&home, &pki.ca_der);
+        common::stream::trust_ca_in_nss(&home, &pki.ca_pem);
     }
 
     // `localhost`, not 127.0.0.1: the page's iceServers carry the host it
@@ -180,60 +179,4 @@ fn call_over(transport: Transport) {
             transport.name()
         );
     }
-}
-
-/// Makes `home`'s NSS database trust `ca_der` to identify TLS servers.
-fn trust_ca(home: &Path, ca_der: &[u8]) {
-    let nssdb = home.join(".pki/nssdb");
-    std::fs::create_dir_all(&nssdb).expect("create nssdb dir");
-    let pem_path = home.join("turnkey-test-ca.pem");
-    std::fs::write(&pem_path, pem("CERTIFICATE", ca_der)).expect("write CA PEM");
-    let db = format!("sql:{}", nssdb.display());
-    let certutil = |args: &[&str]| {
-        let out = Command::new("certutil")
-            .args(args)
-            .output()
-            .expect("run certutil");
-        assert!(
-            out.status.success(),
-            "certutil {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    certutil(&["-N", "-d", &db, "--empty-password"]);
-    let pem_arg = pem_path.to_string_lossy();
-    certutil(&[
-        "-A",
-        "-d",
-        &db,
-        "-n",
-        "turnkey-test-ca",
-        "-t",
-        "C,,",
-        "-i",
-        &pem_arg,
-    ]);
-}
-
-/// RFC 7468 text encoding: base64 in 64-character lines between labels.
-fn pem(label: &str, der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
-
-#[test]
-fn pem_wraps_base64_at_64_columns() {
-    let text = pem("CERTIFICATE", &[0u8; 60]);
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.first(), Some(&"-----BEGIN CERTIFICATE-----"));
-    assert_eq!(lines.last(), Some(&"-----END CERTIFICATE-----"));
-    assert_eq!(lines[1].len(), 64);
-    assert_eq!(lines[2], "AAAAAAAAAAAAAAAA");
 }

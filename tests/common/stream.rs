@@ -65,6 +65,41 @@ pub fn tls_setup(name: &str, cn: &str) -> (TestPki, std::path::PathBuf, String) 
     (pki, dir, section)
 }
 
+/// Makes `home`'s NSS database (where Chromium looks, with HOME=`home`)
+/// trust `ca_pem` to identify TLS servers.
+pub fn trust_ca_in_nss(home: &Path, ca_pem: &str) {
+    let nssdb = home.join(".pki/nssdb");
+    std::fs::create_dir_all(&nssdb).expect("create nssdb dir");
+    let pem_path = home.join("turnkey-test-ca.pem");
+    std::fs::write(&pem_path, ca_pem).expect("write CA PEM");
+    let db = format!("sql:{}", nssdb.display());
+    let pem_arg = pem_path.to_string_lossy().to_string();
+    for args in [
+        vec!["-N", "-d", &db, "--empty-password"],
+        vec![
+            "-A",
+            "-d",
+            &db,
+            "-n",
+            "turnkey-test-ca",
+            "-t",
+            "C,,",
+            "-i",
+            &pem_arg,
+        ],
+    ] {
+        let out = std::process::Command::new("certutil")
+            .args(&args)
+            .output()
+            .expect("run certutil");
+        assert!(
+            out.status.success(),
+            "certutil {args:?}: {}",
+            super::printed(&out)
+        );
+    }
+}
+
 impl TestPki {
     pub fn write(&self, dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
         let c = dir.join("cert.pem");
