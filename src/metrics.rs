@@ -295,7 +295,7 @@ impl Metrics {
         }
         self.gauge(
             "turnkey_signaling_peers",
-            "Open signaling WebSocket connections.",
+            "Open signaling connections, /ws and socket.io.",
             &[],
             vec![(vec![], g!(connected_peers))],
         )?;
@@ -322,6 +322,24 @@ impl Metrics {
             "Signal messages delivered to a peer.",
             &[],
             vec![(vec![], c!(messages_relayed_total))],
+        )?;
+        self.gauge(
+            "turnkey_signaling_socketio_peers",
+            "Open socket.io connections (also in turnkey_signaling_peers).",
+            &[],
+            vec![(vec![], g!(socketio_peers))],
+        )?;
+        self.counter(
+            "turnkey_signaling_socketio_events_total",
+            "Events received from socket.io peers, accepted or refused.",
+            &[],
+            vec![(vec![], c!(socketio_events_total))],
+        )?;
+        self.counter(
+            "turnkey_signaling_socketio_messages_relayed_total",
+            "Signal messages delivered to socket.io peers (also in turnkey_signaling_messages_relayed_total).",
+            &[],
+            vec![(vec![], c!(socketio_messages_relayed_total))],
         )?;
         self.counter(
             "turnkey_signaling_ice_refreshes_total",

@@ -5,9 +5,11 @@
 //! The module is split the usual way: [`protocol`] is the wire format,
 //! [`rooms`] the registry (plain data, unit-tested), [`timers`] the
 //! per-connection deadlines (plain data too), and `ws` the thin axum shell
-//! that owns sockets and tasks. This file is the surface the rest of the
-//! application uses: [`Signaling`], [`SignalConfig`], [`SignalStats`] and
-//! [`router`].
+//! that owns sockets and tasks. The socket.io tutorial's peers meet `/ws`
+//! peers in the same registry: [`tutorial`] maps its events (plain data),
+//! `socketio` is their shell at `/socket.io/`. This file is the surface the
+//! rest of the application uses: [`Signaling`], [`SignalConfig`],
+//! [`SignalStats`] and [`router`].
 //!
 //! Lifecycle: while the drain flag it shares with the relay is set, new
 //! joins are refused and running calls continue; [`Signaling::shutdown`]
@@ -17,7 +19,9 @@
 pub mod ids;
 pub mod protocol;
 pub mod rooms;
+mod socketio;
 pub mod timers;
+pub mod tutorial;
 mod ws;
 
 use std::collections::HashMap;
@@ -30,7 +34,12 @@ use tokio::sync::{watch, Notify};
 pub use ids::{PeerId, RoomName};
 pub use protocol::{ClientMessage, ErrorCode, ServerMessage};
 pub use rooms::Rooms;
-pub use ws::router;
+
+/// `GET /ws`, the socket.io endpoint and its client script; the caller
+/// merges it into the app router.
+pub fn router(sig: Arc<Signaling>) -> axum::Router {
+    ws::router(sig.clone()).merge(socketio::router(sig))
+}
 
 /// Settings of the signaling service. `room_capacity` applies to the next
 /// join after [`Signaling::set_config`]; the others to connections opened
@@ -72,8 +81,15 @@ pub type IceServersFn = Arc<dyn Fn(Option<&str>) -> (serde_json::Value, Duration
 /// the metrics module reads them at scrape time.
 #[derive(Debug, Default)]
 pub struct SignalStats {
-    /// Open WebSocket connections (joined or not).
+    /// Open connections (joined or not), `/ws` and socket.io alike.
     pub connected_peers: AtomicU64,
+    /// Of those, socket.io connections.
+    pub socketio_peers: AtomicU64,
+    /// Events received from socket.io peers, accepted or refused.
+    pub socketio_events_total: AtomicU64,
+    /// `message` events delivered to socket.io peers (also counted in
+    /// `messages_relayed_total`).
+    pub socketio_messages_relayed_total: AtomicU64,
     /// Rooms with at least one member.
     pub rooms: AtomicU64,
     pub joins_total: AtomicU64,

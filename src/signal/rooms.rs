@@ -169,6 +169,23 @@ impl Rooms {
         Ok(Delivery::one(to, ServerMessage::Signal { from, data }))
     }
 
+    /// Addresses `data` from `from` to every other member of its room: the
+    /// socket.io tutorial's `message`, which names no recipient. A member
+    /// alone in its room reaches nobody, which is not an error.
+    pub fn broadcast(&self, from: PeerId, data: Value) -> Result<Delivery, RoomError> {
+        let room = self.member_of.get(&from).ok_or(RoomError::NotJoined)?;
+        let to = self
+            .members(room)
+            .iter()
+            .copied()
+            .filter(|m| *m != from)
+            .collect();
+        Ok(Delivery {
+            to,
+            msg: ServerMessage::Signal { from, data },
+        })
+    }
+
     pub fn room_of(&self, peer: PeerId) -> Option<&RoomName> {
         self.member_of.get(&peer)
     }
@@ -282,6 +299,29 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn broadcasts_reach_the_other_members_of_the_room_only() {
+        let mut rooms = Rooms::new(3);
+        rooms.join(A, room("m"), grant(), false).unwrap();
+        assert_eq!(rooms.broadcast(A, json!("alone")).map(|d| d.to), Ok(vec![]));
+        rooms.join(B, room("m"), grant(), false).unwrap();
+        rooms.join(C, room("m"), grant(), false).unwrap();
+        rooms.join(D, room("other"), grant(), false).unwrap();
+        assert_eq!(
+            rooms.broadcast(B, json!("hi")),
+            Ok(Delivery {
+                to: vec![A, C],
+                msg: ServerMessage::Signal {
+                    from: B,
+                    data: json!("hi")
+                }
+            })
+        );
+        assert_eq!(rooms.broadcast(D, json!(1)).map(|d| d.to), Ok(vec![]));
+        rooms.leave(D).unwrap();
+        assert_eq!(rooms.broadcast(D, json!(1)), Err(RoomError::NotJoined));
     }
 
     #[test]

@@ -78,28 +78,39 @@ async fn upgrade(
 /// What the writer task sends.
 pub(super) enum Outgoing {
     Text(Utf8Bytes),
+    /// The message itself, for a socket.io peer, whose shell renders it as
+    /// events (`socketio.rs`).
+    Message(ServerMessage),
     Ping,
     Close(u16, &'static str),
 }
 
 /// How other tasks reach a connection: its queue, and a way to make it stop.
 pub(super) struct PeerHandle {
-    tx: mpsc::Sender<Outgoing>,
-    kick: Arc<Kick>,
+    pub(super) tx: mpsc::Sender<Outgoing>,
+    pub(super) kick: Arc<Kick>,
+    pub(super) wire: Wire,
+}
+
+/// How a peer wants its messages: JSON text (`/ws`) or as they are.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Wire {
+    Json,
+    SocketIo,
 }
 
 /// A one-shot "drop this connection" signal; `Notify` keeps the permit if
 /// the connection is busy, so the kick is never lost.
 #[derive(Default)]
-struct Kick {
+pub(super) struct Kick {
     fired: AtomicBool,
-    notify: Notify,
+    pub(super) notify: Notify,
 }
 
 impl Signaling {
     /// Queues each delivery to its recipients without ever waiting. Counts
     /// what is sent, so statistics match what peers saw.
-    fn deliver(&self, deliveries: Vec<Delivery>) {
+    pub(super) fn deliver(&self, deliveries: Vec<Delivery>) {
         for Delivery { to, msg } in deliveries {
             match &msg {
                 ServerMessage::Error { code, .. } => self.stats.count_error(*code),
@@ -118,15 +129,22 @@ impl Signaling {
             let relayed = matches!(msg, ServerMessage::Signal { .. });
             let peers = self.lock_peers();
             for handle in to.iter().filter_map(|id| peers.get(id)) {
-                if self.push(&handle.tx, &handle.kick, Outgoing::Text(text.clone())) && relayed {
+                let out = match handle.wire {
+                    Wire::Json => Outgoing::Text(text.clone()),
+                    Wire::SocketIo => Outgoing::Message(msg.clone()),
+                };
+                if self.push(&handle.tx, &handle.kick, out) && relayed {
                     inc(&self.stats.messages_relayed_total);
+                    if handle.wire == Wire::SocketIo {
+                        inc(&self.stats.socketio_messages_relayed_total);
+                    }
                 }
             }
         }
     }
 
     /// Queues one item; a full queue kicks the connection (once).
-    fn push(&self, tx: &mpsc::Sender<Outgoing>, kick: &Kick, out: Outgoing) -> bool {
+    pub(super) fn push(&self, tx: &mpsc::Sender<Outgoing>, kick: &Kick, out: Outgoing) -> bool {
         match tx.try_send(out) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
@@ -140,7 +158,7 @@ impl Signaling {
         }
     }
 
-    fn register(&self, handle: PeerHandle) -> PeerId {
+    pub(super) fn register(&self, handle: PeerHandle) -> PeerId {
         let mut peers = self.lock_peers();
         let id = loop {
             let id = PeerId::random();
@@ -155,7 +173,7 @@ impl Signaling {
         id
     }
 
-    fn unregister(&self, id: PeerId) {
+    pub(super) fn unregister(&self, id: PeerId) {
         let farewell = self.with_rooms(|rooms| rooms.disconnect(id));
         self.deliver(farewell);
         let mut peers = self.lock_peers();
@@ -206,6 +224,7 @@ async fn serve(sig: Arc<Signaling>, socket: WebSocket, host: Option<String>, cfg
     let id = sig.register(PeerHandle {
         tx: tx.clone(),
         kick: kick.clone(),
+        wire: Wire::Json,
     });
     tracing::debug!(peer = %id, host = host.as_deref(), "signaling connection opened");
     let shutdown = sig.shutdown.subscribe();
@@ -370,6 +389,8 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Recei
     while let Some(out) = rx.recv().await {
         let frame = match out {
             Outgoing::Text(text) => Message::Text(text),
+            // Never queued for a `/ws` peer (its handle says `Wire::Json`).
+            Outgoing::Message(_) => continue,
             Outgoing::Ping => Message::Ping(Default::default()),
             Outgoing::Close(code, reason) => {
                 let _ = sink

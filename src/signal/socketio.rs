@@ -1,0 +1,311 @@
+//! The socket.io shell: `/socket.io/` for pages written against
+//! socket.io-client 2.x (Engine.IO 3, socket.io protocol 4), and
+//! `GET /socket.io/socket.io.js`, the client script such pages load.
+//!
+//! Engine.IO and socket.io framing (polling, the upgrade to WebSocket, the
+//! client-driven ping of Engine.IO 3) are socketioxide's, built with its
+//! `v4` feature; this file registers each socket.io connection as a peer
+//! of [`Signaling`], so it meets `/ws` peers in the same rooms, and moves
+//! events between socketioxide and the registry. What the events mean lives
+//! in [`super::tutorial`].
+//!
+//! Each connection gets the same bounded queue as a `/ws` peer and one
+//! task (`pump`) that renders what arrives there as events; socketioxide
+//! calls the event handler in arrival order, which handles the event at
+//! once (no task per event) so an offer is never overtaken by its
+//! candidates.
+//!
+//! Limits: an event over `signaling.max_message_bytes` is refused with an
+//! `error` event and the connection lives on; Engine.IO payloads beyond
+//! [`transport_limit`] of the value at start close the connection (polling
+//! and WebSocket alike). socketioxide's heartbeat uses `ping_interval_ms`
+//! and `pong_timeout_ms` as they were at start; the size checked per
+//! event follows reloads.
+//!
+//! Polling is cross-origin capable: socket.io-client 2.x sends its XHRs
+//! with credentials, so the CORS layer echoes the request's `Origin` and
+//! allows credentials (a wildcard would be refused by the browser).
+
+use std::convert::Infallible;
+use std::future::{pending, ready};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{header, Method};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use socketioxide::extract::SocketRef;
+use socketioxide::handler::{ConnectHandler, FromMessage, Value as SioValue};
+use socketioxide::socket::{DisconnectReason, Socket};
+use socketioxide::{SendError, SocketError, SocketIo};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+
+use crate::counter::inc;
+
+use super::protocol::{ParseError, ServerMessage};
+use super::rooms::{Delivery, IceGrant, RoomError};
+use super::timers;
+use super::tutorial::{self, Args, Emit, Inbound, Renderer};
+use super::ws::{transport_limit, Kick, Outgoing, PeerHandle, Wire};
+use super::{PeerId, RoomName, Signaling};
+
+/// socket.io-client 2.3.0's browser bundle (`dist/socket.io.js` of the npm
+/// package), unchanged; its MIT licence is beside it.
+const CLIENT_JS: &str = include_str!("../../vendor/socket.io-client-2.3.0/socket.io.js");
+
+/// Same as a `/ws` peer's queue: an offer, an answer and a few dozen
+/// candidates fit comfortably.
+const OUTGOING_QUEUE: usize = 64;
+/// socketioxide's own per-connection packet buffer, behind our queue.
+const ENGINE_BUFFER: usize = 128;
+/// Shortest heartbeat honoured, as for `/ws` (see `timers`).
+const MIN_HEARTBEAT: Duration = timers::MIN_INTERVAL;
+
+/// `/socket.io/` and `/socket.io/socket.io.js`.
+pub fn router(sig: Arc<Signaling>) -> Router {
+    let cfg = sig.config();
+    let limit = transport_limit(cfg.max_message_bytes);
+    let ping_interval = cfg.ping_interval.max(MIN_HEARTBEAT);
+    // Engine.IO 3 clients ping every interval and the server waits
+    // interval + timeout for it: together they make `pong_timeout`.
+    let ping_timeout = cfg
+        .pong_timeout
+        .saturating_sub(ping_interval)
+        .max(MIN_HEARTBEAT);
+    let (svc, io) = SocketIo::builder()
+        .req_path("/socket.io")
+        .ping_interval(ping_interval)
+        .ping_timeout(ping_timeout)
+        .max_payload(limit as u64)
+        .ws_max_message_size(limit)
+        .ws_max_frame_size(limit)
+        .max_buffer_size(ENGINE_BUFFER)
+        .build_svc();
+    let on_connect = move |socket: SocketRef| {
+        attach(sig.clone(), socket);
+        ready(Ok::<(), Infallible>(()))
+    };
+    // Registered as middleware, which runs before socketioxide sends the
+    // CONNECT packet, so no event can arrive before its handler exists.
+    io.ns("/", (|| ready(())).with(on_connect));
+
+    let cors = CorsLayer::new()
+        .allow_origin(AllowOrigin::mirror_request())
+        .allow_credentials(true)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers(AllowHeaders::mirror_request())
+        .max_age(Duration::from_secs(600));
+    Router::new()
+        .route_service("/socket.io/", svc)
+        .route("/socket.io/socket.io.js", get(client_js))
+        .layer(cors)
+}
+
+async fn client_js() -> impl IntoResponse {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                "application/javascript; charset=utf-8",
+            ),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        CLIENT_JS,
+    )
+}
+
+/// One socket.io connection as the registry's peer.
+struct Peer {
+    sig: Arc<Signaling>,
+    id: PeerId,
+    host: Option<String>,
+    kick: Arc<Kick>,
+}
+
+/// The raw text of an event packet, `["event", arg, …]`: parsed by
+/// [`tutorial::parse_event`], which checks its size first. `None` for a
+/// packet with binary attachments, which the tutorial never sends.
+struct RawEvent(Option<String>);
+
+impl<A: socketioxide::adapter::Adapter> FromMessage<A> for RawEvent {
+    type Error = Infallible;
+    fn from_message(_: Arc<Socket<A>>, v: SioValue, _: Option<i64>) -> Result<Self, Infallible> {
+        Ok(RawEvent(match v {
+            SioValue::Str(text, None) => Some(text.to_string()),
+            _ => None,
+        }))
+    }
+}
+
+/// Registers `socket` as a signaling peer and starts its pump.
+fn attach(sig: Arc<Signaling>, socket: SocketRef) {
+    let host = crate::ice::host_from_headers(&socket.req_parts().headers);
+    let (tx, rx) = mpsc::channel(OUTGOING_QUEUE);
+    let kick = Arc::new(Kick::default());
+    let id = sig.register(PeerHandle {
+        tx,
+        kick: kick.clone(),
+        wire: Wire::SocketIo,
+    });
+    sig.stats.socketio_peers.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(peer = %id, sid = %socket.id, host = host.as_deref(), "socket.io connection opened");
+    let peer = Arc::new(Peer {
+        sig,
+        id,
+        host,
+        kick,
+    });
+    // Every event goes to one handler, which runs to completion before
+    // returning the (ready) future socketioxide spawns.
+    let on_event = {
+        let peer = peer.clone();
+        move |raw: RawEvent| {
+            peer.on_event(raw);
+            ready(())
+        }
+    };
+    socket.on_fallback(on_event);
+    let gone = CancellationToken::new();
+    let on_disconnect = {
+        let (gone, peer) = (gone.clone(), peer.clone());
+        move |reason: DisconnectReason| {
+            if reason == DisconnectReason::HeartbeatTimeout {
+                inc(&peer.sig.stats.heartbeat_drops_total);
+            }
+            tracing::debug!(peer = %peer.id, ?reason, "socket.io connection closed");
+            gone.cancel();
+            ready(())
+        }
+    };
+    socket.on_disconnect(on_disconnect);
+    tokio::spawn(pump(peer, socket, rx, gone));
+}
+
+impl Peer {
+    fn on_event(&self, raw: RawEvent) {
+        inc(&self.sig.stats.socketio_events_total);
+        let Some(text) = raw.0 else {
+            return self.reply(ParseError::Binary.reply());
+        };
+        let max = self.sig.config().max_message_bytes;
+        let outcome = match tutorial::parse_event(&text, max) {
+            Ok(Inbound::CreateOrJoin(room)) => self.join(room),
+            Ok(Inbound::Message(data)) => self
+                .sig
+                .with_rooms(|rooms| rooms.broadcast(self.id, data))
+                .map(|d| vec![d]),
+            Err(e) => return self.reply(e.reply()),
+        };
+        match outcome {
+            Ok(deliveries) => self.sig.deliver(deliveries),
+            Err(e) => self.reply(e.reply()),
+        }
+    }
+
+    fn join(&self, room: RoomName) -> Result<Vec<Delivery>, RoomError> {
+        let (servers, ttl) = (self.sig.ice)(self.host.as_deref());
+        let draining = self.sig.is_draining();
+        self.sig
+            .with_rooms(|rooms| rooms.join(self.id, room, IceGrant { servers, ttl }, draining))
+    }
+
+    fn reply(&self, msg: ServerMessage) {
+        self.sig.deliver(vec![Delivery {
+            to: vec![self.id],
+            msg,
+        }]);
+    }
+}
+
+/// Takes the peer out of the registry however the pump ends.
+struct Registered(Arc<Peer>);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let peer = &self.0;
+        peer.sig.unregister(peer.id);
+        peer.sig
+            .stats
+            .socketio_peers
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Renders what the registry queued for this peer as events, refreshes its
+/// ICE credentials, and ends the connection on kick or shutdown.
+async fn pump(
+    peer: Arc<Peer>,
+    socket: SocketRef,
+    mut rx: mpsc::Receiver<Outgoing>,
+    gone: CancellationToken,
+) {
+    let peer = Registered(peer);
+    let peer = &peer.0;
+    let mut shutdown = peer.sig.shutdown.subscribe();
+    let mut renderer = Renderer::default();
+    let mut refresh_at: Option<Instant> = None;
+    loop {
+        let refresh = async {
+            match refresh_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => pending().await,
+            }
+        };
+        tokio::select! {
+            out = rx.recv() => {
+                let Some(Outgoing::Message(msg)) = out else {
+                    // Text, pings and closes are for `/ws` peers only.
+                    continue;
+                };
+                if let ServerMessage::Joined { ttl, .. } = &msg {
+                    refresh_at = timers::refresh_after(Duration::from_secs(*ttl))
+                        .map(|after| Instant::now() + after);
+                }
+                for event in renderer.render(msg) {
+                    match emit(&socket, event) {
+                        Ok(()) => {}
+                        Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                            inc(&peer.sig.stats.slow_consumer_drops_total);
+                            let _ = socket.clone().disconnect();
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(peer = %peer.id, error = %e, "socket.io emit failed");
+                            return;
+                        }
+                    }
+                }
+            }
+            () = refresh => {
+                let (servers, ttl) = (peer.sig.ice)(peer.host.as_deref());
+                refresh_at = timers::refresh_after(ttl).map(|after| Instant::now() + after);
+                peer.reply(ServerMessage::IceServers { ice_servers: servers, ttl: ttl.as_secs() });
+            }
+            () = gone.cancelled() => return,
+            () = peer.kick.notify.notified() => {
+                tracing::info!(peer = %peer.id, "dropping a socket.io peer that stopped reading");
+                let _ = socket.clone().disconnect();
+                return;
+            }
+            _ = shutdown.wait_for(|closing| *closing) => {
+                let _ = socket.clone().disconnect();
+                return;
+            }
+        }
+    }
+}
+
+fn emit(socket: &SocketRef, e: Emit) -> Result<(), SendError> {
+    // socketioxide spreads a tuple as separate arguments; an empty array
+    // is a tuple of none (`()` would be sent as one `null`).
+    match e.args {
+        Args::None => socket.emit(e.event, &[(); 0]),
+        Args::One(a) => socket.emit(e.event, &(a,)),
+        Args::Two(a, b) => socket.emit(e.event, &(a, b)),
+    }
+}
