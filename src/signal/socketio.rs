@@ -56,7 +56,7 @@ use super::{PeerId, RoomName, Signaling};
 
 /// socket.io-client 2.3.0's browser bundle (`dist/socket.io.js` of the npm
 /// package), unchanged; its MIT licence is beside it.
-const CLIENT_JS: &str = include_str!("../../vendor/socket.io-client-2.3.0/socket.io.js");
+const CLIENT_JS: &str = include_str!("vendor/socket.io-client-2.3.0/socket.io.js");
 
 /// Same as a `/ws` peer's queue: an offer, an answer and a few dozen
 /// candidates fit comfortably.
