@@ -17,12 +17,13 @@ fn imports() -> BTreeMap<String, BTreeSet<String>> {
         if ["lib", "main"].contains(&name.as_str()) {
             continue;
         }
-        if path.is_dir() {
-            for f in std::fs::read_dir(&path).unwrap() {
-                files.push((name.clone(), f.unwrap().path()));
+        let mut stack = vec![path];
+        while let Some(p) = stack.pop() {
+            if p.is_dir() {
+                stack.extend(std::fs::read_dir(&p).unwrap().map(|f| f.unwrap().path()));
+            } else if p.extension().is_some_and(|e| e == "rs") {
+                files.push((name.clone(), p));
             }
-        } else {
-            files.push((name, path));
         }
     }
     for (module, file) in files {
