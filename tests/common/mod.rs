@@ -22,6 +22,8 @@ pub struct Turnkey {
     pub tcp: Option<SocketAddr>,
     pub tls: Option<SocketAddr>,
     pub metrics: SocketAddr,
+    /// The admin API, when `admin.listen` is set.
+    pub admin: Option<SocketAddr>,
     pub config_path: PathBuf,
     pub dir: PathBuf,
     /// Every line the process logged so far.
@@ -133,6 +135,7 @@ impl Turnkey {
             tcp: list("tcp").first().copied(),
             tls: list("tls").first().copied(),
             metrics: field("metrics"),
+            admin: list("admin").first().copied(),
             child,
             config_path,
             dir,

@@ -92,6 +92,12 @@ impl Raw {
         } else {
             "127.0.0.1:0"
         };
+        Raw::bound(local, server, user, pass)
+    }
+
+    /// A client on a chosen local address (another loopback address is
+    /// another client IP).
+    pub fn bound(local: &str, server: SocketAddr, user: &str, pass: &str) -> Raw {
         let sock = UdpSocket::bind(local).expect("bind client");
         sock.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
