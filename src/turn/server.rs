@@ -603,10 +603,15 @@ impl Server {
             // Binding indications are keep-alives; stray responses are ignored.
             return;
         }
-        // Requests that prove nothing about their sender have a budget per
-        // address, so a flood (maybe with a forged source) cannot use us as
-        // an amplifier beyond it.
-        let budget = if m.typ.method == METHOD_BINDING {
+        // Over UDP, requests that prove nothing about their sender have a
+        // budget per address, so a flood (maybe with a forged source) cannot
+        // use us as an amplifier beyond it. Not over TCP/TLS: the handshake
+        // proved the source, the connection caps bound it, and a client
+        // there never retransmits, so a dropped answer would hang it.
+        let udp = !ft.transport.is_stream();
+        let budget = if !udp {
+            None
+        } else if m.typ.method == METHOD_BINDING {
             Some((&mut self.bindings, self.budgets.binding))
         } else if !m.contains(ATTR_MESSAGE_INTEGRITY) {
             Some((&mut self.unauth, self.budgets.unauth))
@@ -630,7 +635,8 @@ impl Server {
         let bytes = match result {
             Ok(bytes) => bytes,
             Err((reject, None))
-                if m.contains(ATTR_MESSAGE_INTEGRITY)
+                if udp
+                    && m.contains(ATTR_MESSAGE_INTEGRITY)
                     && !self.unauth.allow(ft.client.ip(), self.budgets.unauth, now) =>
             {
                 // Credentials that did not verify: the same budget.

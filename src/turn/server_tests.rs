@@ -1197,3 +1197,53 @@ fn even_port_reservation_with_a_dual_allocation_is_refused() {
         "nothing was bound"
     );
 }
+
+#[test]
+fn unauthenticated_udp_requests_have_a_budget_per_address_and_streams_do_not() {
+    use crate::turn::limits::Rate;
+    let mut r = rules(8);
+    r.limits.unauth_rate = Rate {
+        per_sec: 1,
+        burst: 3,
+    };
+    r.limits.binding_rate = Rate {
+        per_sec: 1,
+        burst: 2,
+    };
+    let mut h = harness_with(r, 50000..=50009);
+    let allocate = request(METHOD_ALLOCATE, vec![udp()], None);
+    for _ in 0..10 {
+        h.s.handle_client(h.now, ft(4000), &allocate, &mut h.io);
+    }
+    assert_eq!(h.io.to_client.len(), 3, "the burst is answered, no more");
+    // Another address has its own budget; a second later one more passes.
+    let other = FiveTuple {
+        client: "198.51.100.99:4000".parse().unwrap(),
+        ..ft(4000)
+    };
+    h.s.handle_client(h.now, other, &allocate, &mut h.io);
+    h.s.handle_client(
+        h.now + Duration::from_secs(1),
+        ft(4000),
+        &allocate,
+        &mut h.io,
+    );
+    assert_eq!(h.io.to_client.len(), 5);
+    // Bindings have their own budget.
+    let binding = request(METHOD_BINDING, vec![], None);
+    for _ in 0..5 {
+        h.s.handle_client(h.now, ft(4001), &binding, &mut h.io);
+    }
+    assert_eq!(h.io.to_client.len(), 7);
+    assert_eq!(h.stats.rate_limited.load(Ordering::Relaxed), 7 + 3);
+    // Over TCP the client never retransmits: every request is answered.
+    let tcp = FiveTuple {
+        transport: Transport::Tcp,
+        ..ft(4002)
+    };
+    h.io.to_client.clear();
+    for _ in 0..10 {
+        h.s.handle_client(h.now, tcp, &allocate, &mut h.io);
+    }
+    assert_eq!(h.io.to_client.len(), 10);
+}
