@@ -31,10 +31,12 @@ use crate::control::{rules_from, Bound, Control, Parts};
 use crate::http::HttpState;
 use crate::ice::unix_now;
 use crate::metrics::Metrics;
+use crate::public::{Gate, PublicStats};
 use crate::relay::{Relay, ShardSpec};
 use crate::stream::{StreamStats, Streams};
 use crate::turn::server::{Clock, CoreConfig, Server, Shared};
 use crate::turn::stats::TurnStats;
+use tower_http::limit::RequestBodyLimitLayer;
 
 /// How long stop waits for connection tasks before it gives up on them.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -144,8 +146,7 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
     .await?;
     let tls_listeners = bind_all(cfg.tls.listen.clone(), "tls.listen").await?;
     let http_listener = bind_all(vec![cfg.http.listen], "http.listen").await?;
-    let metrics_listener =
-        bind_all(cfg.metrics.listen.into_iter().collect(), "metrics.listen").await?;
+    let metrics_listener = bind_all(vec![cfg.metrics.listen], "metrics.listen").await?;
     let admin_listener = bind_all(cfg.admin.listen.into_iter().collect(), "admin.listen").await?;
     let admin_addr = local(&admin_listener);
     let (tcp_addrs, tls_addrs) = (local(&tcp_listeners), local(&tls_listeners));
@@ -173,17 +174,19 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
         certs: certs.clone(),
     });
     let stream_stats = Arc::new(StreamStats::default());
+    let public_stats = Arc::new(PublicStats::default());
+    let gate = Gate::new(control.public_limits(), public_stats.clone());
     let metrics = Arc::new(Metrics::new(
         shard_stats,
         control.signaling().clone(),
         stream_stats.clone(),
+        public_stats,
         usize::from(t.relay_port_max - t.relay_port_min) + 1,
     )?);
     let http_state = HttpState {
         control: control.clone(),
         metrics,
         static_dir: cfg.http.static_dir.clone(),
-        serve_metrics_here: cfg.metrics.listen.is_none(),
     };
 
     let stop = CancellationToken::new();
@@ -199,9 +202,16 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
         });
         tasks.spawn(serve_http(l, app, stop.clone()));
     }
+    let public_app = crate::http::router(http_state.clone())
+        .layer(RequestBodyLimitLayer::new(cfg.http.max_body_bytes));
     for l in http_listener {
-        let app = crate::http::router(http_state.clone());
-        tasks.spawn(serve_http(l, app, stop.clone()));
+        tasks.spawn(crate::public::serve_listener(
+            gate.clone(),
+            l,
+            public_app.clone(),
+            tasks.clone(),
+            stop.clone(),
+        ));
     }
     let tls_config = match &certs {
         Some(store) => Some(store.server_config()?),
@@ -210,7 +220,9 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
     let streams = Streams::new(
         relay.handles(),
         control.stream_limits(),
-        crate::http::router(http_state.clone()),
+        public_app,
+        crate::http::redirect_router(control.clone()),
+        gate,
         tls_config,
         stream_stats,
         tasks.clone(),
@@ -222,18 +234,13 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
         }
     }
 
-    let metrics_at = if metrics_addr.is_empty() {
-        &http_addr
-    } else {
-        &metrics_addr
-    };
     tracing::info!(
         "ready: http={} turn={} tcp={} tls={} metrics={} admin={} relay={advertised_ip} ports={}-{} shards={threads}",
         addr_list(&http_addr),
         addr_list(&turn_addrs),
         addr_list(&tcp_addrs),
         addr_list(&tls_addrs),
-        addr_list(metrics_at),
+        addr_list(&metrics_addr),
         addr_list(&admin_addr),
         t.relay_port_min,
         t.relay_port_max
@@ -282,7 +289,8 @@ async fn alive_tasks() -> usize {
     }
 }
 
-/// One axum HTTP listener until stop; graceful: open requests finish.
+/// One axum HTTP listener (metrics, admin: not public) until stop;
+/// graceful: open requests finish.
 async fn serve_http(listener: TcpListener, app: axum::Router, stop: CancellationToken) {
     // Signaling messages are small; Nagle would hold them back.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

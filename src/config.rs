@@ -76,6 +76,59 @@ pub struct Config {
     pub drain: DrainConfig,
     pub tls: TlsConfig,
     pub admin: AdminConfig,
+    pub access: AccessConfig,
+}
+
+/// Who may get a TURN credential or a signaling socket (`access.rs`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessMode {
+    /// Anyone (the demo and local use).
+    #[default]
+    Open,
+    /// Browsers on the operator's own pages (`allowed_origins`).
+    Origin,
+    /// Holders of a JWT the application's backend signs.
+    Token,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    pub mode: AccessMode,
+    /// `scheme://host[:port]`, exactly as browsers send `Origin`.
+    pub allowed_origins: Vec<String>,
+    /// HS256 keys for access tokens; the first is the current one, all
+    /// verify (rotate by adding the new one first).
+    pub token_secret: Vec<Secret>,
+    /// Credentials one client address may mint a minute (429 beyond);
+    /// 0 = unlimited.
+    pub mints_per_minute: u64,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        AccessConfig {
+            mode: AccessMode::Open,
+            allowed_origins: Vec::new(),
+            token_secret: Vec::new(),
+            mints_per_minute: 30,
+        }
+    }
+}
+
+/// What the TURN TCP port does with a plain HTTP request.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TcpHttp {
+    /// Closes the connection: the port is TURN only.
+    #[default]
+    Off,
+    /// Serves the page, the API and `/ws` (no TLS, so only for tests and
+    /// networks you trust).
+    Serve,
+    /// Answers a redirect to the HTTPS origin.
+    Redirect,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -118,12 +171,19 @@ impl Default for TlsConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// Serve `/metrics` on this separate address instead of `http.listen`
-    /// (so it need not be public).
-    pub listen: Option<SocketAddr>,
+    /// Where `/metrics` is served: its own listener, never a public one.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -170,6 +230,16 @@ pub struct HttpConfig {
     /// Host name put into `iceServers` URLs; when unset, the Host header of
     /// the request (so the page's own host is used), else the external IP.
     pub public_host: Option<String>,
+    /// A client must send a request's headers within this many seconds.
+    pub header_timeout_secs: u64,
+    /// A connection that sends and receives nothing this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Open HTTP connections (all public listeners) per client address
+    /// (IPv6: per /64) and in total.
+    pub max_connections_per_ip: usize,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -191,6 +261,8 @@ pub struct TurnConfig {
     pub tcp_listen: Option<Vec<SocketAddr>>,
     /// A TCP/TLS connection with no allocation is closed after this long.
     pub tcp_unauth_timeout_secs: u64,
+    /// What plain HTTP on the TCP port gets.
+    pub tcp_http: TcpHttp,
     /// Connections without an allocation, per source IP and in total.
     pub tcp_unauth_per_ip: usize,
     pub tcp_unauth_total: usize,
@@ -260,6 +332,18 @@ pub struct SignalingConfig {
     pub max_message_bytes: usize,
     pub ping_interval_ms: u64,
     pub pong_timeout_ms: u64,
+    /// A socket that has not joined a room this long is closed.
+    pub join_timeout_secs: u64,
+    /// Signaling sockets per client address (IPv6: per /64).
+    pub max_sockets_per_ip: usize,
+    /// What one socket may send: messages and bytes per second (twice that
+    /// at once). Beyond, its messages are refused with `rate-limited`.
+    pub messages_per_sec: u64,
+    pub bytes_per_sec: u64,
+    /// Joins per second per client address (twice that at once).
+    pub joins_per_sec_per_ip: u64,
+    /// Rooms in all.
+    pub max_rooms: usize,
 }
 
 impl Default for LogConfig {
@@ -277,6 +361,11 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             static_dir: None,
             public_host: None,
+            header_timeout_secs: 10,
+            idle_timeout_secs: 120,
+            max_body_bytes: 256 * 1024,
+            max_connections_per_ip: 64,
+            max_connections: 8192,
         }
     }
 }
@@ -290,9 +379,10 @@ impl Default for TurnConfig {
             relay_ip_v6: None,
             external_ip_v6: None,
             tcp_listen: None,
+            tcp_http: TcpHttp::Off,
             tcp_unauth_timeout_secs: 10,
-            tcp_unauth_per_ip: 8,
-            tcp_unauth_total: 2048,
+            tcp_unauth_per_ip: 16,
+            tcp_unauth_total: 4096,
             tcp_idle_timeout_secs: 3600,
             proxy_protocol_from: Vec::new(),
             relay_port_min: 49152,
@@ -336,6 +426,12 @@ impl Default for SignalingConfig {
             max_message_bytes: 64 * 1024,
             ping_interval_ms: 20_000,
             pong_timeout_ms: 45_000,
+            join_timeout_secs: 30,
+            max_sockets_per_ip: 32,
+            messages_per_sec: 50,
+            bytes_per_sec: 256 * 1024,
+            joins_per_sec_per_ip: 5,
+            max_rooms: 10_000,
         }
     }
 }
@@ -372,6 +468,8 @@ impl Config {
                 .with_list_parse_key("turn.allowed_peer_ranges")
                 .with_list_parse_key("turn.denied_peer_ranges")
                 .with_list_parse_key("auth.secrets")
+                .with_list_parse_key("access.allowed_origins")
+                .with_list_parse_key("access.token_secret")
                 .try_parsing(true)
                 .source(Some(env)),
         );
@@ -542,11 +640,70 @@ impl Config {
         if self.tls.handshake_timeout_ms == 0 {
             return Err(invalid("tls.handshake_timeout_ms", "must be at least 1"));
         }
-        if let Some(m) = self.metrics.listen {
-            if m == self.http.listen && m.port() != 0 {
+        let m = self.metrics.listen;
+        if m == self.http.listen && m.port() != 0 {
+            return Err(invalid(
+                "metrics.listen",
+                "is the same as http.listen: /metrics is never served on a public listener",
+            ));
+        }
+        let h = &self.http;
+        for (key, n) in [
+            ("http.header_timeout_secs", h.header_timeout_secs as usize),
+            ("http.idle_timeout_secs", h.idle_timeout_secs as usize),
+            ("http.max_body_bytes", h.max_body_bytes),
+            ("http.max_connections_per_ip", h.max_connections_per_ip),
+            ("http.max_connections", h.max_connections),
+            (
+                "signaling.join_timeout_secs",
+                self.signaling.join_timeout_secs as usize,
+            ),
+            (
+                "signaling.max_sockets_per_ip",
+                self.signaling.max_sockets_per_ip,
+            ),
+            ("signaling.max_rooms", self.signaling.max_rooms),
+        ] {
+            if n == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        // WebSocket pings are what keeps a quiet call's socket busy.
+        if h.idle_timeout_secs * 1000 <= self.signaling.ping_interval_ms {
+            return Err(invalid(
+                "http.idle_timeout_secs",
+                "must be longer than signaling.ping_interval_ms",
+            ));
+        }
+        let a = &self.access;
+        for (i, o) in a.allowed_origins.iter().enumerate() {
+            if !crate::access::valid_origin(o) {
                 return Err(invalid(
-                    "metrics.listen",
-                    "is the same as http.listen; leave it unset to serve /metrics there",
+                    &format!("access.allowed_origins[{i}]"),
+                    format!("{o:?} is not scheme://host[:port]"),
+                ));
+            }
+        }
+        match a.mode {
+            AccessMode::Origin if a.allowed_origins.is_empty() => {
+                return Err(invalid(
+                    "access.allowed_origins",
+                    "is empty, so mode = \"origin\" would refuse everyone",
+                ))
+            }
+            AccessMode::Token if a.token_secret.is_empty() => {
+                return Err(invalid(
+                    "access.token_secret",
+                    "is required with mode = \"token\"",
+                ))
+            }
+            _ => {}
+        }
+        for (i, s) in a.token_secret.iter().enumerate() {
+            if s.expose().len() < 32 {
+                return Err(invalid(
+                    &format!("access.token_secret[{i}]"),
+                    "is shorter than 32 characters",
                 ));
             }
         }

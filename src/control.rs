@@ -18,13 +18,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use crate::access::{Access, Admission, Credentials, MintBudget, Refusal};
 use crate::config::{Config, ConfigError, Secret};
 use crate::ice::{IceGrants, IceSettings};
+use crate::public::PublicLimits;
 use crate::reload::{self, Report};
 use crate::signal::{SignalConfig, Signaling};
 use crate::stream::StreamLimits;
 use crate::tls::CertStore;
-use crate::turn::auth::Credentials;
 use crate::turn::limits::Rate;
 use crate::turn::policy::PeerPolicy;
 use crate::turn::server::{Limits, Rules, Shared};
@@ -66,7 +67,11 @@ pub struct Control {
     signaling: Arc<Signaling>,
     ice: Arc<IceGrants>,
     stream_limits: Arc<ArcSwap<StreamLimits>>,
+    public_limits: Arc<ArcSwap<PublicLimits>>,
     certs: Option<Arc<CertStore>>,
+    access: Arc<ArcSwap<Access>>,
+    /// Credentials minted per client address, across reloads.
+    mints: Arc<MintBudget>,
 }
 
 /// The relay's rules from a config.
@@ -78,7 +83,11 @@ pub fn rules_from(cfg: &Config, generated: &Secret, relay_ips: Vec<IpAddr>) -> R
         cfg.auth.secrets.clone()
     };
     Rules {
-        credentials: Credentials::new(t.realm.clone(), secrets, cfg.auth.users.clone()),
+        credentials: crate::turn::auth::Credentials::new(
+            t.realm.clone(),
+            secrets,
+            cfg.auth.users.clone(),
+        ),
         policy: PeerPolicy::new(
             t.allowed_peer_ranges.clone(),
             t.denied_peer_ranges.clone(),
@@ -117,6 +126,12 @@ fn signal_config(cfg: &Config) -> SignalConfig {
         max_message_bytes: cfg.signaling.max_message_bytes,
         ping_interval: Duration::from_millis(cfg.signaling.ping_interval_ms),
         pong_timeout: Duration::from_millis(cfg.signaling.pong_timeout_ms),
+        join_timeout: Duration::from_secs(cfg.signaling.join_timeout_secs),
+        max_sockets_per_ip: cfg.signaling.max_sockets_per_ip,
+        messages_per_sec: cfg.signaling.messages_per_sec,
+        bytes_per_sec: cfg.signaling.bytes_per_sec,
+        joins_per_sec_per_ip: cfg.signaling.joins_per_sec_per_ip,
+        max_rooms: cfg.signaling.max_rooms,
     }
 }
 
@@ -129,6 +144,17 @@ pub fn stream_limits(cfg: &Config) -> StreamLimits {
         unauth_per_ip: t.tcp_unauth_per_ip,
         unauth_total: t.tcp_unauth_total,
         proxy_from: t.proxy_protocol_from.clone(),
+        tcp_http: t.tcp_http,
+    }
+}
+
+fn public_limits(cfg: &Config) -> PublicLimits {
+    let h = &cfg.http;
+    PublicLimits {
+        header_timeout: Duration::from_secs(h.header_timeout_secs),
+        idle_timeout: Duration::from_secs(h.idle_timeout_secs),
+        per_ip: h.max_connections_per_ip,
+        total: h.max_connections,
     }
 }
 
@@ -150,13 +176,18 @@ impl Control {
             p.rules.clone(),
         ));
         let grants = ice.clone();
+        let access = Arc::new(ArcSwap::from_pointee(Access::new(&p.config.access)));
+        let mints = Arc::new(MintBudget::new());
+        let (rules, budget) = (access.clone(), mints.clone());
         let signaling = Signaling::new(
             signal_config(&p.config),
-            Arc::new(move |host: Option<&str>| grants.grant_json(host)),
+            Arc::new(move |host: Option<&str>, user: Option<&str>| grants.grant_json(host, user)),
+            Arc::new(move |c: &Credentials<'_>, ip: IpAddr| admit(&rules, &budget, c, ip)),
             p.draining.clone(),
         );
         Arc::new(Control {
             stream_limits: Arc::new(ArcSwap::from_pointee(stream_limits(&p.config))),
+            public_limits: Arc::new(ArcSwap::from_pointee(public_limits(&p.config))),
             current: Mutex::new(p.config),
             path: p.path,
             generated: p.generated,
@@ -168,7 +199,15 @@ impl Control {
             signaling,
             ice,
             certs: p.certs,
+            access,
+            mints,
         })
+    }
+
+    /// Whether a request may have a credential (or a socket), and on what
+    /// terms: the access rules, then the address's mint budget.
+    pub fn admit(&self, c: &Credentials<'_>, ip: IpAddr) -> Result<Admission, Refusal> {
+        admit(&self.access, &self.mints, c, ip)
     }
 
     pub fn signaling(&self) -> &Arc<Signaling> {
@@ -181,6 +220,10 @@ impl Control {
 
     pub fn stream_limits(&self) -> Arc<ArcSwap<StreamLimits>> {
         self.stream_limits.clone()
+    }
+
+    pub fn public_limits(&self) -> Arc<ArcSwap<PublicLimits>> {
+        self.public_limits.clone()
     }
 
     pub fn certs(&self) -> Option<&Arc<CertStore>> {
@@ -217,6 +260,8 @@ impl Control {
         self.signaling.set_config(signal_config(&next));
         self.ice.set_settings(ice_settings(&next, &self.bound));
         self.stream_limits.store(Arc::new(stream_limits(&next)));
+        self.public_limits.store(Arc::new(public_limits(&next)));
+        self.access.store(Arc::new(Access::new(&next.access)));
         *current = next;
         Ok(report)
     }
@@ -256,6 +301,18 @@ impl Control {
             self.signaling.stats().rooms.load(Ordering::Relaxed),
         )
     }
+}
+
+fn admit(
+    access: &ArcSwap<Access>,
+    mints: &MintBudget,
+    c: &Credentials<'_>,
+    ip: IpAddr,
+) -> Result<Admission, Refusal> {
+    let rules = access.load();
+    let admission = rules.admit(c)?;
+    mints.take(ip, rules.mints, std::time::Instant::now())?;
+    Ok(admission)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,15 +1,17 @@
 //! The HTTP side: health, `/api/ice-servers`, metrics, signaling at `/ws`
 //! and the demo page (embedded in the binary, or from `http.static_dir`).
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
+use crate::access::{query_token, Credentials};
 use crate::control::Control;
 use crate::ice::host_from_headers;
 use crate::metrics::Metrics;
@@ -24,12 +26,10 @@ pub struct HttpState {
     pub control: Arc<Control>,
     pub metrics: Arc<Metrics>,
     pub static_dir: Option<PathBuf>,
-    /// `/metrics` on this router too (no separate `metrics.listen`).
-    pub serve_metrics_here: bool,
 }
 
 pub fn router(state: HttpState) -> Router {
-    let mut r = Router::new()
+    let r = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         // The self-test page (`static/selftest.html`) under a short name;
@@ -39,9 +39,6 @@ pub fn router(state: HttpState) -> Router {
             get(|| async { axum::response::Redirect::permanent("/selftest.html") }),
         )
         .route("/api/ice-servers", get(ice_servers));
-    if state.serve_metrics_here {
-        r = r.route("/metrics", get(metrics));
-    }
     let r = r
         .with_state(state.clone())
         .merge(crate::signal::router(state.control.signaling().clone()));
@@ -51,7 +48,29 @@ pub fn router(state: HttpState) -> Router {
     }
 }
 
-/// A router with only `/metrics`, for a separate `metrics.listen`.
+/// What `turn.tcp_http = "redirect"` serves on the TURN TCP port: every
+/// request is sent to the same path on the HTTPS origin.
+pub fn redirect_router(control: Arc<Control>) -> Router {
+    Router::new().fallback(move |headers: HeaderMap, uri: Uri| {
+        let control = control.clone();
+        async move {
+            let ice = control.ice().settings();
+            let host = ice
+                .public_host
+                .clone()
+                .or_else(|| host_from_headers(&headers))
+                .unwrap_or_else(|| ice.advertised_ip.to_string());
+            let port = match ice.tls_port {
+                Some(443) | None => String::new(),
+                Some(p) => format!(":{p}"),
+            };
+            let path = uri.path_and_query().map_or("/", |p| p.as_str());
+            axum::response::Redirect::permanent(&format!("https://{host}{port}{path}"))
+        }
+    })
+}
+
+/// `/metrics`, on `metrics.listen` only: never on a public listener.
 pub fn metrics_router(state: HttpState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
@@ -70,10 +89,60 @@ async fn readyz(State(s): State<HttpState>) -> Response {
     }
 }
 
-async fn ice_servers(State(s): State<HttpState>, headers: HeaderMap) -> Response {
+/// `/api/ice-servers`: a fresh credential for whoever the access rules
+/// admit (`access.rs`); CORS headers for an allowed origin.
+async fn ice_servers(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    uri: Uri,
+    extensions: axum::http::Extensions,
+) -> Response {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let token = bearer.or_else(|| query_token(uri.query()));
+    let get = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+    let credentials = Credentials {
+        origin: get("origin"),
+        fetch_site: get("sec-fetch-site"),
+        host: get("host"),
+        token: token.as_deref(),
+    };
+    let ip = extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    let admission = match s.control.admit(&credentials, ip) {
+        Ok(a) => a,
+        Err(refused) => {
+            let status = StatusCode::from_u16(refused.status()).unwrap_or(StatusCode::FORBIDDEN);
+            return (
+                status,
+                Json(serde_json::json!({ "error": refused.to_string() })),
+            )
+                .into_response();
+        }
+    };
     let host = host_from_headers(&headers);
-    let servers = s.control.ice().grant(host.as_deref());
-    ([(header::CACHE_CONTROL, "no-store")], Json(servers)).into_response()
+    let servers = s
+        .control
+        .ice()
+        .grant(host.as_deref(), admission.user.as_deref());
+    let mut response = ([(header::CACHE_CONTROL, "no-store")], Json(servers)).into_response();
+    if let Some(origin) = admission
+        .cors_origin
+        .and_then(|o| axum::http::HeaderValue::from_str(&o).ok())
+    {
+        let h = response.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(header::VARY, axum::http::HeaderValue::from_static("Origin"));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            axum::http::HeaderValue::from_static("authorization"),
+        );
+    }
+    response
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {

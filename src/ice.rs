@@ -79,8 +79,10 @@ impl IceGrants {
     }
 
     /// A fresh `RTCConfiguration` for a client that reached us as `host`
-    /// (already checked with [`host_of`]).
-    pub fn grant(&self, host: Option<&str>) -> IceServers {
+    /// (already checked with [`host_of`]). The credential is `user`'s when
+    /// the access rules name one (token mode: the app's user, so quotas
+    /// count it), otherwise a random id's.
+    pub fn grant(&self, host: Option<&str>, user: Option<&str>) -> IceServers {
         let ice = self.settings.load();
         let host = ice
             .public_host
@@ -98,8 +100,15 @@ impl IceGrants {
         }];
         let rules = self.rules.load();
         if let Some(secret) = rules.credentials.minting_secret() {
-            let id: u64 = rand::rng().random();
-            let cred = mint(secret, &format!("{id:016x}"), unix_now(), ice.rest_ttl_secs);
+            let random;
+            let user = match user {
+                Some(u) => u,
+                None => {
+                    random = format!("{:016x}", rand::rng().random::<u64>());
+                    &random
+                }
+            };
+            let cred = mint(secret, user, unix_now(), ice.rest_ttl_secs);
             // In the order browsers should try them: UDP, TCP, then TLS.
             let mut urls = vec![format!("turn:{host}:{port}?transport=udp")];
             if let Some(p) = ice.tcp_port {
@@ -121,8 +130,12 @@ impl IceGrants {
     }
 
     /// The grant as signaling sends it: the list as JSON and its lifetime.
-    pub fn grant_json(&self, host: Option<&str>) -> (serde_json::Value, Duration) {
-        let s = self.grant(host);
+    pub fn grant_json(
+        &self,
+        host: Option<&str>,
+        user: Option<&str>,
+    ) -> (serde_json::Value, Duration) {
+        let s = self.grant(host, user);
         (
             serde_json::to_value(&s.ice_servers).unwrap_or_default(),
             Duration::from_secs(s.ttl),
@@ -234,7 +247,7 @@ mod tests {
 
     #[test]
     fn urls_in_browser_order_with_a_fresh_credential() {
-        let g = grants(None, true).grant(Some("page.example"));
+        let g = grants(None, true).grant(Some("page.example"), None);
         assert_eq!(g.ttl, 600);
         assert_eq!(g.ice_servers[0].urls, ["stun:page.example:3478"]);
         assert_eq!(
@@ -251,16 +264,23 @@ mod tests {
     }
 
     #[test]
+    fn a_named_user_gets_the_credential() {
+        let g = grants(None, true).grant(Some("h"), Some("user-42"));
+        let user = g.ice_servers[1].username.as_deref().unwrap();
+        assert!(user.ends_with(":user-42"), "{user}");
+    }
+
+    #[test]
     fn public_host_wins_and_the_relay_ip_is_the_last_resort() {
-        let g = grants(Some("turn.example"), true).grant(Some("page.example"));
+        let g = grants(Some("turn.example"), true).grant(Some("page.example"), None);
         assert_eq!(g.ice_servers[0].urls, ["stun:turn.example:3478"]);
-        let g = grants(None, true).grant(None);
+        let g = grants(None, true).grant(None, None);
         assert_eq!(g.ice_servers[0].urls, ["stun:[2001:db8::7]:3478"]);
     }
 
     #[test]
     fn without_a_secret_only_stun_is_granted() {
-        let g = grants(None, false).grant(Some("h"));
+        let g = grants(None, false).grant(Some("h"), None);
         assert_eq!(g.ice_servers.len(), 1);
     }
 }

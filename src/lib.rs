@@ -1,6 +1,7 @@
 //! turnkey: a STUN/TURN relay, WebSocket signaling and a demo video-chat
 //! page in one binary.
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod ice;
 pub mod metrics;
 pub mod probe;
 pub mod proxy_protocol;
+pub mod public;
 pub mod relay;
 pub mod reload;
 pub mod signal;

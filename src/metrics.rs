@@ -20,6 +20,7 @@ pub struct Metrics {
     shards: Vec<Arc<TurnStats>>,
     signaling: Arc<crate::signal::Signaling>,
     streams: Arc<crate::stream::StreamStats>,
+    public: Arc<crate::public::PublicStats>,
     relay_ports_total: i64,
     counters: Vec<(IntCounterVec, Vec<String>, Source)>,
     gauges: Vec<(IntGaugeVec, Vec<String>, GaugeSource)>,
@@ -44,6 +45,7 @@ impl Metrics {
         shards: Vec<Arc<TurnStats>>,
         signaling: Arc<crate::signal::Signaling>,
         streams: Arc<crate::stream::StreamStats>,
+        public: Arc<crate::public::PublicStats>,
         relay_ports_total: usize,
     ) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
@@ -59,6 +61,7 @@ impl Metrics {
             shards,
             signaling,
             streams,
+            public,
             relay_ports_total: relay_ports_total as i64,
             counters: Vec::new(),
             gauges: Vec::new(),
@@ -67,6 +70,7 @@ impl Metrics {
         m.turn()?;
         m.signal()?;
         m.stream()?;
+        m.public()?;
         Ok(m)
     }
 
@@ -354,7 +358,20 @@ impl Metrics {
             vec![
                 (vec!["heartbeat"], c!(heartbeat_drops_total)),
                 (vec!["slow_consumer"], c!(slow_consumer_drops_total)),
+                (vec!["join_timeout"], c!(join_timeouts_total)),
             ],
+        )?;
+        self.counter(
+            "turnkey_signaling_refused_sockets_total",
+            "Signaling sockets refused over the per-address cap.",
+            &[],
+            vec![(vec![], c!(sockets_refused_total))],
+        )?;
+        self.counter(
+            "turnkey_signaling_rate_limited_total",
+            "Signaling messages dropped over their sender's budget.",
+            &[],
+            vec![(vec![], c!(rate_limited_total))],
         )?;
         let errors: Vec<(Vec<&str>, Source)> = ErrorCode::ALL
             .iter()
@@ -371,6 +388,37 @@ impl Metrics {
             "Error messages sent to signaling clients, by code.",
             &["code"],
             errors,
+        )?;
+        Ok(())
+    }
+
+    fn public(&mut self) -> Result<(), prometheus::Error> {
+        let st = self.public.clone();
+        let pick = move |f: fn(&crate::public::PublicStats) -> &AtomicU64| -> Source {
+            let st = st.clone();
+            Box::new(move |_: &[Arc<TurnStats>], _: &SignalStats| f(&st).load(Relaxed))
+        };
+        self.counter(
+            "turnkey_http_limited_total",
+            "Public HTTP connections refused over the caps, or closed for slow headers or idleness.",
+            &["reason"],
+            vec![
+                (vec!["over_limit"], pick(|s| &s.refused_over_limit)),
+                (vec!["header_timeout"], pick(|s| &s.header_timeouts)),
+                (vec!["idle_timeout"], pick(|s| &s.idle_timeouts)),
+            ],
+        )?;
+        let st = self.public.clone();
+        self.gauge(
+            "turnkey_http_connections",
+            "Open public HTTP connections (all public listeners).",
+            &[],
+            vec![(
+                vec![],
+                Box::new(move |_: &[Arc<TurnStats>], _: &SignalStats, _| {
+                    st.open.load(Relaxed) as i64
+                }),
+            )],
         )?;
         Ok(())
     }

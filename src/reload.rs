@@ -28,12 +28,18 @@ pub const KEYS: &[(&str, OnReload)] = &[
     ("http.listen", Restart),
     ("http.static_dir", Restart),
     ("http.public_host", Applied),
+    ("http.header_timeout_secs", Applied),
+    ("http.idle_timeout_secs", Applied),
+    ("http.max_body_bytes", Restart),
+    ("http.max_connections_per_ip", Applied),
+    ("http.max_connections", Applied),
     ("turn.listen", Restart),
     ("turn.relay_ip", Restart),
     ("turn.external_ip", Restart),
     ("turn.relay_ip_v6", Restart),
     ("turn.external_ip_v6", Restart),
     ("turn.tcp_listen", Restart),
+    ("turn.tcp_http", Applied),
     ("turn.tcp_unauth_timeout_secs", Applied),
     ("turn.tcp_unauth_per_ip", Applied),
     ("turn.tcp_unauth_total", Applied),
@@ -66,6 +72,12 @@ pub const KEYS: &[(&str, OnReload)] = &[
     ("signaling.max_message_bytes", Applied),
     ("signaling.ping_interval_ms", Applied),
     ("signaling.pong_timeout_ms", Applied),
+    ("signaling.join_timeout_secs", Applied),
+    ("signaling.max_sockets_per_ip", Applied),
+    ("signaling.messages_per_sec", Applied),
+    ("signaling.bytes_per_sec", Applied),
+    ("signaling.joins_per_sec_per_ip", Applied),
+    ("signaling.max_rooms", Applied),
     ("metrics.listen", Restart),
     ("drain.grace_secs", Applied),
     ("drain.alternate_server", Applied),
@@ -76,6 +88,10 @@ pub const KEYS: &[(&str, OnReload)] = &[
     ("tls.public_port", Applied),
     ("admin.listen", Restart),
     ("admin.token", Applied),
+    ("access.mode", Applied),
+    ("access.allowed_origins", Applied),
+    ("access.token_secret", Applied),
+    ("access.mints_per_minute", Applied),
 ];
 
 pub fn on_reload(key: &str) -> Option<OnReload> {
@@ -117,6 +133,7 @@ fn changed(old: &Config, new: &Config) -> Vec<&'static str> {
             "auth.secrets" => old.auth.secrets != new.auth.secrets,
             "auth.users" => old.auth.users != new.auth.users,
             "admin.token" => old.admin.token != new.admin.token,
+            "access.token_secret" => old.access.token_secret != new.access.token_secret,
             _ => {
                 let get = |v: &[(String, serde_json::Value)]| {
                     v.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone())
@@ -150,10 +167,15 @@ pub fn plan(old: &Config, new: &Config) -> Result<(Config, Report), ConfigError>
                 *slot = was.clone();
             }
         }
-        let (auth, admin_token) = (next.auth.clone(), next.admin.token.clone());
+        let (auth, admin_token, token_secret) = (
+            next.auth.clone(),
+            next.admin.token.clone(),
+            next.access.token_secret.clone(),
+        );
         next = serde_json::from_value(v).map_err(|e| ConfigError::Load(e.to_string()))?;
         next.auth = auth;
         next.admin.token = admin_token;
+        next.access.token_secret = token_secret;
     }
     next.validate()?;
     Ok((

@@ -35,8 +35,10 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::TcpHttp;
 use crate::counter::inc;
 use crate::proxy_protocol::{self, Proxied};
+use crate::public::Gate;
 use crate::relay::{ShardHandle, StreamEvent, StreamLink};
 use crate::turn::allocation::{FiveTuple, Transport};
 use crate::turn::limits::client_key;
@@ -54,6 +56,8 @@ pub struct StreamLimits {
     pub unauth_per_ip: usize,
     pub unauth_total: usize,
     pub proxy_from: Vec<IpNet>,
+    /// What plain HTTP on the TURN TCP port gets.
+    pub tcp_http: TcpHttp,
 }
 
 /// Counters for the stream listeners.
@@ -73,6 +77,10 @@ pub struct Streams {
     /// Swapped by reload; each connection takes a snapshot when it opens.
     limits: Arc<ArcSwap<StreamLimits>>,
     http: axum::Router,
+    /// What `turn.tcp_http = "redirect"` answers on the TURN TCP port.
+    redirect: axum::Router,
+    /// HTTP connections' caps and timeouts, shared with `http.listen`.
+    gate: Arc<Gate>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     /// Connections without an allocation, counted per listener kind (TURN
     /// TCP [0], TLS [1]): a flood of one never starves the other, so
@@ -128,6 +136,8 @@ impl Streams {
         shards: Vec<ShardHandle>,
         limits: Arc<ArcSwap<StreamLimits>>,
         http: axum::Router,
+        redirect: axum::Router,
+        gate: Arc<Gate>,
         tls: Option<Arc<rustls::ServerConfig>>,
         stats: Arc<StreamStats>,
         tasks: TaskTracker,
@@ -137,6 +147,8 @@ impl Streams {
             shards,
             limits,
             http,
+            redirect,
+            gate,
             tls: tls.map(tokio_rustls::TlsAcceptor::from),
             unauth: Default::default(),
             stats,
@@ -279,7 +291,7 @@ impl Streams {
                             self.turn(prefixed, ft, slot, limits).await
                         } else {
                             slot.release();
-                            self.http(prefixed, limits).await
+                            self.http(prefixed, ft, limits).await
                         };
                     }
                     Ok(_) => return,
@@ -298,25 +310,26 @@ impl Streams {
             self.turn(prefixed, ft, slot, limits).await
         } else {
             slot.release();
-            self.http(prefixed, limits).await
+            self.http(prefixed, ft, limits).await
         }
     }
 
-    async fn http<S>(&self, stream: S, limits: &StreamLimits)
+    /// HTTP on this connection: always on the TLS port (HTTPS and WSS);
+    /// on the TURN TCP port as `turn.tcp_http` says.
+    async fn http<S>(&self, stream: S, ft: FiveTuple, limits: &StreamLimits)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let app = match (ft.transport, limits.tcp_http) {
+            (Transport::Tls, _) | (_, TcpHttp::Serve) => self.http.clone(),
+            (_, TcpHttp::Redirect) => self.redirect.clone(),
+            (_, TcpHttp::Off) => return,
+        };
+        let Some(ticket) = self.gate.admit(ft.client.ip()) else {
+            return;
+        };
         self.stats.open_http.fetch_add(1, Ordering::Relaxed);
-        let service = hyper_util::service::TowerToHyperService::new(self.http.clone());
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(limits.unauth_timeout);
-        let _ = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .await;
+        self.gate.serve(stream, ft.client, app, ticket).await;
         self.stats.open_http.fetch_sub(1, Ordering::Relaxed);
     }
 

@@ -90,7 +90,7 @@ fn two_browsers_call_through_the_relay() {
         screenshot.display()
     );
 
-    let (status, metrics) = t.get("/metrics");
+    let (status, metrics) = common::http_get(t.metrics, "/metrics");
     assert_eq!(status, 200);
     let series = "turnkey_turn_relayed_bytes_total";
     let to_clients = metric_sum(&metrics, series, &["direction=\"peer_to_client\""]);

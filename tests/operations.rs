@@ -188,11 +188,15 @@ async fn counters_move_by_exactly_the_traffic_and_promtool_accepts_them() {
 }
 
 #[test]
-fn metrics_can_live_on_their_own_listener() {
-    let extra = format!("{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n", auth_section());
-    let tk = Turnkey::start("metrics-listen", &format!("{}{}", base_config(""), extra));
+fn metrics_live_on_their_own_listener_never_a_public_one() {
+    let tk = Turnkey::start(
+        "metrics-listen",
+        &format!("{}{}", base_config("tcp_http = \"serve\""), auth_section()),
+    );
     assert_ne!(tk.metrics, tk.http);
     assert_eq!(tk.get("/metrics").0, 404, "not on the public port");
+    let (status, _) = common::http_get(tk.tcp.unwrap(), "/metrics");
+    assert_eq!(status, 404, "not on the TURN TCP port, even serving HTTP");
     let (status, body) = common::http_get(tk.metrics, "/metrics");
     assert_eq!(status, 200);
     assert!(body.contains("turnkey_turn_allocations "));

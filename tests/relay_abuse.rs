@@ -317,8 +317,9 @@ async fn a_flood_of_idle_tcp_connections_leaves_https_and_turn_tls_working() {
         }
     }
     let refused = tk.metric(r#"turnkey_stream_connections_total{result="refused_over_limit"}"#);
+    // 16 per address (the default) of 30 each are kept.
     assert!(
-        refused >= 2000.0,
+        refused >= 1300.0,
         "only {refused} refused: the caps did not bite"
     );
     // HTTPS and TURN/TLS on the TLS port, 20 of 20.

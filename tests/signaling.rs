@@ -30,7 +30,7 @@ struct Server {
 /// A stub provider whose usernames count up, so refreshes are recognisable.
 fn stub_ice(ttl: Duration) -> IceServersFn {
     let issued = Arc::new(AtomicU64::new(0));
-    Arc::new(move |host: Option<&str>| {
+    Arc::new(move |host: Option<&str>, _user: Option<&str>| {
         let n = issued.fetch_add(1, Ordering::Relaxed) + 1;
         let host = host.unwrap_or("no-host");
         let servers = json!([{
@@ -44,7 +44,13 @@ fn stub_ice(ttl: Duration) -> IceServersFn {
 
 async fn start_with(cfg: SignalConfig, ttl: Duration) -> Server {
     let draining = Arc::new(AtomicBool::new(false));
-    let sig = Signaling::new(cfg, stub_ice(ttl), draining.clone());
+    // Everyone admitted: access rules are tested against the binary.
+    let sig = Signaling::new(
+        cfg,
+        stub_ice(ttl),
+        Arc::new(|_: &turnkey::access::Credentials<'_>, _| Ok(Default::default())),
+        draining.clone(),
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     // As in production: signaling is many small writes, which Nagle's

@@ -145,7 +145,7 @@ async fn one_port_serves_https_wss_and_turn_over_tls() {
 async fn plain_http_works_on_the_turn_tcp_port() {
     let tk = Turnkey::start(
         "tcp-http",
-        &format!("{}{}", base_config(""), auth_section()),
+        &format!("{}{}", base_config("tcp_http = \"serve\""), auth_section()),
     );
     let (status, body) = common::http_get(tk.tcp.unwrap(), "/healthz");
     assert_eq!((status, body.as_str()), (200, "ok\n"));

@@ -29,11 +29,53 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
+use std::net::IpAddr;
+
 use tokio::sync::{watch, Notify};
+
+use crate::access::{Admission, Credentials, Refusal};
+use crate::counter::inc;
+use crate::turn::limits::{client_key, PerAddress, Rate};
+use rooms::{Delivery, IceGrant, RoomError};
 
 pub use ids::{PeerId, RoomName};
 pub use protocol::{ClientMessage, ErrorCode, ServerMessage};
 pub use rooms::Rooms;
+
+/// What a socket's opening request shows about itself, for the access
+/// rules.
+pub(crate) fn credentials<'a>(
+    headers: &'a axum::http::HeaderMap,
+    token: Option<&'a str>,
+) -> Credentials<'a> {
+    let get = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+    Credentials {
+        origin: get("origin"),
+        fetch_site: get("sec-fetch-site"),
+        host: get("host"),
+        token,
+    }
+}
+
+/// The client address the public listener recorded for a request
+/// (unspecified when served without one, as in unit tests).
+pub(crate) fn client_ip(extensions: &axum::http::Extensions) -> IpAddr {
+    extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
+}
+
+/// The HTTP answer to a refused socket.
+pub(crate) fn refusal_response(r: EntryRefusal) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let status =
+        axum::http::StatusCode::from_u16(r.status()).unwrap_or(axum::http::StatusCode::FORBIDDEN);
+    (
+        status,
+        axum::Json(serde_json::json!({ "error": r.to_string() })),
+    )
+        .into_response()
+}
 
 /// `GET /ws`, the socket.io endpoint and its client script; the caller
 /// merges it into the app router.
@@ -57,6 +99,18 @@ pub struct SignalConfig {
     /// A connection that sent nothing (not even a pong) for this long is
     /// dropped and announced as `peer-left`.
     pub pong_timeout: Duration,
+    /// A socket that has not joined a room this long is closed.
+    pub join_timeout: Duration,
+    /// Sockets per client address (IPv6: per /64).
+    pub max_sockets_per_ip: usize,
+    /// What one socket may send (twice that at once); beyond, its messages
+    /// are dropped with `rate-limited`, and its room-mates never notice.
+    pub messages_per_sec: u64,
+    pub bytes_per_sec: u64,
+    /// Joins per second per client address (twice that at once).
+    pub joins_per_sec_per_ip: u64,
+    /// Rooms in all.
+    pub max_rooms: usize,
 }
 
 impl Default for SignalConfig {
@@ -66,6 +120,71 @@ impl Default for SignalConfig {
             max_message_bytes: 64 * 1024,
             ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(45),
+            join_timeout: Duration::from_secs(30),
+            max_sockets_per_ip: 32,
+            messages_per_sec: 50,
+            bytes_per_sec: 256 * 1024,
+            joins_per_sec_per_ip: 5,
+            max_rooms: 10_000,
+        }
+    }
+}
+
+impl SignalConfig {
+    /// One socket's budgets: messages, and bytes.
+    pub fn send_rates(&self) -> (Rate, Rate) {
+        (
+            Rate {
+                per_sec: self.messages_per_sec,
+                burst: self.messages_per_sec * 2,
+            },
+            Rate {
+                per_sec: self.bytes_per_sec,
+                burst: self.bytes_per_sec * 2,
+            },
+        )
+    }
+}
+
+/// Decides whether a socket may open, and on what terms (the appliance's
+/// access rules and mint budget; see `access.rs`).
+pub type AdmitFn =
+    Arc<dyn Fn(&Credentials<'_>, IpAddr) -> Result<Admission, Refusal> + Send + Sync>;
+
+/// Why a socket may not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EntryRefusal {
+    #[error(transparent)]
+    Access(#[from] Refusal),
+    #[error("too many signaling sockets from this address")]
+    TooManySockets,
+}
+
+impl EntryRefusal {
+    pub fn status(self) -> u16 {
+        match self {
+            Self::Access(r) => r.status(),
+            Self::TooManySockets => 429,
+        }
+    }
+}
+
+/// An open socket's admission: the terms the access rules gave it, and
+/// its place under the per-address cap (given back when dropped).
+pub struct Entry {
+    sig: Arc<Signaling>,
+    ip: IpAddr,
+    pub admission: Admission,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let mut m = self.sig.lock_sockets();
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
         }
     }
 }
@@ -75,7 +194,8 @@ impl Default for SignalConfig {
 /// used (`None` when the request had no usable `Host`). Called once per join
 /// and once per refresh, never while a lock is held. A zero ttl means the
 /// list holds no expiring credential, so no refresh is scheduled.
-pub type IceServersFn = Arc<dyn Fn(Option<&str>) -> (serde_json::Value, Duration) + Send + Sync>;
+pub type IceServersFn =
+    Arc<dyn Fn(Option<&str>, Option<&str>) -> (serde_json::Value, Duration) + Send + Sync>;
 
 /// Counters and gauges, plain atomics so the hot path pays one relaxed add;
 /// the metrics module reads them at scrape time.
@@ -105,6 +225,11 @@ pub struct SignalStats {
     pub heartbeat_drops_total: AtomicU64,
     /// Connections dropped because their outgoing queue was full.
     pub slow_consumer_drops_total: AtomicU64,
+    /// Sockets refused over the per-address cap, closed for not joining in
+    /// time, and messages dropped over their sender's budget.
+    pub sockets_refused_total: AtomicU64,
+    pub join_timeouts_total: AtomicU64,
+    pub rate_limited_total: AtomicU64,
 }
 
 impl SignalStats {
@@ -126,6 +251,11 @@ impl SignalStats {
 pub struct Signaling {
     config: RwLock<SignalConfig>,
     ice: IceServersFn,
+    admit: AdmitFn,
+    /// Open sockets per client address key.
+    sockets: Mutex<HashMap<IpAddr, usize>>,
+    /// Join budgets per client address.
+    joins: Mutex<PerAddress>,
     /// Held only for one registry call, never across an await.
     rooms: Mutex<Rooms>,
     /// Outgoing queues of every open connection, joined or not.
@@ -140,11 +270,21 @@ pub struct Signaling {
 }
 
 impl Signaling {
-    pub fn new(cfg: SignalConfig, ice: IceServersFn, draining: Arc<AtomicBool>) -> Arc<Self> {
+    pub fn new(
+        cfg: SignalConfig,
+        ice: IceServersFn,
+        admit: AdmitFn,
+        draining: Arc<AtomicBool>,
+    ) -> Arc<Self> {
+        let mut rooms = Rooms::new(cfg.room_capacity);
+        rooms.set_max_rooms(cfg.max_rooms);
         Arc::new(Self {
             config: RwLock::new(cfg),
             ice,
-            rooms: Mutex::new(Rooms::new(cfg.room_capacity)),
+            admit,
+            sockets: Mutex::new(HashMap::new()),
+            joins: Mutex::new(PerAddress::new(65_536)),
+            rooms: Mutex::new(rooms),
             peers: Mutex::new(HashMap::new()),
             stats: SignalStats::default(),
             draining,
@@ -161,7 +301,71 @@ impl Signaling {
     /// their heartbeat and size settings; room capacity applies at once.
     pub fn set_config(&self, cfg: SignalConfig) {
         *self.config.write().unwrap_or_else(PoisonError::into_inner) = cfg;
-        self.with_rooms(|rooms| rooms.set_capacity(cfg.room_capacity));
+        self.with_rooms(|rooms| {
+            rooms.set_capacity(cfg.room_capacity);
+            rooms.set_max_rooms(cfg.max_rooms);
+        });
+    }
+
+    /// Admits a socket from `ip` presenting `c`, or says why not.
+    pub fn enter(self: &Arc<Self>, c: &Credentials<'_>, ip: IpAddr) -> Result<Entry, EntryRefusal> {
+        let key = client_key(ip);
+        let cap = self.config().max_sockets_per_ip;
+        {
+            let m = self.lock_sockets();
+            if m.get(&key).copied().unwrap_or(0) >= cap {
+                inc(&self.stats.sockets_refused_total);
+                return Err(EntryRefusal::TooManySockets);
+            }
+        }
+        let admission = (self.admit)(c, ip)?;
+        *self.lock_sockets().entry(key).or_insert(0) += 1;
+        Ok(Entry {
+            sig: self.clone(),
+            ip: key,
+            admission,
+        })
+    }
+
+    /// Joins `peer` to `room` on the terms of its entry: the room its token
+    /// allows, its address's join budget; then the registry's own rules.
+    fn join_as(
+        &self,
+        peer: PeerId,
+        entry: &Entry,
+        host: Option<&str>,
+        room: RoomName,
+    ) -> Result<(Vec<Delivery>, Duration), RoomError> {
+        if entry
+            .admission
+            .room
+            .as_deref()
+            .is_some_and(|allowed| allowed != room.as_str())
+        {
+            return Err(RoomError::ForbiddenRoom);
+        }
+        let cfg = self.config();
+        let rate = Rate {
+            per_sec: cfg.joins_per_sec_per_ip,
+            burst: cfg.joins_per_sec_per_ip * 2,
+        };
+        let allowed = self
+            .joins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .allow(entry.ip, rate, std::time::Instant::now());
+        if !allowed {
+            return Err(RoomError::RateLimited);
+        }
+        let (servers, ttl) = (self.ice)(host, entry.admission.user.as_deref());
+        let draining = self.is_draining();
+        let out =
+            self.with_rooms(|rooms| rooms.join(peer, room, IceGrant { servers, ttl }, draining))?;
+        Ok((out, ttl))
+    }
+
+    fn lock_sockets(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.sockets.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// While draining, `join` is answered with the `draining` error; peers

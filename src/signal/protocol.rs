@@ -106,11 +106,18 @@ pub enum ErrorCode {
     AlreadyJoined,
     /// The server is draining and accepts no new joins.
     Draining,
+    /// The sender is over its message, byte or join budget; the message
+    /// was dropped.
+    RateLimited,
+    /// The access token allows another room.
+    ForbiddenRoom,
+    /// The server holds as many rooms as it may (`signaling.max_rooms`).
+    TooManyRooms,
 }
 
 impl ErrorCode {
     /// Every code, in index order; exporters iterate this.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 14] = [
         Self::BadJson,
         Self::BadMessage,
         Self::UnknownType,
@@ -122,6 +129,9 @@ impl ErrorCode {
         Self::NotJoined,
         Self::AlreadyJoined,
         Self::Draining,
+        Self::RateLimited,
+        Self::ForbiddenRoom,
+        Self::TooManyRooms,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -143,6 +153,9 @@ impl ErrorCode {
             Self::NotJoined => "not-joined",
             Self::AlreadyJoined => "already-joined",
             Self::Draining => "draining",
+            Self::RateLimited => "rate-limited",
+            Self::ForbiddenRoom => "forbidden-room",
+            Self::TooManyRooms => "too-many-rooms",
         }
     }
 }

@@ -52,6 +52,12 @@ pub enum RoomError {
     NotJoined,
     #[error("no such peer in your room")]
     UnknownPeer,
+    #[error("your access token is for another room")]
+    ForbiddenRoom,
+    #[error("too many joins from your address; try again shortly")]
+    RateLimited,
+    #[error("the server holds as many rooms as it may; try again later")]
+    TooManyRooms,
 }
 
 impl RoomError {
@@ -64,6 +70,9 @@ impl RoomError {
             Self::Draining => ErrorCode::Draining,
             Self::NotJoined => ErrorCode::NotJoined,
             Self::UnknownPeer => ErrorCode::UnknownPeer,
+            Self::ForbiddenRoom => ErrorCode::ForbiddenRoom,
+            Self::RateLimited => ErrorCode::RateLimited,
+            Self::TooManyRooms => ErrorCode::TooManyRooms,
         };
         ServerMessage::error(code, self.to_string())
     }
@@ -73,6 +82,8 @@ impl RoomError {
 #[derive(Debug)]
 pub struct Rooms {
     capacity: usize,
+    /// Rooms in all; a join that would open one more is refused.
+    max_rooms: usize,
     rooms: HashMap<RoomName, Vec<PeerId>>,
     member_of: HashMap<PeerId, RoomName>,
 }
@@ -82,6 +93,7 @@ impl Rooms {
     pub fn new(capacity: usize) -> Self {
         Self {
             capacity,
+            max_rooms: usize::MAX,
             rooms: HashMap::new(),
             member_of: HashMap::new(),
         }
@@ -90,6 +102,11 @@ impl Rooms {
     /// Applies to later joins; rooms already above it keep their members.
     pub fn set_capacity(&mut self, capacity: usize) {
         self.capacity = capacity;
+    }
+
+    /// Applies to later joins; rooms already open stay.
+    pub fn set_max_rooms(&mut self, max_rooms: usize) {
+        self.max_rooms = max_rooms;
     }
 
     /// Puts `peer` into `room`. On success the peer gets `joined` (listing
@@ -112,6 +129,9 @@ impl Rooms {
         let members = self.rooms.get(&room).map(Vec::as_slice).unwrap_or_default();
         if members.len() >= self.capacity {
             return Err(RoomError::Full(room));
+        }
+        if members.is_empty() && self.rooms.len() >= self.max_rooms {
+            return Err(RoomError::TooManyRooms);
         }
         let before = members.to_vec();
         self.rooms.entry(room.clone()).or_default().push(peer);
@@ -420,6 +440,18 @@ mod tests {
         ));
         assert_eq!(rooms.leave(A), Ok(vec![]));
         assert!(rooms.join(B, room("r"), grant(), false).is_ok());
+    }
+
+    #[test]
+    fn a_new_room_past_the_maximum_is_refused_existing_ones_fill() {
+        let mut rooms = Rooms::new(2);
+        rooms.set_max_rooms(1);
+        rooms.join(A, room("one"), grant(), false).unwrap();
+        assert_eq!(
+            rooms.join(B, room("two"), grant(), false),
+            Err(RoomError::TooManyRooms)
+        );
+        assert!(rooms.join(B, room("one"), grant(), false).is_ok());
     }
 
     #[test]

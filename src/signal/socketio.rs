@@ -46,9 +46,10 @@ use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::counter::inc;
+use crate::turn::limits::Gcra;
 
 use super::protocol::{ParseError, ServerMessage};
-use super::rooms::{Delivery, IceGrant, RoomError};
+use super::rooms::{Delivery, RoomError};
 use super::timers;
 use super::tutorial::{self, Args, Emit, Inbound, Renderer};
 use super::ws::{transport_limit, Kick, Outgoing, PeerHandle, Wire};
@@ -125,6 +126,9 @@ struct Peer {
     id: PeerId,
     host: Option<String>,
     kick: Arc<Kick>,
+    entry: super::Entry,
+    /// What this socket may send: messages, bytes.
+    budget: std::sync::Mutex<[Gcra; 2]>,
 }
 
 /// The raw text of an event packet, `["event", arg, …]`: parsed by
@@ -144,6 +148,23 @@ impl<A: socketioxide::adapter::Adapter> FromMessage<A> for RawEvent {
 
 /// Registers `socket` as a signaling peer and starts its pump.
 fn attach(sig: Arc<Signaling>, socket: SocketRef) {
+    let parts = socket.req_parts();
+    let token = crate::access::query_token(parts.uri.query());
+    let entry = match sig.enter(
+        &super::credentials(&parts.headers, token.as_deref()),
+        super::client_ip(&parts.extensions),
+    ) {
+        Ok(e) => e,
+        Err(refused) => {
+            tracing::debug!(sid = %socket.id, "socket.io connection refused: {refused}");
+            let _ = socket.emit(
+                "error",
+                &serde_json::json!({ "code": "refused", "message": refused.to_string() }),
+            );
+            let _ = socket.disconnect();
+            return;
+        }
+    };
     let host = crate::ice::host_from_headers(&socket.req_parts().headers);
     let (tx, rx) = mpsc::channel(OUTGOING_QUEUE);
     let kick = Arc::new(Kick::default());
@@ -159,6 +180,8 @@ fn attach(sig: Arc<Signaling>, socket: SocketRef) {
         id,
         host,
         kick,
+        entry,
+        budget: std::sync::Mutex::new([Gcra::new(); 2]),
     });
     // Every event goes to one handler, which runs to completion before
     // returning the (ready) future socketioxide spawns.
@@ -192,6 +215,23 @@ impl Peer {
         let Some(text) = raw.0 else {
             return self.reply(ParseError::Binary.reply());
         };
+        // Over its budget, a sender loses its own messages, nothing else.
+        let (messages, bytes) = self.sig.config().send_rates();
+        let now = std::time::Instant::now();
+        let within = {
+            let mut b = self
+                .budget
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            b[0].take(messages, now, 1) && b[1].take(bytes, now, text.len() as u64)
+        };
+        if !within {
+            inc(&self.sig.stats.rate_limited_total);
+            return self.reply(ServerMessage::error(
+                super::ErrorCode::RateLimited,
+                "too many messages or bytes; slow down",
+            ));
+        }
         let max = self.sig.config().max_message_bytes;
         let outcome = match tutorial::parse_event(&text, max) {
             Ok(Inbound::CreateOrJoin(room)) => self.join(room),
@@ -208,10 +248,9 @@ impl Peer {
     }
 
     fn join(&self, room: RoomName) -> Result<Vec<Delivery>, RoomError> {
-        let (servers, ttl) = (self.sig.ice)(self.host.as_deref());
-        let draining = self.sig.is_draining();
         self.sig
-            .with_rooms(|rooms| rooms.join(self.id, room, IceGrant { servers, ttl }, draining))
+            .join_as(self.id, &self.entry, self.host.as_deref(), room)
+            .map(|(out, _)| out)
     }
 
     fn reply(&self, msg: ServerMessage) {
@@ -249,9 +288,17 @@ async fn pump(
     let mut shutdown = peer.sig.shutdown.subscribe();
     let mut renderer = Renderer::default();
     let mut refresh_at: Option<Instant> = None;
+    // A socket must join a room in time (and again after it left).
+    let mut join_by = Some(Instant::now() + peer.sig.config().join_timeout);
     loop {
         let refresh = async {
             match refresh_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => pending().await,
+            }
+        };
+        let unjoined = async {
+            match join_by {
                 Some(at) => tokio::time::sleep_until(at).await,
                 None => pending().await,
             }
@@ -265,6 +312,7 @@ async fn pump(
                 if let ServerMessage::Joined { ttl, .. } = &msg {
                     refresh_at = timers::refresh_after(Duration::from_secs(*ttl))
                         .map(|after| Instant::now() + after);
+                    join_by = None;
                 }
                 for event in renderer.render(msg) {
                     match emit(&socket, event) {
@@ -282,9 +330,15 @@ async fn pump(
                 }
             }
             () = refresh => {
-                let (servers, ttl) = (peer.sig.ice)(peer.host.as_deref());
+                let (servers, ttl) =
+                    (peer.sig.ice)(peer.host.as_deref(), peer.entry.admission.user.as_deref());
                 refresh_at = timers::refresh_after(ttl).map(|after| Instant::now() + after);
                 peer.reply(ServerMessage::IceServers { ice_servers: servers, ttl: ttl.as_secs() });
+            }
+            () = unjoined => {
+                inc(&peer.sig.stats.join_timeouts_total);
+                let _ = socket.clone().disconnect();
+                return;
             }
             () = gone.cancelled() => return,
             () = peer.kick.notify.notified() => {

@@ -33,9 +33,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::counter::inc;
+use crate::turn::limits::Gcra;
 
-use super::protocol::{self, ClientMessage, ParseError, ServerMessage};
-use super::rooms::{Delivery, IceGrant, RoomError};
+use super::protocol::{self, ClientMessage, ErrorCode, ParseError, ServerMessage};
+use super::rooms::{Delivery, RoomError};
 use super::timers::{self, Beat, Heartbeat};
 use super::{PeerId, RoomName, SignalConfig, Signaling};
 
@@ -63,8 +64,18 @@ pub fn transport_limit(max_message_bytes: usize) -> usize {
 async fn upgrade(
     State(sig): State<Arc<Signaling>>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
+    extensions: axum::http::Extensions,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let token = crate::access::query_token(uri.query());
+    let entry = match sig.enter(
+        &super::credentials(&headers, token.as_deref()),
+        super::client_ip(&extensions),
+    ) {
+        Ok(e) => e,
+        Err(refused) => return super::refusal_response(refused),
+    };
     let cfg = sig.config();
     let host = crate::ice::host_from_headers(&headers);
     let limit = transport_limit(cfg.max_message_bytes);
@@ -72,7 +83,7 @@ async fn upgrade(
         .write_buffer_size(SOCKET_BUFFER)
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| serve(sig, socket, host, cfg))
+        .on_upgrade(move |socket| serve(sig, socket, host, cfg, entry))
 }
 
 /// What the writer task sends.
@@ -209,6 +220,11 @@ struct Conn {
     kick: Arc<Kick>,
     heartbeat: Heartbeat,
     refresh_at: Option<Instant>,
+    /// Set while the socket is in no room: it must join before then.
+    join_by: Option<Instant>,
+    /// What this socket may send: messages, bytes.
+    budget: [Gcra; 2],
+    entry: super::Entry,
 }
 
 impl Drop for Conn {
@@ -218,7 +234,13 @@ impl Drop for Conn {
     }
 }
 
-async fn serve(sig: Arc<Signaling>, socket: WebSocket, host: Option<String>, cfg: SignalConfig) {
+async fn serve(
+    sig: Arc<Signaling>,
+    socket: WebSocket,
+    host: Option<String>,
+    cfg: SignalConfig,
+    entry: super::Entry,
+) {
     let (tx, rx) = mpsc::channel(OUTGOING_QUEUE);
     let kick = Arc::new(Kick::default());
     let id = sig.register(PeerHandle {
@@ -238,6 +260,9 @@ async fn serve(sig: Arc<Signaling>, socket: WebSocket, host: Option<String>, cfg
         kick,
         heartbeat: Heartbeat::new(now.into_std(), cfg.ping_interval, cfg.pong_timeout),
         refresh_at: None,
+        join_by: Some(now + cfg.join_timeout),
+        budget: [Gcra::new(); 2],
+        entry,
     };
 
     let (sink, stream) = socket.split();
@@ -307,11 +332,18 @@ impl Conn {
 
     fn next_wakeup(&self) -> Instant {
         let beat = Instant::from_std(self.heartbeat.next_deadline());
-        self.refresh_at.map_or(beat, |at| at.min(beat))
+        [self.refresh_at, self.join_by]
+            .into_iter()
+            .flatten()
+            .fold(beat, Instant::min)
     }
 
     fn on_timer(&mut self) -> Option<End> {
         let now = Instant::now();
+        if self.join_by.is_some_and(|at| at <= now) {
+            inc(&self.sig.stats.join_timeouts_total);
+            return Some(End::Close(1008, "join a room first"));
+        }
         if self.refresh_at.is_some_and(|at| at <= now) {
             self.refresh_ice(now);
         }
@@ -330,6 +362,19 @@ impl Conn {
     }
 
     fn on_text(&mut self, text: &str) {
+        // A sender over its budget loses its own messages, nothing else:
+        // its room-mates' queues never see the flood.
+        let now = Instant::now().into_std();
+        let (messages, bytes) = self.cfg.send_rates();
+        if !self.budget[0].take(messages, now, 1)
+            || !self.budget[1].take(bytes, now, text.len() as u64)
+        {
+            inc(&self.sig.stats.rate_limited_total);
+            return self.reply(ServerMessage::error(
+                ErrorCode::RateLimited,
+                "too many messages or bytes; slow down",
+            ));
+        }
         let msg = match protocol::parse_client(text, self.cfg.max_message_bytes) {
             Ok(msg) => msg,
             Err(e) => return self.reply(e.reply()),
@@ -345,6 +390,7 @@ impl Conn {
                 let left = self.sig.with_rooms(|rooms| rooms.leave(id));
                 if left.is_ok() {
                     self.refresh_at = None;
+                    self.join_by = Some(Instant::now() + self.cfg.join_timeout);
                 }
                 left
             }
@@ -356,18 +402,17 @@ impl Conn {
     }
 
     fn join(&mut self, room: RoomName) -> Result<Vec<Delivery>, RoomError> {
-        let (servers, ttl) = (self.sig.ice)(self.host.as_deref());
-        let id = self.id;
-        let draining = self.sig.is_draining();
-        let out = self
+        let (out, ttl) = self
             .sig
-            .with_rooms(|rooms| rooms.join(id, room, IceGrant { servers, ttl }, draining))?;
+            .join_as(self.id, &self.entry, self.host.as_deref(), room)?;
         self.refresh_at = timers::refresh_after(ttl).map(|after| Instant::now() + after);
+        self.join_by = None;
         Ok(out)
     }
 
     fn refresh_ice(&mut self, now: Instant) {
-        let (servers, ttl) = (self.sig.ice)(self.host.as_deref());
+        let (servers, ttl) =
+            (self.sig.ice)(self.host.as_deref(), self.entry.admission.user.as_deref());
         self.refresh_at = timers::refresh_after(ttl).map(|after| now + after);
         self.reply(ServerMessage::IceServers {
             ice_servers: servers,

@@ -108,18 +108,24 @@ impl PerAddress {
 
     /// Whether one more request from `ip` fits its budget.
     pub fn allow(&mut self, ip: IpAddr, rate: Rate, now: Instant) -> bool {
+        self.allow_units(ip, rate, now, 1)
+    }
+
+    /// Whether `units` more from `ip` fit its budget (a rate below one a
+    /// second is `units` a time at `per_sec` units).
+    pub fn allow_units(&mut self, ip: IpAddr, rate: Rate, now: Instant, units: u64) -> bool {
         if rate.per_sec == 0 {
             return true;
         }
         let key = client_key(ip);
         if let Some(g) = self.budgets.get_mut(&key) {
-            return g.take(rate, now, 1);
+            return g.take(rate, now, units);
         }
         if self.budgets.len() >= self.max_tracked {
-            return self.overflow.take(rate, now, 1);
+            return self.overflow.take(rate, now, units);
         }
         let mut g = Gcra::new();
-        let ok = g.take(rate, now, 1);
+        let ok = g.take(rate, now, units);
         self.budgets.insert(key, g);
         ok
     }

@@ -52,6 +52,8 @@ pub fn base_config(extra: &str) -> String {
 level = "info,turnkey=debug"
 [http]
 listen = "127.0.0.1:0"
+[metrics]
+listen = "127.0.0.1:0"
 [turn]
 listen = ["127.0.0.1:0"]
 # Its own free port: by default TCP takes the UDP port's number, which a

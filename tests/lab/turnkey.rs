@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::netns::{in_netns, Lab};
-use super::{collect_lines, repo, tail, HTTP, READY_DEADLINE};
+use super::{collect_lines, repo, tail, READY_DEADLINE};
 
 pub struct LabTurnkey {
     child: Child,
@@ -62,8 +62,10 @@ impl LabTurnkey {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// `/metrics`, on the default `metrics.listen` (loopback of turnkey's
+    /// namespace: never the public address).
     pub fn metrics(&self) -> String {
-        let addr: SocketAddr = HTTP.parse().expect("address");
+        let addr: SocketAddr = "127.0.0.1:9100".parse().expect("address");
         in_netns(&self.ns, move || {
             crate::common::http_get(addr, "/metrics").1
         })

@@ -1,0 +1,380 @@
+//! Who may get a TURN credential (`/api/ice-servers`) or a signaling socket
+//! (`/ws`, `/socket.io/`): one decision, three modes (`access.mode`).
+//!
+//! - `open`: anyone (the embedded default, for the demo and local use);
+//! - `origin`: browsers on the operator's own pages only: the `Origin`
+//!   header must be one of `access.allowed_origins`. A same-origin `GET`
+//!   carries no `Origin`; it is taken as coming from the page's own origin
+//!   when the browser says so (`Sec-Fetch-Site: same-origin`) and the host
+//!   it asked for is an allowed origin's. This stops other websites, not a
+//!   script that forges headers: that is what `token` is for;
+//! - `token`: the application's own users only: a JWT (HS256) signed with
+//!   one of `access.token_secret`, carrying `sub` (the user, which becomes
+//!   the TURN username's user part, so quotas count the app's user), `exp`
+//!   and optionally `room` (the only room the socket may join).
+//!
+//! In every mode each client address may mint `access.mints_per_minute`
+//! credentials (429 beyond), counted by the caller through [`MintBudget`].
+
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::Deserialize;
+
+use crate::config::{AccessConfig, AccessMode, Secret};
+use crate::turn::limits::{PerAddress, Rate};
+
+/// What a request shows about itself.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Credentials<'a> {
+    pub origin: Option<&'a str>,
+    /// `Sec-Fetch-Site`, set by browsers.
+    pub fetch_site: Option<&'a str>,
+    /// The `Host` header as sent (host[:port]).
+    pub host: Option<&'a str>,
+    /// From `Authorization: Bearer` or `?token=`.
+    pub token: Option<&'a str>,
+}
+
+/// What an admitted request may do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// The application's user (token mode): the TURN username's user part.
+    pub user: Option<String>,
+    /// The only room this client may join (token mode, `room` claim).
+    pub room: Option<String>,
+    /// An allowed `Origin` to echo in CORS headers.
+    pub cors_origin: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("this origin may not use this server")]
+    Origin,
+    #[error("an access token is required")]
+    NoToken,
+    #[error("the access token is invalid or expired")]
+    BadToken,
+    #[error("too many credentials requested from this address; try again later")]
+    TooMany,
+}
+
+impl Refusal {
+    pub fn status(self) -> u16 {
+        match self {
+            Refusal::Origin => 403,
+            Refusal::NoToken | Refusal::BadToken => 401,
+            Refusal::TooMany => 429,
+        }
+    }
+}
+
+/// The rules of one configuration; rebuilt on reload.
+pub struct Access {
+    mode: AccessMode,
+    origins: Vec<String>,
+    keys: Vec<jsonwebtoken::DecodingKey>,
+    pub mints: Rate,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    room: Option<String>,
+}
+
+impl Access {
+    pub fn new(cfg: &AccessConfig) -> Self {
+        Access {
+            mode: cfg.mode,
+            origins: cfg
+                .allowed_origins
+                .iter()
+                .map(|o| normalise_origin(o))
+                .collect(),
+            keys: cfg
+                .token_secret
+                .iter()
+                .filter_map(|s: &Secret| {
+                    jsonwebtoken::DecodingKey::from_secret(s.expose().as_bytes()).ok()
+                })
+                .collect(),
+            mints: per_minute(cfg.mints_per_minute),
+        }
+    }
+
+    pub fn mode(&self) -> AccessMode {
+        self.mode
+    }
+
+    /// Whether the request may have a credential or a socket, and on what
+    /// terms. The mint budget is the caller's (it spans reloads).
+    pub fn admit(&self, c: &Credentials<'_>) -> Result<Admission, Refusal> {
+        match self.mode {
+            AccessMode::Open => Ok(Admission::default()),
+            AccessMode::Origin => {
+                let origin = match c.origin {
+                    Some(o) => normalise_origin(o),
+                    None if c.fetch_site == Some("same-origin") => {
+                        // The page's own origin: its host must be allowed.
+                        let host = c.host.unwrap_or_default().to_ascii_lowercase();
+                        return match self.origins.iter().find(|o| origin_host(o) == host) {
+                            Some(_) => Ok(Admission::default()),
+                            None => Err(Refusal::Origin),
+                        };
+                    }
+                    None => return Err(Refusal::Origin),
+                };
+                if self.origins.contains(&origin) {
+                    Ok(Admission {
+                        cors_origin: Some(origin),
+                        ..Admission::default()
+                    })
+                } else {
+                    Err(Refusal::Origin)
+                }
+            }
+            AccessMode::Token => {
+                let token = c.token.filter(|t| !t.is_empty()).ok_or(Refusal::NoToken)?;
+                let claims = self.verify(token).ok_or(Refusal::BadToken)?;
+                Ok(Admission {
+                    user: Some(claims.sub),
+                    room: claims.room,
+                    cors_origin: c.origin.map(normalise_origin),
+                })
+            }
+        }
+    }
+
+    fn verify(&self, token: &str) -> Option<Claims> {
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        v.set_required_spec_claims(&["exp", "sub"]);
+        v.leeway = 0;
+        self.keys.iter().find_map(|k| {
+            let c = jsonwebtoken::decode::<Claims>(token, k, &v).ok()?.claims;
+            // The user goes into TURN usernames: plain characters only.
+            let ok = !c.sub.is_empty()
+                && c.sub.len() <= 128
+                && c.sub
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+            ok.then_some(c)
+        })
+    }
+}
+
+/// `n` a minute, all of them at once if need be (a page that reloads a
+/// few times must not be refused). In units of 1/60 of a mint, so the rate
+/// is exact: see [`MintBudget::take`].
+fn per_minute(n: u64) -> Rate {
+    Rate {
+        per_sec: n,
+        burst: n * 60,
+    }
+}
+
+/// Credentials minted per client address.
+pub struct MintBudget {
+    per_address: Mutex<PerAddress>,
+}
+
+impl MintBudget {
+    pub fn new() -> Self {
+        MintBudget {
+            per_address: Mutex::new(PerAddress::new(65_536)),
+        }
+    }
+
+    /// Spends one mint of `ip`'s budget, if there is one left.
+    pub fn take(&self, ip: IpAddr, rate: Rate, now: Instant) -> Result<(), Refusal> {
+        let mut p = self
+            .per_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if p.tracked() > 60_000 {
+            p.sweep(now);
+        }
+        if p.allow_units(ip, rate, now, 60) {
+            Ok(())
+        } else {
+            Err(Refusal::TooMany)
+        }
+    }
+}
+
+impl Default for MintBudget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The `token` of a query string (`?token=…`). Tokens are base64url, so
+/// no percent-decoding is needed.
+pub fn query_token(query: Option<&str>) -> Option<String> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "token")
+        .map(|(_, v)| v.to_string())
+}
+
+/// `Scheme://Host[:port]` as browsers send it: lowercase, no trailing `/`.
+pub fn normalise_origin(o: &str) -> String {
+    o.trim().trim_end_matches('/').to_ascii_lowercase()
+}
+
+/// The `host[:port]` of an origin.
+fn origin_host(o: &str) -> &str {
+    o.split_once("://").map_or(o, |(_, h)| h)
+}
+
+/// Whether `o` is a valid origin for the allow list: `http(s)://host[:port]`.
+pub fn valid_origin(o: &str) -> bool {
+    let Some((scheme, host)) = o.split_once("://") else {
+        return false;
+    };
+    (scheme == "http" || scheme == "https")
+        && !host.is_empty()
+        && !host.contains('/')
+        && crate::ice::host_of(host).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(mode: AccessMode) -> Access {
+        Access::new(&AccessConfig {
+            mode,
+            allowed_origins: vec!["https://app.example".into(), "http://localhost:8080".into()],
+            token_secret: vec![
+                Secret::new("current-token-secret-0123456789abcdef"),
+                Secret::new("previous-token-secret-0123456789abcdef"),
+            ],
+            mints_per_minute: 30,
+        })
+    }
+
+    fn jwt(secret: &str, claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn exp(from_now: i64) -> i64 {
+        crate::ice::unix_now() as i64 + from_now
+    }
+
+    #[test]
+    fn open_admits_anyone() {
+        assert_eq!(
+            access(AccessMode::Open).admit(&Credentials::default()),
+            Ok(Admission::default())
+        );
+    }
+
+    #[test]
+    fn origin_admits_listed_origins_and_same_origin_pages() {
+        let a = access(AccessMode::Origin);
+        let with = |origin, fetch_site, host| Credentials {
+            origin,
+            fetch_site,
+            host,
+            token: None,
+        };
+        let ok = a
+            .admit(&with(Some("https://APP.example/"), None, None))
+            .unwrap();
+        assert_eq!(ok.cors_origin.as_deref(), Some("https://app.example"));
+        assert_eq!(
+            a.admit(&with(Some("https://evil.example"), None, None)),
+            Err(Refusal::Origin)
+        );
+        assert_eq!(
+            a.admit(&with(Some("https://app.example:444"), None, None)),
+            Err(Refusal::Origin)
+        );
+        assert_eq!(
+            a.admit(&with(None, None, Some("localhost:8080"))),
+            Err(Refusal::Origin)
+        );
+        assert!(a
+            .admit(&with(None, Some("same-origin"), Some("localhost:8080")))
+            .is_ok());
+        assert_eq!(
+            a.admit(&with(None, Some("same-origin"), Some("other:8080"))),
+            Err(Refusal::Origin)
+        );
+        assert_eq!(
+            a.admit(&with(None, Some("cross-site"), Some("localhost:8080"))),
+            Err(Refusal::Origin)
+        );
+    }
+
+    #[test]
+    fn token_needs_a_valid_fresh_token_from_a_configured_secret() {
+        let a = access(AccessMode::Token);
+        fn tok(t: &str) -> Credentials<'_> {
+            Credentials {
+                token: Some(t),
+                ..Credentials::default()
+            }
+        }
+        assert_eq!(a.admit(&Credentials::default()), Err(Refusal::NoToken));
+        let good = jwt(
+            "previous-token-secret-0123456789abcdef",
+            serde_json::json!({"sub": "user-42", "exp": exp(60), "room": "a"}),
+        );
+        let ok = a.admit(&tok(&good)).unwrap();
+        assert_eq!(
+            (ok.user.as_deref(), ok.room.as_deref()),
+            (Some("user-42"), Some("a"))
+        );
+        let expired = jwt(
+            "current-token-secret-0123456789abcdef",
+            serde_json::json!({"sub": "u", "exp": exp(-5)}),
+        );
+        assert_eq!(a.admit(&tok(&expired)), Err(Refusal::BadToken));
+        let foreign = jwt(
+            "some-other-secret-0123456789abcdef",
+            serde_json::json!({"sub": "u", "exp": exp(60)}),
+        );
+        assert_eq!(a.admit(&tok(&foreign)), Err(Refusal::BadToken));
+        let no_sub = jwt(
+            "current-token-secret-0123456789abcdef",
+            serde_json::json!({"exp": exp(60)}),
+        );
+        assert_eq!(a.admit(&tok(&no_sub)), Err(Refusal::BadToken));
+        let odd_sub = jwt(
+            "current-token-secret-0123456789abcdef",
+            serde_json::json!({"sub": "a:b", "exp": exp(60)}),
+        );
+        assert_eq!(a.admit(&tok(&odd_sub)), Err(Refusal::BadToken));
+        assert_eq!(a.admit(&tok("not.a.jwt")), Err(Refusal::BadToken));
+    }
+
+    #[test]
+    fn the_mint_budget_is_per_address() {
+        let b = MintBudget::new();
+        let rate = per_minute(30);
+        let now = Instant::now();
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let passed = (0..100).filter(|_| b.take(a, rate, now).is_ok()).count();
+        assert_eq!(passed, 30);
+        assert!(b.take("198.51.100.2".parse().unwrap(), rate, now).is_ok());
+    }
+
+    #[test]
+    fn origins_are_scheme_host_and_port() {
+        assert!(valid_origin("https://app.example"));
+        assert!(valid_origin("http://localhost:8080"));
+        assert!(!valid_origin("app.example"));
+        assert!(!valid_origin("https://app.example/path"));
+        assert!(!valid_origin("ftp://app.example"));
+    }
+}
