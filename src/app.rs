@@ -33,7 +33,7 @@ use crate::ice::unix_now;
 use crate::metrics::Metrics;
 use crate::public::{Gate, PublicStats};
 use crate::relay::{Relay, ShardSpec};
-use crate::stream::{StreamStats, Streams};
+use crate::stream::{StreamParts, StreamStats, Streams};
 use crate::turn::server::{Clock, CoreConfig, Server, Shared};
 use crate::turn::stats::TurnStats;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -217,17 +217,17 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
         Some(store) => Some(store.server_config()?),
         None => None,
     };
-    let streams = Streams::new(
-        relay.handles(),
-        control.stream_limits(),
-        public_app,
-        crate::http::redirect_router(control.clone()),
+    let streams = Streams::new(StreamParts {
+        shards: relay.handles(),
+        limits: control.stream_limits(),
+        http: public_app,
+        redirect: crate::http::redirect_router(control.clone()),
         gate,
-        tls_config,
-        stream_stats,
-        tasks.clone(),
-        stop.clone(),
-    );
+        tls: tls_config,
+        stats: stream_stats,
+        tasks: tasks.clone(),
+        stop: stop.clone(),
+    });
     for (listeners, tls) in [(tcp_listeners, false), (tls_listeners, true)] {
         for l in listeners {
             tasks.spawn(streams.clone().serve(l, tls));

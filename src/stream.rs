@@ -131,29 +131,33 @@ impl Drop for UnauthSlot<'_> {
     }
 }
 
+/// What the stream listeners are built from (see `app.rs`).
+pub struct StreamParts {
+    pub shards: Vec<ShardHandle>,
+    pub limits: Arc<ArcSwap<StreamLimits>>,
+    /// The public HTTP app, and what the TURN TCP port redirects with.
+    pub http: axum::Router,
+    pub redirect: axum::Router,
+    pub gate: Arc<Gate>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub stats: Arc<StreamStats>,
+    pub tasks: TaskTracker,
+    pub stop: CancellationToken,
+}
+
 impl Streams {
-    pub fn new(
-        shards: Vec<ShardHandle>,
-        limits: Arc<ArcSwap<StreamLimits>>,
-        http: axum::Router,
-        redirect: axum::Router,
-        gate: Arc<Gate>,
-        tls: Option<Arc<rustls::ServerConfig>>,
-        stats: Arc<StreamStats>,
-        tasks: TaskTracker,
-        stop: CancellationToken,
-    ) -> Arc<Streams> {
+    pub fn new(p: StreamParts) -> Arc<Streams> {
         Arc::new(Streams {
-            shards,
-            limits,
-            http,
-            redirect,
-            gate,
-            tls: tls.map(tokio_rustls::TlsAcceptor::from),
+            shards: p.shards,
+            limits: p.limits,
+            http: p.http,
+            redirect: p.redirect,
+            gate: p.gate,
+            tls: p.tls.map(tokio_rustls::TlsAcceptor::from),
             unauth: Default::default(),
-            stats,
-            tasks,
-            stop,
+            stats: p.stats,
+            tasks: p.tasks,
+            stop: p.stop,
         })
     }
 

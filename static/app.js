@@ -10,6 +10,9 @@
 import { Peer } from "./peer.js";
 
 const params = new URLSearchParams(location.search);
+// Deployments in token access mode hand the page an access token (?token=),
+// which signaling and /api/ice-servers require.
+const tokenQuery = params.get("token") ? `?token=${encodeURIComponent(params.get("token"))}` : "";
 const ROOM_RE = /^[A-Za-z0-9_.-]{1,64}$/;
 const STATS_INTERVAL_MS = 1000;
 const RECONNECT_MAX_MS = 10000;
@@ -108,7 +111,7 @@ function rtcConfig() {
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const ws = new WebSocket(`${scheme}://${location.host}/ws`);
+  const ws = new WebSocket(`${scheme}://${location.host}/ws${tokenQuery}`);
   call.ws = ws;
   setStatus("connecting to signaling…");
   ws.onopen = () => send({ type: "join", room: call.room });
@@ -190,7 +193,7 @@ async function onMessage(msg) {
 
 async function fetchIceServers() {
   try {
-    const res = await fetch("/api/ice-servers", { cache: "no-store" });
+    const res = await fetch(`/api/ice-servers${tokenQuery}`, { cache: "no-store" });
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
     return (await res.json()).iceServers ?? [];
   } catch (err) {

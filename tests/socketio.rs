@@ -542,3 +542,54 @@ fn the_served_client_is_socketio_client_2_3_0_unchanged() {
         "the served script differs from the npm package's"
     );
 }
+
+/// The access rules apply to socket.io as to `/ws`: in token mode a socket
+/// without a valid token is disconnected before it is connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_control_applies_to_socketio() {
+    let secret = "token-secret-for-the-tests-0123456789";
+    let tk = turnkey(
+        "sio-token",
+        &format!("[access]\nmode = \"token\"\ntoken_secret = [\"{secret}\"]\n"),
+    );
+    let mut refused = ws_connect(format!(
+        "ws://{}/socket.io/?EIO=3&transport=websocket",
+        tk.http
+    ))
+    .await;
+    assert!(next_text(&mut refused)
+        .await
+        .is_some_and(|p| p.starts_with('0')));
+    loop {
+        match next_text(&mut refused).await.as_deref() {
+            None | Some("41") => break,
+            Some("3") => continue,
+            Some(other) => panic!("served without a token: {other}"),
+        }
+    }
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": "tutorial-user", "exp": turnkey::ice::unix_now() + 600}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let mut ws = ws_connect(format!(
+        "ws://{}/socket.io/?EIO=3&transport=websocket&token={token}",
+        tk.http
+    ))
+    .await;
+    assert!(next_text(&mut ws).await.is_some_and(|p| p.starts_with('0')));
+    assert_eq!(next_text(&mut ws).await.as_deref(), Some("40"));
+    let mut sio = Sio {
+        ws,
+        open: Value::Null,
+    };
+    sio.emit(json!(["create or join", "foo"])).await;
+    sio.expect_event("created").await;
+    let ice = sio.expect_event("ice-servers").await;
+    let user = ice[1][1]["username"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(user.ends_with(":tutorial-user"), "{ice}");
+}

@@ -156,11 +156,8 @@ fn attach(sig: Arc<Signaling>, socket: SocketRef) {
     ) {
         Ok(e) => e,
         Err(refused) => {
+            // Refused before it is connected: the client sees a disconnect.
             tracing::debug!(sid = %socket.id, "socket.io connection refused: {refused}");
-            let _ = socket.emit(
-                "error",
-                &serde_json::json!({ "code": "refused", "message": refused.to_string() }),
-            );
             let _ = socket.disconnect();
             return;
         }

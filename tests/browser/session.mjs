@@ -76,7 +76,9 @@ export class Session {
     this.pages.set(name, entry);
     page.on("console", (m) => entry.console.push(`[${this.since()} ms] ${m.type()}: ${m.text()}`));
     page.on("pageerror", (e) => entry.console.push(`[${this.since()} ms] pageerror: ${e.message}`));
-    const url = new URL(`/?room=${this.room}&relay=1`, this.baseUrl).href;
+    // E2E_QUERY adds to the page's query (an access token, say).
+    const extra = process.env.E2E_QUERY ?? "";
+    const url = new URL(`/?room=${this.room}&relay=1${extra}`, this.baseUrl).href;
     const res = await page.goto(url);
     if (!res || !res.ok()) throw new Failure(`${name}: GET ${url} answered ${res?.status()}`);
     await page.waitForFunction(() => typeof window.turnkey === "object", null, { timeout: 10_000 });
