@@ -230,17 +230,6 @@ fn origin_host(o: &str) -> &str {
     o.split_once("://").map_or(o, |(_, h)| h)
 }
 
-/// Whether `o` is a valid origin for the allow list: `http(s)://host[:port]`.
-pub fn valid_origin(o: &str) -> bool {
-    let Some((scheme, host)) = o.split_once("://") else {
-        return false;
-    };
-    (scheme == "http" || scheme == "https")
-        && !host.is_empty()
-        && !host.contains('/')
-        && crate::ice::host_of(host).is_some()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,14 +356,5 @@ mod tests {
         let passed = (0..100).filter(|_| b.take(a, rate, now).is_ok()).count();
         assert_eq!(passed, 30);
         assert!(b.take("198.51.100.2".parse().unwrap(), rate, now).is_ok());
-    }
-
-    #[test]
-    fn origins_are_scheme_host_and_port() {
-        assert!(valid_origin("https://app.example"));
-        assert!(valid_origin("http://localhost:8080"));
-        assert!(!valid_origin("app.example"));
-        assert!(!valid_origin("https://app.example/path"));
-        assert!(!valid_origin("ftp://app.example"));
     }
 }

@@ -677,7 +677,7 @@ impl Config {
         }
         let a = &self.access;
         for (i, o) in a.allowed_origins.iter().enumerate() {
-            if !crate::access::valid_origin(o) {
+            if !valid_origin(o) {
                 return Err(invalid(
                     &format!("access.allowed_origins[{i}]"),
                     format!("{o:?} is not scheme://host[:port]"),
@@ -756,6 +756,25 @@ impl TurnConfig {
     pub fn nonce_lifetime(&self) -> Duration {
         Duration::from_secs(self.nonce_lifetime_secs)
     }
+}
+
+/// Whether `o` is an origin as browsers send it: `http(s)://host[:port]`,
+/// no path.
+fn valid_origin(o: &str) -> bool {
+    let Some((scheme, rest)) = o.split_once("://") else {
+        return false;
+    };
+    // A port follows the last ':' outside an IPv6 literal's brackets.
+    let (host, port) = match rest.rfind(':') {
+        Some(i) if !rest[i..].contains(']') => (&rest[..i], Some(&rest[i + 1..])),
+        _ => (rest, None),
+    };
+    (scheme == "http" || scheme == "https")
+        && !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-[]:".contains(&b))
+        && port.is_none_or(|p| p.parse::<u16>().is_ok())
 }
 
 #[cfg(test)]
@@ -882,6 +901,27 @@ mod tests {
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(printed.contains("alice"));
         assert!(!format!("{c:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn origins_are_scheme_host_and_port() {
+        for ok in [
+            "https://app.example",
+            "http://localhost:8080",
+            "http://[::1]:8080",
+            "https://[2001:db8::1]",
+        ] {
+            assert!(valid_origin(ok), "{ok}");
+        }
+        for bad in [
+            "app.example",
+            "https://app.example/path",
+            "ftp://app.example",
+            "https://",
+            "https://a:b",
+        ] {
+            assert!(!valid_origin(bad), "{bad}");
+        }
     }
 
     #[test]
