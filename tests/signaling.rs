@@ -505,7 +505,17 @@ async fn shutdown_closes_every_connection_with_going_away() {
 
 #[tokio::test]
 async fn a_peer_that_stops_reading_is_dropped_without_stalling_the_sender() {
-    let server = start().await;
+    // No send budget, so the stalled receiver's queue is what fills (the
+    // budget has its own test against the binary, tests/access.rs).
+    let server = start_with(
+        SignalConfig {
+            messages_per_sec: 0,
+            bytes_per_sec: 0,
+            ..SignalConfig::default()
+        },
+        Duration::from_secs(600),
+    )
+    .await;
     let (a, a_id, stalled, stalled_id) = pair(&server, "r").await;
     let (mut a_tx, mut a_rx) = a.split();
 
