@@ -240,6 +240,10 @@ pub struct HttpConfig {
     /// (IPv6: per /64) and in total.
     pub max_connections_per_ip: usize,
     pub max_connections: usize,
+    /// Reverse proxies (CIDRs) whose `X-Forwarded-For` and
+    /// `X-Forwarded-Host` are believed (client address, host for
+    /// `iceServers`); empty = none.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -366,6 +370,7 @@ impl Default for HttpConfig {
             max_body_bytes: 256 * 1024,
             max_connections_per_ip: 64,
             max_connections: 8192,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -469,6 +474,7 @@ impl Config {
                 .with_list_parse_key("turn.denied_peer_ranges")
                 .with_list_parse_key("auth.secrets")
                 .with_list_parse_key("access.allowed_origins")
+                .with_list_parse_key("http.trusted_proxies")
                 .with_list_parse_key("access.token_secret")
                 .try_parsing(true)
                 .source(Some(env)),

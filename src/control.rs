@@ -155,6 +155,7 @@ fn public_limits(cfg: &Config) -> PublicLimits {
         idle_timeout: Duration::from_secs(h.idle_timeout_secs),
         per_ip: h.max_connections_per_ip,
         total: h.max_connections,
+        trusted_proxies: h.trusted_proxies.clone(),
     }
 }
 

@@ -34,6 +34,9 @@ pub struct PublicLimits {
     pub idle_timeout: Duration,
     pub per_ip: usize,
     pub total: usize,
+    /// Reverse proxies whose `X-Forwarded-For` / `X-Forwarded-Host` are
+    /// believed; from anyone else those headers are dropped.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Counters for the public listeners.
@@ -118,8 +121,13 @@ impl Gate {
         use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
         let limits = self.limits.load_full();
         let io = Idle::new(io, limits.idle_timeout, self.stats.clone());
+        let trusted = limits
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&client.ip()));
         let service =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                let client = forwarded(req.headers_mut(), client, trusted);
                 req.extensions_mut().insert(ConnectInfo(client));
                 app.clone().oneshot(req)
             });
@@ -139,6 +147,31 @@ impl Gate {
             }
         }
     }
+}
+
+/// The client a request is from, and the `Host` it asked for: behind a
+/// trusted reverse proxy, what its `X-Forwarded-For` (the address the proxy
+/// saw, the last one it appended) and `X-Forwarded-Host` say; from anyone
+/// else, the connection's own address, and the forwarding headers are
+/// removed so no handler can be fooled by them.
+fn forwarded(headers: &mut axum::http::HeaderMap, peer: SocketAddr, trusted: bool) -> SocketAddr {
+    use axum::http::header::{HeaderName, HOST};
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let xfh = HeaderName::from_static("x-forwarded-host");
+    if !trusted {
+        headers.remove(&xff);
+        headers.remove(&xfh);
+        return peer;
+    }
+    if let Some(host) = headers.remove(&xfh) {
+        headers.insert(HOST, host);
+    }
+    headers
+        .get(&xff)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|ip| ip.trim().parse::<IpAddr>().ok())
+        .map_or(peer, |ip| SocketAddr::new(ip, 0))
 }
 
 /// Accepts on a plain HTTP listener until stop; each connection is a task

@@ -512,3 +512,54 @@ fn the_demo_page_calls_relay_only_with_tokens() {
         &format!("&token={token}"),
     );
 }
+
+/// Behind a reverse proxy: `X-Forwarded-Host` and `X-Forwarded-For` are
+/// believed from the configured proxies only.
+#[test]
+fn forwarded_headers_count_only_from_trusted_proxies() {
+    let tk = Turnkey::start(
+        "trusted-proxy",
+        &format!(
+            "{}{}",
+            with_http("trusted_proxies = [\"127.0.0.1/32\"]"),
+            auth_section()
+        ),
+    );
+    let host = |from: &str| {
+        let (status, _, body) = get_from(
+            from,
+            tk.http,
+            "/api/ice-servers",
+            "X-Forwarded-Host: turn.behind-proxy.example\r\nX-Forwarded-For: 198.51.100.7\r\n",
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["iceServers"][0]["urls"][0].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        host("127.0.0.1"),
+        "stun:turn.behind-proxy.example:".to_string() + &tk.turn.port().to_string()
+    );
+    assert_eq!(
+        host("127.0.0.2"),
+        format!("stun:127.0.0.1:{}", tk.turn.port())
+    );
+    // The proxy's clients are counted apart: its own address's budget is
+    // not spent by them.
+    for _ in 0..40 {
+        let (status, _, _) = get_from(
+            "127.0.0.1",
+            tk.http,
+            "/api/ice-servers",
+            "X-Forwarded-For: 198.51.100.8\r\n",
+        );
+        assert!(status == 200 || status == 429);
+    }
+    let (status, _, _) = get_from(
+        "127.0.0.1",
+        tk.http,
+        "/api/ice-servers",
+        "X-Forwarded-For: 198.51.100.9\r\n",
+    );
+    assert_eq!(status, 200, "another forwarded client has its own budget");
+}
