@@ -563,3 +563,56 @@ fn forwarded_headers_count_only_from_trusted_proxies() {
     );
     assert_eq!(status, 200, "another forwarded client has its own budget");
 }
+
+/// A socket must join a room in time; one that joined may stay quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unjoined_sockets_are_closed_and_quiet_joined_ones_stay() {
+    let tk = start(
+        "join-timeout",
+        "mode = \"open\"",
+        "[signaling]\njoin_timeout_secs = 1\n",
+    );
+    for round in 0..3 {
+        let opened = Instant::now();
+        let mut idle = ws(&tk, "", None).await.unwrap();
+        let mut joined = ws(&tk, "", None).await.unwrap();
+        send(
+            &mut joined,
+            serde_json::json!({"type": "join", "room": format!("quiet{round}")}),
+        )
+        .await;
+        assert_eq!(next(&mut joined).await["type"], "joined");
+        let code = loop {
+            match tokio::time::timeout(Duration::from_secs(5), idle.next()).await {
+                Ok(Some(Ok(Ws::Close(f)))) => break f.map(|f| u16::from(f.code)),
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("the unjoined socket was not closed: {other:?}"),
+            }
+        };
+        assert_eq!(code, Some(1008));
+        let after = opened.elapsed();
+        assert!(
+            after >= Duration::from_millis(900) && after < Duration::from_secs(3),
+            "closed after {after:?}"
+        );
+        // The joined one, quiet for twice the deadline, is still served.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        send(&mut joined, serde_json::json!({"type": "leave"})).await;
+        send(
+            &mut joined,
+            serde_json::json!({"type": "join", "room": format!("again{round}")}),
+        )
+        .await;
+        let m = loop {
+            let m = next(&mut joined).await;
+            if m["type"] != "peer-left" {
+                break m;
+            }
+        };
+        assert_eq!(m["type"], "joined", "{m}");
+    }
+    assert_eq!(
+        tk.metric(r#"turnkey_signaling_dropped_peers_total{reason="join_timeout"}"#),
+        3.0
+    );
+}
