@@ -172,7 +172,7 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
             tls_port: tls_addrs.first().map(SocketAddr::port),
         },
         certs: certs.clone(),
-    });
+    })?;
     let stream_stats = Arc::new(StreamStats::default());
     let public_stats = Arc::new(PublicStats::default());
     let gate = Gate::new(control.public_limits(), public_stats.clone());

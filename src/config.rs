@@ -346,8 +346,31 @@ pub struct SignalingConfig {
     pub bytes_per_sec: u64,
     /// Joins per second per client address (twice that at once).
     pub joins_per_sec_per_ip: u64,
-    /// Rooms in all.
+    /// Rooms in all (with the Redis backend: rooms with a member on this
+    /// node).
     pub max_rooms: usize,
+    /// Where rooms live: this process's memory, or Redis shared by several
+    /// nodes (`signal/redis.rs`).
+    pub backend: SignalingBackend,
+    /// The Redis server of the `redis` backend (`redis://[:PASSWORD@]HOST:PORT[/DB]`).
+    pub redis_url: String,
+    /// Prefix of every key and channel turnkey uses in Redis, so several
+    /// clusters can share one server.
+    pub redis_prefix: String,
+    /// A node that stops refreshing its presence (crashed, cut off) has its
+    /// peers taken out of their rooms within this many seconds.
+    pub presence_ttl_secs: u64,
+}
+
+/// Where the signaling rooms live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignalingBackend {
+    /// In this process: one node, no dependencies.
+    #[default]
+    Memory,
+    /// In Redis: nodes that share it share rooms.
+    Redis,
 }
 
 impl Default for LogConfig {
@@ -437,6 +460,10 @@ impl Default for SignalingConfig {
             bytes_per_sec: 256 * 1024,
             joins_per_sec_per_ip: 5,
             max_rooms: 10_000,
+            backend: SignalingBackend::Memory,
+            redis_url: "redis://127.0.0.1:6379/".into(),
+            redis_prefix: "turnkey:".into(),
+            presence_ttl_secs: 30,
         }
     }
 }
@@ -572,6 +599,25 @@ impl Config {
         let s = &self.signaling;
         if s.room_capacity < 2 {
             return Err(invalid("signaling.room_capacity", "must be at least 2"));
+        }
+        if !(s.redis_url.starts_with("redis://") && s.redis_url.len() > "redis://".len()) {
+            return Err(invalid(
+                "signaling.redis_url",
+                "must be a redis://HOST:PORT URL",
+            ));
+        }
+        let prefix_ok = |b: u8| b.is_ascii_graphic() && b != b'*' && b != b'?';
+        if s.redis_prefix.len() > 64 || !s.redis_prefix.bytes().all(prefix_ok) {
+            return Err(invalid(
+                "signaling.redis_prefix",
+                "must be at most 64 printable characters without spaces, * or ?",
+            ));
+        }
+        if !(2..=3600).contains(&s.presence_ttl_secs) {
+            return Err(invalid(
+                "signaling.presence_ttl_secs",
+                "must be 2 to 3600 seconds",
+            ));
         }
         if s.max_message_bytes < 1024 {
             return Err(invalid(
@@ -741,7 +787,23 @@ impl Config {
 
     /// The effective configuration as TOML, secrets masked.
     pub fn to_masked_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+        let mut shown = self.clone();
+        shown.signaling.redis_url = mask_url_password(&self.signaling.redis_url);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+/// `redis://user:PASSWORD@host` with the password replaced by `***`.
+fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_string(),
     }
 }
 
@@ -907,6 +969,31 @@ mod tests {
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(printed.contains("alice"));
         assert!(!format!("{c:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn the_redis_keys_are_checked_and_its_password_masked() {
+        let c = load_str(
+            "[signaling]\nbackend = \"redis\"\nredis_url = \"redis://:pa55word@10.0.0.5:6379/2\"\n",
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(c.signaling.backend, SignalingBackend::Redis);
+        let printed = c.to_masked_toml();
+        assert!(!printed.contains("pa55word"), "{printed}");
+        assert!(
+            printed.contains("redis://:***@10.0.0.5:6379/2"),
+            "{printed}"
+        );
+        for (bad, key) in [
+            ("backend = \"etcd\"", "backend"),
+            ("redis_url = \"http://x\"", "signaling.redis_url"),
+            ("redis_prefix = \"a b\"", "signaling.redis_prefix"),
+            ("presence_ttl_secs = 1", "signaling.presence_ttl_secs"),
+        ] {
+            let err = load_str(&format!("[signaling]\n{bad}\n"), &[]).unwrap_err();
+            assert!(err.to_string().contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

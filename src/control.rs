@@ -19,7 +19,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::access::{Access, Admission, Credentials, MintBudget, Refusal};
-use crate::config::{Config, ConfigError, Secret};
+use crate::config::{Config, ConfigError, Secret, SignalingBackend};
 use crate::ice::{IceGrants, IceSettings};
 use crate::public::PublicLimits;
 use crate::reload::{self, Report};
@@ -171,7 +171,8 @@ fn ice_settings(cfg: &Config, b: &Bound) -> IceSettings {
 }
 
 impl Control {
-    pub fn new(p: Parts) -> Arc<Control> {
+    /// Needs a tokio runtime when the signaling backend is Redis.
+    pub fn new(p: Parts) -> Result<Arc<Control>, crate::signal::redis::BadRedisUrl> {
         let ice = Arc::new(IceGrants::new(
             ice_settings(&p.config, &p.bound),
             p.rules.clone(),
@@ -180,13 +181,29 @@ impl Control {
         let access = Arc::new(ArcSwap::from_pointee(Access::new(&p.config.access)));
         let mints = Arc::new(MintBudget::new());
         let (rules, budget) = (access.clone(), mints.clone());
-        let signaling = Signaling::new(
-            signal_config(&p.config),
-            Arc::new(move |host: Option<&str>, user: Option<&str>| grants.grant_json(host, user)),
-            Arc::new(move |c: &Credentials<'_>, ip: IpAddr| admit(&rules, &budget, c, ip)),
-            p.draining.clone(),
-        );
-        Arc::new(Control {
+        let ice_fn: crate::signal::IceServersFn =
+            Arc::new(move |host: Option<&str>, user: Option<&str>| grants.grant_json(host, user));
+        let admit_fn: crate::signal::AdmitFn =
+            Arc::new(move |c: &Credentials<'_>, ip: IpAddr| admit(&rules, &budget, c, ip));
+        let s = &p.config.signaling;
+        let sig_cfg = signal_config(&p.config);
+        let signaling = match s.backend {
+            SignalingBackend::Memory => {
+                Signaling::new(sig_cfg, ice_fn, admit_fn, p.draining.clone())
+            }
+            SignalingBackend::Redis => Signaling::with_redis(
+                sig_cfg,
+                ice_fn,
+                admit_fn,
+                p.draining.clone(),
+                crate::signal::redis::Settings {
+                    url: s.redis_url.clone(),
+                    prefix: s.redis_prefix.clone(),
+                    presence_ttl: Duration::from_secs(s.presence_ttl_secs),
+                },
+            )?,
+        };
+        Ok(Arc::new(Control {
             stream_limits: Arc::new(ArcSwap::from_pointee(stream_limits(&p.config))),
             public_limits: Arc::new(ArcSwap::from_pointee(public_limits(&p.config))),
             current: Mutex::new(p.config),
@@ -202,7 +219,7 @@ impl Control {
             certs: p.certs,
             access,
             mints,
-        })
+        }))
     }
 
     /// Whether a request may have a credential (or a socket), and on what

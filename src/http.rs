@@ -81,9 +81,15 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// 503 while draining (take the node out of the balancer). While the
+/// signaling backend (Redis) is unreachable: 200 `degraded`, not 503, as
+/// every node shares the outage, calls in progress and the relay keep
+/// working, and taking all nodes out of a balancer would end them.
 async fn readyz(State(s): State<HttpState>) -> Response {
     if s.control.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if !s.control.signaling().backend_up() {
+        "degraded\n".into_response()
     } else {
         "ready\n".into_response()
     }

@@ -389,6 +389,39 @@ impl Metrics {
             &["code"],
             errors,
         )?;
+        self.gauge(
+            "turnkey_signaling_backend_up",
+            "1 while the room backend answers (always with memory), 0 during a Redis outage.",
+            &[],
+            vec![(
+                vec![],
+                Box::new(|_: &[Arc<TurnStats>], g: &SignalStats, _| {
+                    g.backend.up.load(Relaxed) as i64
+                }) as GaugeSource,
+            )],
+        )?;
+        self.counter(
+            "turnkey_signaling_backend_outages_total",
+            "Times the room backend (Redis) became unavailable.",
+            &[],
+            vec![(
+                vec![],
+                Box::new(|_: &[Arc<TurnStats>], g: &SignalStats| {
+                    g.backend.outages_total.load(Relaxed)
+                }) as Source,
+            )],
+        )?;
+        self.counter(
+            "turnkey_signaling_backend_errors_total",
+            "Room operations and refreshes that failed for want of the backend (Redis).",
+            &[],
+            vec![(
+                vec![],
+                Box::new(|_: &[Arc<TurnStats>], g: &SignalStats| {
+                    g.backend.errors_total.load(Relaxed)
+                }) as Source,
+            )],
+        )?;
         Ok(())
     }
 

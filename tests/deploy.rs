@@ -70,7 +70,7 @@ fn compose_config(file: &Path) -> Value {
     let env_file = dir.join("turnkey.env");
     std::fs::write(
         &env_file,
-        "TURNKEY_AUTH__SECRETS=not-a-real-secret-0123456789\n",
+        "TURNKEY_AUTH__SECRETS=not-a-real-secret-0123456789\nPUBLIC_IP=203.0.113.7\n",
     )
     .expect("write env file");
     let out = Command::new("docker-compose")
@@ -117,6 +117,7 @@ fn every_compose_file_validates() {
         .collect();
     for want in [
         "deploy/docker-compose.yml",
+        "deploy/cluster/docker-compose.yml",
         "deploy/nat-lab/docker-compose.yml",
     ] {
         assert!(
@@ -307,6 +308,50 @@ fn the_systemd_unit_verifies_and_keeps_its_hardening() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("ProtectSystm"));
+}
+
+/// The cluster example: Redis, two nodes on one shared config (backend
+/// redis) with their own TURN ports and relay ranges, HAProxy in front
+/// checking `/readyz`. The same topology runs as processes in
+/// tests/cluster.rs.
+#[test]
+fn the_cluster_compose_file_runs_two_nodes_on_redis_behind_haproxy() {
+    let c = compose_config(&repo().join("deploy/cluster/docker-compose.yml"));
+    let services = c["services"].as_object().expect("services");
+    let mut names: Vec<&str> = services.keys().map(String::as_str).collect();
+    names.sort();
+    assert_eq!(names, ["balancer", "redis", "turnkey-a", "turnkey-b"]);
+    let mut relay_ranges = Vec::new();
+    for node in ["turnkey-a", "turnkey-b"] {
+        let s = &services[node];
+        let env = &s["environment"];
+        assert_eq!(env["TURNKEY_TURN__EXTERNAL_IP"], "203.0.113.7", "{node}");
+        relay_ranges.push(env["TURNKEY_TURN__RELAY_PORT_MIN"].clone());
+        let mounts = s["volumes"].to_string();
+        assert!(
+            mounts.contains("/etc/turnkey/turnkey.toml"),
+            "{node}: {mounts}"
+        );
+    }
+    assert_ne!(
+        relay_ranges[0], relay_ranges[1],
+        "one host, two relay ranges"
+    );
+    let cluster = repo().join("deploy/cluster");
+    let shown = ok(
+        "turnkey check-config deploy/cluster/turnkey.toml",
+        check_config(&cluster.join("turnkey.toml")),
+    );
+    assert!(shown.contains("backend = \"redis\""), "{shown}");
+    assert!(shown.contains("redis://redis:6379/"), "{shown}");
+    let haproxy = std::fs::read_to_string(cluster.join("haproxy.cfg")).expect("haproxy.cfg");
+    for want in [
+        "server a turnkey-a:8080",
+        "server b turnkey-b:8080",
+        "GET /readyz",
+    ] {
+        assert!(haproxy.contains(want), "haproxy.cfg lacks {want}");
+    }
 }
 
 fn check_config(file: &Path) -> Output {

@@ -3,7 +3,9 @@
 //! server list with fresh TURN credentials.
 //!
 //! The module is split the usual way: [`protocol`] is the wire format,
-//! [`rooms`] the registry (plain data, unit-tested), [`timers`] the
+//! [`rooms`] the registry (plain data, unit-tested), [`backend`] where the
+//! rooms live (this process, or Redis shared by several nodes: `redis`),
+//! [`timers`] the
 //! per-connection deadlines (plain data too), and `ws` the thin axum shell
 //! that owns sockets and tasks. The socket.io tutorial's peers meet `/ws`
 //! peers in the same registry: [`tutorial`] maps its events (plain data),
@@ -16,8 +18,12 @@
 //! closes every connection with 1001 "going away" and
 //! [`Signaling::wait_idle`] tells when they are gone.
 
+pub mod backend;
+#[cfg(test)]
+mod backend_tests;
 pub mod ids;
 pub mod protocol;
+pub mod redis;
 pub mod rooms;
 mod socketio;
 pub mod timers;
@@ -36,6 +42,7 @@ use tokio::sync::{watch, Notify};
 use crate::access::{Admission, Credentials, Refusal};
 use crate::counter::inc;
 use crate::turn::limits::{client_key, PerAddress, Rate};
+use backend::{Backend, BackendStats, Inbox, Memory};
 use rooms::{Delivery, IceGrant, RoomError};
 
 pub use ids::{PeerId, RoomName};
@@ -75,6 +82,12 @@ pub(crate) fn refusal_response(r: EntryRefusal) -> axum::response::Response {
         axum::Json(serde_json::json!({ "error": r.to_string() })),
     )
         .into_response()
+}
+
+/// Resolves once shutdown began. (The guard `wait_for` returns is not
+/// `Send`; this drops it before a `select!` branch awaits.)
+pub(crate) async fn closing(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|closing| *closing).await;
 }
 
 /// `GET /ws`, the socket.io endpoint and its client script; the caller
@@ -230,6 +243,8 @@ pub struct SignalStats {
     pub sockets_refused_total: AtomicU64,
     pub join_timeouts_total: AtomicU64,
     pub rate_limited_total: AtomicU64,
+    /// Where the rooms live: up or not, outages, failed operations.
+    pub backend: Arc<BackendStats>,
 }
 
 impl SignalStats {
@@ -256,8 +271,8 @@ pub struct Signaling {
     sockets: Mutex<HashMap<IpAddr, usize>>,
     /// Join budgets per client address.
     joins: Mutex<PerAddress>,
-    /// Held only for one registry call, never across an await.
-    rooms: Mutex<Rooms>,
+    /// Where the rooms live.
+    backend: Arc<dyn Backend>,
     /// Outgoing queues of every open connection, joined or not.
     peers: Mutex<HashMap<PeerId, ws::PeerHandle>>,
     stats: SignalStats,
@@ -270,27 +285,81 @@ pub struct Signaling {
 }
 
 impl Signaling {
+    /// One node, rooms in memory.
     pub fn new(
         cfg: SignalConfig,
         ice: IceServersFn,
         admit: AdmitFn,
         draining: Arc<AtomicBool>,
     ) -> Arc<Self> {
-        let mut rooms = Rooms::new(cfg.room_capacity);
-        rooms.set_max_rooms(cfg.max_rooms);
-        Arc::new(Self {
-            config: RwLock::new(cfg),
-            ice,
-            admit,
-            sockets: Mutex::new(HashMap::new()),
-            joins: Mutex::new(PerAddress::new(65_536)),
-            rooms: Mutex::new(rooms),
-            peers: Mutex::new(HashMap::new()),
-            stats: SignalStats::default(),
-            draining,
-            shutdown: watch::Sender::new(false),
-            idle: Notify::new(),
+        let memory = Arc::new(Memory::new(cfg.room_capacity, cfg.max_rooms));
+        let made: Result<_, std::convert::Infallible> =
+            Self::with_backend(cfg, ice, admit, draining, |_, _| Ok(memory));
+        match made {
+            Ok(sig) => sig,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Rooms in Redis, shared with every node on the same server and
+    /// prefix. Needs a tokio runtime (it starts the backend's tasks).
+    pub fn with_redis(
+        cfg: SignalConfig,
+        ice: IceServersFn,
+        admit: AdmitFn,
+        draining: Arc<AtomicBool>,
+        settings: redis::Settings,
+    ) -> Result<Arc<Self>, redis::BadRedisUrl> {
+        Self::with_backend(cfg, ice, admit, draining, |stats, inbox| {
+            let r = redis::Redis::start(settings, cfg.room_capacity, cfg.max_rooms, stats, inbox)?;
+            Ok(Arc::new(r))
         })
+    }
+
+    /// `make` gets the backend's health counters and the inbox for
+    /// deliveries from other nodes.
+    fn with_backend<E>(
+        cfg: SignalConfig,
+        ice: IceServersFn,
+        admit: AdmitFn,
+        draining: Arc<AtomicBool>,
+        make: impl FnOnce(Arc<BackendStats>, Inbox) -> Result<Arc<dyn Backend>, E>,
+    ) -> Result<Arc<Self>, E> {
+        let stats = SignalStats::default();
+        let backend_stats = stats.backend.clone();
+        let mut made = None;
+        let sig = Arc::new_cyclic(|me: &std::sync::Weak<Signaling>| {
+            let me = me.clone();
+            let inbox: Inbox = Arc::new(move |d| {
+                if let Some(sig) = me.upgrade() {
+                    sig.deliver(d);
+                }
+            });
+            let backend = match make(backend_stats, inbox) {
+                Ok(b) => b,
+                Err(e) => {
+                    made = Some(e);
+                    Arc::new(Memory::new(cfg.room_capacity, cfg.max_rooms))
+                }
+            };
+            Self {
+                config: RwLock::new(cfg),
+                ice,
+                admit,
+                sockets: Mutex::new(HashMap::new()),
+                joins: Mutex::new(PerAddress::new(65_536)),
+                backend,
+                peers: Mutex::new(HashMap::new()),
+                stats,
+                draining,
+                shutdown: watch::Sender::new(false),
+                idle: Notify::new(),
+            }
+        });
+        match made {
+            Some(e) => Err(e),
+            None => Ok(sig),
+        }
     }
 
     pub fn config(&self) -> SignalConfig {
@@ -301,10 +370,7 @@ impl Signaling {
     /// their heartbeat and size settings; room capacity applies at once.
     pub fn set_config(&self, cfg: SignalConfig) {
         *self.config.write().unwrap_or_else(PoisonError::into_inner) = cfg;
-        self.with_rooms(|rooms| {
-            rooms.set_capacity(cfg.room_capacity);
-            rooms.set_max_rooms(cfg.max_rooms);
-        });
+        self.backend.set_limits(cfg.room_capacity, cfg.max_rooms);
     }
 
     /// Admits a socket from `ip` presenting `c`, or says why not.
@@ -329,7 +395,7 @@ impl Signaling {
 
     /// Joins `peer` to `room` on the terms of its entry: the room its token
     /// allows, its address's join budget; then the registry's own rules.
-    fn join_as(
+    async fn join_as(
         &self,
         peer: PeerId,
         entry: &Entry,
@@ -359,9 +425,36 @@ impl Signaling {
         }
         let (servers, ttl) = (self.ice)(host, entry.admission.user.as_deref());
         let draining = self.is_draining();
-        let out =
-            self.with_rooms(|rooms| rooms.join(peer, room, IceGrant { servers, ttl }, draining))?;
-        Ok((out, ttl))
+        let grant = IceGrant { servers, ttl };
+        let out = self.backend.join(peer, room, grant, draining).await;
+        self.count_rooms();
+        Ok((out?, ttl))
+    }
+
+    /// Sends `data` from `from` to `to`, a member of its room.
+    async fn route(
+        &self,
+        from: PeerId,
+        to: PeerId,
+        data: serde_json::Value,
+    ) -> Result<Vec<Delivery>, RoomError> {
+        self.backend.route(from, to, data).await
+    }
+
+    /// Sends `data` from `from` to the other members of its room.
+    async fn broadcast(
+        &self,
+        from: PeerId,
+        data: serde_json::Value,
+    ) -> Result<Vec<Delivery>, RoomError> {
+        self.backend.broadcast(from, data).await
+    }
+
+    /// Takes `peer` out of its room.
+    async fn leave(&self, peer: PeerId) -> Result<Vec<Delivery>, RoomError> {
+        let out = self.backend.leave(peer).await;
+        self.count_rooms();
+        out
     }
 
     fn lock_sockets(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
@@ -379,6 +472,12 @@ impl Signaling {
     pub fn shutdown(&self) {
         self.draining.store(true, Ordering::Relaxed);
         self.shutdown.send_replace(true);
+        self.backend.shutdown();
+    }
+
+    /// Whether the room backend answers (always, in memory).
+    pub fn backend_up(&self) -> bool {
+        self.stats.backend.is_up()
     }
 
     /// Resolves once no connection is open (at once if none is).
@@ -397,16 +496,11 @@ impl Signaling {
         &self.stats
     }
 
-    /// Runs one registry operation and refreshes the rooms gauge.
-    fn with_rooms<R>(&self, op: impl FnOnce(&mut Rooms) -> R) -> R {
-        // A panic elsewhere must not take signaling down with it; the
-        // registry's operations leave it consistent at every return.
-        let mut rooms = self.rooms.lock().unwrap_or_else(PoisonError::into_inner);
-        let out = op(&mut rooms);
+    /// Refreshes the rooms gauge (rooms with a member on this node).
+    fn count_rooms(&self) {
         self.stats
             .rooms
-            .store(rooms.room_count() as u64, Ordering::Relaxed);
-        out
+            .store(self.backend.room_count() as u64, Ordering::Relaxed);
     }
 
     fn lock_peers(&self) -> MutexGuard<'_, HashMap<PeerId, ws::PeerHandle>> {

@@ -29,8 +29,9 @@ pub enum ClientMessage {
     Leave,
 }
 
-/// A message to a client.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A message to a client. Deserialize too: the Redis backend carries them
+/// between nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum ServerMessage {
     /// You are in `room` as `id`; `peers` were there before you.
@@ -81,7 +82,7 @@ impl ServerMessage {
 
 /// The stable `code` strings of `error` messages. Clients switch on these,
 /// so a variant's spelling never changes once released.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ErrorCode {
     /// The text frame is not JSON.
@@ -113,11 +114,14 @@ pub enum ErrorCode {
     ForbiddenRoom,
     /// The server holds as many rooms as it may (`signaling.max_rooms`).
     TooManyRooms,
+    /// The shared room store (Redis) is unreachable: joins, and signals to
+    /// peers on other nodes, are refused until it is back.
+    BackendUnavailable,
 }
 
 impl ErrorCode {
     /// Every code, in index order; exporters iterate this.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         Self::BadJson,
         Self::BadMessage,
         Self::UnknownType,
@@ -132,6 +136,7 @@ impl ErrorCode {
         Self::RateLimited,
         Self::ForbiddenRoom,
         Self::TooManyRooms,
+        Self::BackendUnavailable,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -156,6 +161,7 @@ impl ErrorCode {
             Self::RateLimited => "rate-limited",
             Self::ForbiddenRoom => "forbidden-room",
             Self::TooManyRooms => "too-many-rooms",
+            Self::BackendUnavailable => "backend-unavailable",
         }
     }
 }

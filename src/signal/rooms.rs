@@ -58,6 +58,8 @@ pub enum RoomError {
     RateLimited,
     #[error("the server holds as many rooms as it may; try again later")]
     TooManyRooms,
+    #[error("the room service is unavailable; try again shortly")]
+    BackendUnavailable,
 }
 
 impl RoomError {
@@ -73,6 +75,7 @@ impl RoomError {
             Self::ForbiddenRoom => ErrorCode::ForbiddenRoom,
             Self::RateLimited => ErrorCode::RateLimited,
             Self::TooManyRooms => ErrorCode::TooManyRooms,
+            Self::BackendUnavailable => ErrorCode::BackendUnavailable,
         };
         ServerMessage::error(code, self.to_string())
     }
@@ -213,6 +216,11 @@ impl Rooms {
     /// Members of `room` in join order (empty if the room does not exist).
     pub fn members(&self, room: &RoomName) -> &[PeerId] {
         self.rooms.get(room).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// Every room and its members.
+    pub fn rooms(&self) -> impl Iterator<Item = (&RoomName, &[PeerId])> {
+        self.rooms.iter().map(|(r, m)| (r, m.as_slice()))
     }
 
     pub fn room_count(&self) -> usize {

@@ -10,10 +10,11 @@
 //! in [`super::tutorial`].
 //!
 //! Each connection gets the same bounded queue as a `/ws` peer and one
-//! task (`pump`) that renders what arrives there as events; socketioxide
-//! calls the event handler in arrival order, which handles the event at
-//! once (no task per event) so an offer is never overtaken by its
-//! candidates.
+//! task (`pump`) that renders what arrives there as events. socketioxide
+//! calls the event handler in arrival order; it checks the sender's budget
+//! and queues the event for the pump, which handles events one at a time
+//! (the room backend may wait for Redis), so an offer is never overtaken
+//! by its candidates and no task is spawned per event.
 //!
 //! Limits: an event over `signaling.max_message_bytes` is refused with an
 //! `error` event and the connection lives on; Engine.IO payloads beyond
@@ -129,6 +130,8 @@ struct Peer {
     entry: super::Entry,
     /// What this socket may send: messages, bytes.
     budget: std::sync::Mutex<[Gcra; 2]>,
+    /// Events for the pump, in arrival order.
+    inbound: mpsc::Sender<String>,
 }
 
 /// The raw text of an event packet, `["event", arg, …]`: parsed by
@@ -164,6 +167,7 @@ fn attach(sig: Arc<Signaling>, socket: SocketRef) {
     };
     let host = crate::ice::host_from_headers(&socket.req_parts().headers);
     let (tx, rx) = mpsc::channel(OUTGOING_QUEUE);
+    let (inbound, events) = mpsc::channel(OUTGOING_QUEUE);
     let kick = Arc::new(Kick::default());
     let id = sig.register(PeerHandle {
         tx,
@@ -179,6 +183,7 @@ fn attach(sig: Arc<Signaling>, socket: SocketRef) {
         kick,
         entry,
         budget: std::sync::Mutex::new([Gcra::new(); 2]),
+        inbound,
     });
     // Every event goes to one handler, which runs to completion before
     // returning the (ready) future socketioxide spawns.
@@ -203,7 +208,7 @@ fn attach(sig: Arc<Signaling>, socket: SocketRef) {
         }
     };
     socket.on_disconnect(on_disconnect);
-    tokio::spawn(pump(peer, socket, rx, gone));
+    tokio::spawn(pump(peer, socket, rx, events, gone));
 }
 
 impl Peer {
@@ -229,13 +234,23 @@ impl Peer {
                 "too many messages or bytes; slow down",
             ));
         }
+        // Within its budget, a full queue means the pump is stuck behind
+        // the backend: the event is refused like one over budget.
+        if self.inbound.try_send(text).is_err() {
+            inc(&self.sig.stats.rate_limited_total);
+            self.reply(ServerMessage::error(
+                super::ErrorCode::RateLimited,
+                "too many events waiting; slow down",
+            ));
+        }
+    }
+
+    /// One queued event, in the pump.
+    async fn handle(&self, text: String) {
         let max = self.sig.config().max_message_bytes;
         let outcome = match tutorial::parse_event(&text, max) {
-            Ok(Inbound::CreateOrJoin(room)) => self.join(room),
-            Ok(Inbound::Message(data)) => self
-                .sig
-                .with_rooms(|rooms| rooms.broadcast(self.id, data))
-                .map(|d| vec![d]),
+            Ok(Inbound::CreateOrJoin(room)) => self.join(room).await,
+            Ok(Inbound::Message(data)) => self.sig.broadcast(self.id, data).await,
             Err(e) => return self.reply(e.reply()),
         };
         match outcome {
@@ -244,9 +259,10 @@ impl Peer {
         }
     }
 
-    fn join(&self, room: RoomName) -> Result<Vec<Delivery>, RoomError> {
+    async fn join(&self, room: RoomName) -> Result<Vec<Delivery>, RoomError> {
         self.sig
             .join_as(self.id, &self.entry, self.host.as_deref(), room)
+            .await
             .map(|(out, _)| out)
     }
 
@@ -272,12 +288,14 @@ impl Drop for Registered {
     }
 }
 
-/// Renders what the registry queued for this peer as events, refreshes its
-/// ICE credentials, and ends the connection on kick or shutdown.
+/// Handles the peer's events, renders what the registry queued for it as
+/// events, refreshes its ICE credentials, and ends the connection on kick
+/// or shutdown.
 async fn pump(
     peer: Arc<Peer>,
     socket: SocketRef,
     mut rx: mpsc::Receiver<Outgoing>,
+    mut events: mpsc::Receiver<String>,
     gone: CancellationToken,
 ) {
     let peer = Registered(peer);
@@ -301,6 +319,7 @@ async fn pump(
             }
         };
         tokio::select! {
+            Some(text) = events.recv() => peer.handle(text).await,
             out = rx.recv() => {
                 let Some(Outgoing::Message(msg)) = out else {
                     // Text, pings and closes are for `/ws` peers only.
@@ -343,7 +362,7 @@ async fn pump(
                 let _ = socket.clone().disconnect();
                 return;
             }
-            _ = shutdown.wait_for(|closing| *closing) => {
+            () = super::closing(&mut shutdown) => {
                 let _ = socket.clone().disconnect();
                 return;
             }

@@ -185,7 +185,8 @@ impl Signaling {
     }
 
     pub(super) fn unregister(&self, id: PeerId) {
-        let farewell = self.with_rooms(|rooms| rooms.disconnect(id));
+        let farewell = self.backend.disconnect(id);
+        self.count_rooms();
         self.deliver(farewell);
         let mut peers = self.lock_peers();
         peers.remove(&id);
@@ -309,7 +310,7 @@ impl Conn {
                     };
                     self.heartbeat.heard(Instant::now().into_std());
                     match frame {
-                        Message::Text(text) => self.on_text(&text),
+                        Message::Text(text) => self.on_text(&text).await,
                         Message::Binary(_) => self.reply(ParseError::Binary.reply()),
                         // Pings are answered by the library, and a close is
                         // acknowledged on the next read, which then ends.
@@ -325,7 +326,7 @@ impl Conn {
                     tracing::info!(peer = %self.id, "dropping a signaling peer that stopped reading");
                     return End::Dropped;
                 }
-                _ = shutdown.wait_for(|closing| *closing) => return End::Close(1001, "server shutting down"),
+                () = super::closing(&mut shutdown) => return End::Close(1001, "server shutting down"),
             }
         }
     }
@@ -361,7 +362,7 @@ impl Conn {
         }
     }
 
-    fn on_text(&mut self, text: &str) {
+    async fn on_text(&mut self, text: &str) {
         // A sender over its budget loses its own messages, nothing else:
         // its room-mates' queues never see the flood.
         let now = Instant::now().into_std();
@@ -381,13 +382,10 @@ impl Conn {
         };
         let id = self.id;
         let outcome = match msg {
-            ClientMessage::Join { room } => self.join(room),
-            ClientMessage::Signal { to, data } => self
-                .sig
-                .with_rooms(|rooms| rooms.route(id, to, data))
-                .map(|d| vec![d]),
+            ClientMessage::Join { room } => self.join(room).await,
+            ClientMessage::Signal { to, data } => self.sig.route(id, to, data).await,
             ClientMessage::Leave => {
-                let left = self.sig.with_rooms(|rooms| rooms.leave(id));
+                let left = self.sig.leave(id).await;
                 if left.is_ok() {
                     self.refresh_at = None;
                     self.join_by = Some(Instant::now() + self.cfg.join_timeout);
@@ -401,10 +399,11 @@ impl Conn {
         }
     }
 
-    fn join(&mut self, room: RoomName) -> Result<Vec<Delivery>, RoomError> {
+    async fn join(&mut self, room: RoomName) -> Result<Vec<Delivery>, RoomError> {
         let (out, ttl) = self
             .sig
-            .join_as(self.id, &self.entry, self.host.as_deref(), room)?;
+            .join_as(self.id, &self.entry, self.host.as_deref(), room)
+            .await?;
         self.refresh_at = timers::refresh_after(ttl).map(|after| Instant::now() + after);
         self.join_by = None;
         Ok(out)

@@ -1,0 +1,371 @@
+//! Two turnkey processes sharing rooms through a real `redis-server` that
+//! each test starts on a free loopback port (issue 15): a room across
+//! nodes, racing joins, a killed node, a Redis outage. Every wait has a
+//! deadline; a missing `redis-server` fails.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::raw::Raw;
+use common::{auth_section, base_config, require, test_dir, Turnkey};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const WAIT: Duration = Duration::from_secs(5);
+/// `signaling.presence_ttl_secs` in these tests.
+const TTL: Duration = Duration::from_secs(2);
+
+struct RedisServer {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        require("redis-server", "redis-server");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let dir = test_dir("redis");
+        let child = Self::spawn(port, &dir);
+        RedisServer { child, port, dir }
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> Child {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        self.child = Self::spawn(self.port, &self.dir);
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A node on `redis`, with budgets high enough for the racing test, ready
+/// (its backend up) before it is returned.
+fn node(name: &str, redis: &RedisServer) -> Turnkey {
+    let extra = format!(
+        r#"
+[signaling]
+backend = "redis"
+redis_url = "redis://127.0.0.1:{}/"
+presence_ttl_secs = {}
+joins_per_sec_per_ip = 10000
+max_sockets_per_ip = 1000
+[access]
+mints_per_minute = 100000
+{}"#,
+        redis.port,
+        TTL.as_secs(),
+        auth_section()
+    );
+    let tk = Turnkey::start(name, &base_config(&extra));
+    wait_ready(&tk, "ready\n");
+    tk
+}
+
+fn wait_ready(tk: &Turnkey, body: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, got) = tk.get("/readyz");
+        if status == 200 && got == body {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never said {body:?}: {status} {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn connect(tk: &Turnkey) -> Ws {
+    let (ws, _) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::connect_async(format!("ws://{}/ws", tk.http)),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect");
+    ws
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into()))
+        .await
+        .expect("send");
+}
+
+/// The next JSON message, within `d`.
+async fn recv_within(ws: &mut Ws, d: Duration) -> Value {
+    loop {
+        let frame = tokio::time::timeout(d, ws.next())
+            .await
+            .expect("a message in time")
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(t) = frame {
+            return serde_json::from_str(&t).expect("json");
+        }
+    }
+}
+
+async fn recv(ws: &mut Ws) -> Value {
+    recv_within(ws, WAIT).await
+}
+
+/// Joins `room`; the `joined` message.
+async fn join(ws: &mut Ws, room: &str) -> Value {
+    send(ws, json!({"type": "join", "room": room})).await;
+    let m = recv(ws).await;
+    assert_eq!(m["type"], "joined", "{m}");
+    m
+}
+
+fn id(m: &Value) -> String {
+    m["id"].as_str().expect("id").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_on_two_nodes_share_a_room_and_the_relay_credentials() {
+    let redis = RedisServer::start();
+    let (a, b) = (node("cluster-a", &redis), node("cluster-b", &redis));
+    let mut pa = connect(&a).await;
+    let mut pb = connect(&b).await;
+    let ja = join(&mut pa, "room").await;
+    let jb = join(&mut pb, "room").await;
+    assert_eq!(jb["peers"], json!([id(&ja)]));
+    assert_eq!(
+        recv(&mut pa).await,
+        json!({"type": "peer-joined", "id": id(&jb)})
+    );
+    send(
+        &mut pa,
+        json!({"type": "signal", "to": id(&jb), "data": {"sdp": "offer"}}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut pb).await,
+        json!({"type": "signal", "from": id(&ja), "data": {"sdp": "offer"}})
+    );
+    send(
+        &mut pb,
+        json!({"type": "signal", "to": id(&ja), "data": {"sdp": "answer"}}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut pa).await,
+        json!({"type": "signal", "from": id(&jb), "data": {"sdp": "answer"}})
+    );
+    for tk in [&a, &b] {
+        let mut third = connect(tk).await;
+        send(&mut third, json!({"type": "join", "room": "room"})).await;
+        assert_eq!(
+            recv(&mut third).await,
+            json!({"type": "full", "room": "room"})
+        );
+    }
+
+    // Each node advertises its own relay; a credential one node minted
+    // allocates on the other (shared auth.secrets).
+    let turn_of = |j: &Value| j["iceServers"][1]["urls"][0].as_str().unwrap().to_string();
+    assert!(turn_of(&ja).contains(&a.turn.port().to_string()), "{ja}");
+    assert!(turn_of(&jb).contains(&b.turn.port().to_string()), "{jb}");
+    let (user, pass) = (
+        ja["iceServers"][1]["username"].as_str().unwrap(),
+        ja["iceServers"][1]["credential"].as_str().unwrap(),
+    );
+    let relayed = Raw::new(b.turn, user, pass).allocate();
+    assert!(
+        relayed.is_ok(),
+        "node A's credential on node B: {relayed:?}"
+    );
+
+    // A draining node refuses new joins; the other takes them.
+    a.signal(libc::SIGUSR1);
+    let mut late = connect(&b).await;
+    join(&mut late, "after-drain").await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut c = connect(&a).await;
+        send(&mut c, json!({"type": "join", "room": "after-drain"})).await;
+        let m = recv(&mut c).await;
+        if m["code"] == "draining" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node A never refused: {m}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_joins_from_both_nodes_never_overfill_a_room() {
+    let redis = RedisServer::start();
+    let (a, b) = (node("race-a", &redis), node("race-b", &redis));
+    let mut socks = Vec::new();
+    for tk in [&a, &b, &a, &b] {
+        socks.push(connect(tk).await);
+    }
+    for round in 0..100 {
+        let room = format!("race{round}");
+        let outcomes = futures_util::future::join_all(socks.iter_mut().map(|ws| {
+            let room = room.clone();
+            async move {
+                send(ws, json!({"type": "join", "room": room})).await;
+                // A room-mate's peer-joined may overtake the answer.
+                let mut m = recv(ws).await;
+                while m["type"] == "peer-joined" || m["type"] == "peer-left" {
+                    m = recv(ws).await;
+                }
+                let joined = m["type"] == "joined";
+                assert!(joined || m["type"] == "full", "{m}");
+                joined
+            }
+        }))
+        .await;
+        let members = outcomes.iter().filter(|j| **j).count();
+        assert_eq!(members, 2, "round {round}: {members} members");
+        // Only now that every join was answered do the members leave.
+        for (ws, joined) in socks.iter_mut().zip(&outcomes) {
+            if *joined {
+                send(ws, json!({"type": "leave"})).await;
+            }
+        }
+        for ws in socks.iter_mut() {
+            while let Ok(Some(Ok(_))) =
+                tokio::time::timeout(Duration::from_millis(30), ws.next()).await
+            {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_peers_leave_within_the_presence_ttl() {
+    let redis = RedisServer::start();
+    let a = node("kill-a", &redis);
+    let mut b = node("kill-b", &redis);
+    let mut pa = connect(&a).await;
+    let mut pb = connect(&b).await;
+    join(&mut pa, "room").await;
+    let jb = join(&mut pb, "room").await;
+    assert_eq!(recv(&mut pa).await["type"], "peer-joined");
+    b.signal(libc::SIGKILL);
+    assert!(b.wait_exit(WAIT).is_some(), "node B did not die");
+    let killed = Instant::now();
+    let m = recv_within(&mut pa, TTL + Duration::from_secs(1)).await;
+    assert_eq!(m, json!({"type": "peer-left", "id": id(&jb)}));
+    assert!(
+        killed.elapsed() <= TTL + Duration::from_millis(300),
+        "peer-left after {:?}",
+        killed.elapsed()
+    );
+    // Its place is free again.
+    let mut pc = connect(&a).await;
+    join(&mut pc, "room").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_refuses_joins_keeps_local_rooms_and_recovers() {
+    let mut redis = RedisServer::start();
+    let (mut a, mut b) = (node("outage-a", &redis), node("outage-b", &redis));
+    let mut a1 = connect(&a).await;
+    let mut a2 = connect(&a).await;
+    let j1 = join(&mut a1, "local").await;
+    let j2 = join(&mut a2, "local").await;
+    recv(&mut a1).await; // peer-joined
+
+    redis.stop();
+    wait_ready(&a, "degraded\n");
+    wait_ready(&b, "degraded\n");
+    // This node's room keeps working.
+    send(
+        &mut a1,
+        json!({"type": "signal", "to": id(&j2), "data": "during"}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut a2).await,
+        json!({"type": "signal", "from": id(&j1), "data": "during"})
+    );
+    // New joins are refused, clearly.
+    let mut nb = connect(&b).await;
+    send(&mut nb, json!({"type": "join", "room": "x"})).await;
+    let m = recv(&mut nb).await;
+    assert_eq!(
+        (m["type"].as_str(), m["code"].as_str()),
+        (Some("error"), Some("backend-unavailable")),
+        "{m}"
+    );
+    assert!(a.metric("turnkey_signaling_backend_outages_total") >= 1.0);
+    assert_eq!(a.metric("turnkey_signaling_backend_up"), 0.0);
+    assert!(a.log_contains("signaling backend unavailable"));
+
+    redis.restart();
+    wait_ready(&a, "ready\n");
+    wait_ready(&b, "ready\n");
+    assert_eq!(a.metric("turnkey_signaling_backend_up"), 1.0);
+    // The same socket joins now, and meets a peer of node A.
+    let jb = join(&mut nb, "x").await;
+    let mut a3 = connect(&a).await;
+    let j3 = join(&mut a3, "x").await;
+    assert_eq!(j3["peers"], json!([id(&jb)]));
+    assert_eq!(
+        recv(&mut nb).await,
+        json!({"type": "peer-joined", "id": id(&j3)})
+    );
+    send(
+        &mut a3,
+        json!({"type": "signal", "to": id(&jb), "data": "after"}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut nb).await,
+        json!({"type": "signal", "from": id(&j3), "data": "after"})
+    );
+    // The room that lived through the outage was written back: full.
+    let mut late = connect(&b).await;
+    send(&mut late, json!({"type": "join", "room": "local"})).await;
+    assert_eq!(recv(&mut late).await["type"], "full");
+    send(
+        &mut a2,
+        json!({"type": "signal", "to": id(&j1), "data": "still"}),
+    )
+    .await;
+    assert_eq!(recv(&mut a1).await["data"], "still");
+    for tk in [&mut a, &mut b] {
+        assert!(tk.child.try_wait().unwrap().is_none(), "a node exited");
+    }
+}
