@@ -25,7 +25,10 @@
 #                 the cost of turnkey's metrics: the same turnkey with its
 #                 relay counters compiled away (cargo feature `uncounted`)
 # Knobs (environment):
-#   A=turnkey B=coturn  the two servers compared (turnkey, uncounted, coturn)
+#   A=turnkey B=coturn  the two servers compared (turnkey, uncounted,
+#                  baseline, coturn)
+#   TURNKEY=PATH   the turnkey binary (default: this tree's release build)
+#   BASELINE=PATH  another turnkey binary, named `baseline` (an older commit)
 #   SCRAPE=1       scrape turnkey's /metrics once a second during its runs
 #   THREADS=0      relay threads of both servers; 0 = their default, one per core
 #   REPS=3         rounds; each round runs both servers once
@@ -122,7 +125,8 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   echo "building turnkey (release)…" >&2
   (cd "$ROOT" && cargo build --release --quiet)
 fi
-TURNKEY="${CARGO_TARGET_DIR:-$ROOT/target}/release/turnkey"
+TURNKEY=${TURNKEY:-"${CARGO_TARGET_DIR:-$ROOT/target}/release/turnkey"}
+BASELINE=${BASELINE:-}
 UNCOUNTED="$ROOT/target/uncounted/release/turnkey"
 if [ "$A" = uncounted ] || [ "$B" = uncounted ]; then
   if [ "${SKIP_BUILD:-0}" != 1 ]; then
@@ -143,9 +147,13 @@ listen = ["127.0.0.1:$TK_PORT"]
 relay_port_min = $RELAY_MIN
 relay_port_max = $RELAY_MAX
 threads = $THREADS
-# uclient -y opens two allocations per client under one user; coturn has
-# no per-user cap by default, so neither does this run.
+# uclient -y opens two allocations per client under one user, all from
+# one loopback address, and coturn has no per-user or per-address cap nor
+# request rate limit: neither does this run. max_bps keeps its default.
 user_quota = 0
+ip_quota = 100000
+unauth_requests_per_sec = 100000
+binding_requests_per_sec = 100000
 
 [auth.users]
 $USER_NAME = "$PASSWORD"
@@ -153,6 +161,11 @@ EOF
 
 start_turnkey() {
   "$TURNKEY" --config "$WORK/turnkey.toml" >>"$WORK/turnkey.log" 2>&1 &
+  SERVER_PID=$!
+}
+
+start_baseline() {
+  "$BASELINE" --config "$WORK/turnkey.toml" >>"$WORK/baseline.log" 2>&1 &
   SERVER_PID=$!
 }
 

@@ -13,12 +13,20 @@
 //! messages reach the shard through a bounded channel and a waker, and
 //! answers go back through each connection's own bounded queue.
 //!
+//! Datagrams are read a batch at a time (`recvmmsg`) and what one batch
+//! makes the core send is queued and flushed with one `sendmmsg` per
+//! socket before the next batch is read (`batch.rs`), so a busy shard
+//! makes a few system calls per batch instead of two per packet.
+//!
 //! Socket errors on one send or receive (an unreachable peer, ICMP-induced
 //! refusal, a full buffer) are counted and skipped; they never end a loop.
+
+pub mod batch;
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -32,6 +40,7 @@ use tokio::sync::mpsc;
 use crate::turn::allocation::{FiveTuple, RelayId, Transport};
 use crate::turn::server::{AllocationInfo, EndWhich, Io, Server};
 use crate::turn::stats::{inc, TurnStats};
+use batch::{RecvBatch, SendQueue, BATCH};
 
 const WAKER: Token = Token(usize::MAX);
 const RELAY_BASE: usize = 1 << 20;
@@ -39,7 +48,15 @@ const RELAY_BASE: usize = 1 << 20;
 const BUDGET: usize = 256;
 /// Consecutive receive errors tolerated on one socket in one turn.
 const MAX_ERRORS: usize = 64;
-const RECV_BUF: usize = 65536;
+/// How long a busy shard lets datagrams gather before it polls again.
+/// Waking up is the largest single cost of a relay on this kind of
+/// machine (bench/RESULTS.md): at a few thousand packets a second per
+/// shard, one wake-up per packet costs more than relaying it. A shard that
+/// was woken again soon after its last turn waits this long first, so one
+/// wake-up serves a batch; an idle shard answers its first packet at once.
+pub const GATHER: Duration = Duration::from_micros(200);
+/// A turn that follows the last one sooner than this means traffic is steady.
+pub const BUSY_GAP: Duration = Duration::from_millis(2);
 /// Stream events queued towards one shard before senders wait.
 const STREAM_QUEUE: usize = 4096;
 
@@ -149,6 +166,7 @@ impl Relay {
                 closing: Vec::new(),
                 reserved: reserved.clone(),
                 stats: spec.stats.clone(),
+                out: SendQueue::new(),
             };
             let stop = stop.clone();
             let core = spec.core;
@@ -259,6 +277,8 @@ struct ShardIo {
     /// client that claims one may be hashed to any shard.
     reserved: Arc<Mutex<HashMap<RelayId, UdpSocket>>>,
     stats: Arc<TurnStats>,
+    /// Datagrams the core sent in this batch, flushed before the next.
+    out: SendQueue,
 }
 
 impl Io for ShardIo {
@@ -284,16 +304,14 @@ impl Io for ShardIo {
                 None => return,
             },
         };
-        if sock.send_to(data, to.client).is_err() {
-            inc(&self.stats.send_errors);
-        }
+        let failed = self.out.push(sock.as_raw_fd(), to.client, data);
+        self.count_send_errors(failed);
     }
 
     fn send_to_peer(&mut self, relay: RelayId, peer: SocketAddr, data: &[u8]) {
         if let Some(Some(sock)) = self.relays[usize::from(relay.v6)].get(usize::from(relay.port)) {
-            if sock.send_to(data, peer).is_err() {
-                inc(&self.stats.send_errors);
-            }
+            let failed = self.out.push(sock.as_raw_fd(), peer, data);
+            self.count_send_errors(failed);
         }
     }
 
@@ -338,6 +356,8 @@ impl Io for ShardIo {
     }
 
     fn close_relay(&mut self, relay: RelayId) {
+        // What is queued for this socket goes before it closes.
+        self.flush();
         if let Some(slot) = self.relays[usize::from(relay.v6)].get_mut(usize::from(relay.port)) {
             if let Some(mut sock) = slot.take() {
                 let _ = self.registry.deregister(&mut sock);
@@ -364,6 +384,20 @@ impl Io for ShardIo {
 }
 
 impl ShardIo {
+    /// Sends what the core queued.
+    fn flush(&mut self) {
+        let failed = self.out.flush();
+        self.count_send_errors(failed);
+    }
+
+    fn count_send_errors(&self, failed: usize) {
+        if failed > 0 {
+            self.stats
+                .send_errors
+                .fetch_add(failed as u64, Ordering::Relaxed);
+        }
+    }
+
     fn lock_reserved(&self) -> std::sync::MutexGuard<'_, HashMap<RelayId, UdpSocket>> {
         self.reserved.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -385,9 +419,10 @@ fn run(
     stop: Arc<AtomicBool>,
 ) {
     let mut events = Events::with_capacity(1024);
-    let mut buf = vec![0u8; RECV_BUF];
+    let mut batch = RecvBatch::new();
     let mut pending: Vec<Source> = Vec::new();
     let mut ready: Vec<Source> = Vec::new();
+    let mut last_turn = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let timeout = if pending.is_empty() {
             let now = Instant::now();
@@ -429,14 +464,20 @@ fn run(
         for &src in &ready {
             let more = match src {
                 Source::Streams => drain_streams(now, &mut io, &mut core, &mut rx),
-                _ => drain(src, now, &mut io, &mut core, &mut buf),
+                _ => drain(src, now, &mut io, &mut core, &mut batch),
             };
+            io.flush();
             if more {
                 pending.push(src);
             }
         }
         core.handle_timeout(Instant::now(), &mut io);
+        io.flush();
         close_ended_streams(&mut io);
+        if !ready.is_empty() && pending.is_empty() && now - last_turn < BUSY_GAP {
+            std::thread::sleep(GATHER);
+        }
+        last_turn = now;
     }
 }
 
@@ -448,35 +489,30 @@ fn close_ended_streams(io: &mut ShardIo) {
     }
 }
 
-/// Reads up to BUDGET datagrams from one socket; true if it may have more.
-fn drain(src: Source, now: Instant, io: &mut ShardIo, core: &mut Server, buf: &mut [u8]) -> bool {
+/// Reads up to BUDGET datagrams from one socket, a batch at a time, and
+/// sends what each batch made the core send; true if it may have more.
+fn drain(
+    src: Source,
+    now: Instant,
+    io: &mut ShardIo,
+    core: &mut Server,
+    batch: &mut RecvBatch,
+) -> bool {
     let mut errors = 0;
-    for _ in 0..BUDGET {
-        let r = match src {
+    for _ in 0..BUDGET / BATCH {
+        let fd = match src {
             Source::Listener(i) => match io.listeners.get(i) {
-                Some((s, _)) => s.recv_from(buf),
+                Some((s, _)) => s.as_raw_fd(),
                 None => return false,
             },
             Source::Relay(r) => match io.relays[usize::from(r.v6)].get(usize::from(r.port)) {
-                Some(Some(s)) => s.recv_from(buf),
+                Some(Some(s)) => s.as_raw_fd(),
                 _ => return false,
             },
             Source::Streams => return false,
         };
-        match r {
-            Ok((n, from)) => match src {
-                Source::Listener(i) => {
-                    let server = io.listeners[i].1;
-                    let ft = FiveTuple {
-                        client: from,
-                        server,
-                        transport: Transport::Udp,
-                    };
-                    core.handle_client(now, ft, &buf[..n], io);
-                }
-                Source::Relay(r) => core.peer_datagram(now, r, from, &buf[..n], io),
-                Source::Streams => {}
-            },
+        let n = match batch.recv(fd) {
+            Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(_) => {
                 inc(&io.stats.recv_errors);
@@ -484,7 +520,26 @@ fn drain(src: Source, now: Instant, io: &mut ShardIo, core: &mut Server, buf: &m
                 if errors >= MAX_ERRORS {
                     return true;
                 }
+                continue;
             }
+        };
+        for (from, data) in (0..n).filter_map(|i| batch.get(i)) {
+            match src {
+                Source::Listener(i) => {
+                    let ft = FiveTuple {
+                        client: from,
+                        server: io.listeners[i].1,
+                        transport: Transport::Udp,
+                    };
+                    core.handle_client(now, ft, data, io);
+                }
+                Source::Relay(r) => core.peer_datagram(now, r, from, data, io),
+                Source::Streams => {}
+            }
+        }
+        io.flush();
+        if n < BATCH {
+            return false;
         }
     }
     true

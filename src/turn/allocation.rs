@@ -3,6 +3,7 @@
 //! Plain data with time passed in; lookups are linear scans over a few
 //! entries, which beats hashing at the sizes a browser creates.
 
+use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,87 @@ pub struct FiveTuple {
     pub client: SocketAddr,
     pub server: SocketAddr,
     pub transport: Transport,
+}
+
+/// How the map from 5-tuple to allocation hashes its keys: the hot path
+/// looks one up for every packet a client sends. std's SipHash resists
+/// hash flooding at several times the cost; this map only ever holds
+/// authenticated allocations, bounded by the quotas, so a multiply-rotate
+/// hash (rustc's FxHash, version 2) with a random seed per shard is enough.
+#[derive(Debug, Clone, Copy)]
+pub struct TupleHash {
+    seed: u64,
+}
+
+impl TupleHash {
+    /// A seed from std's per-process randomness (the core's own generator
+    /// stays untouched, so seeded tests keep their port choices).
+    pub fn random() -> Self {
+        TupleHash {
+            seed: std::collections::hash_map::RandomState::new().hash_one(0u64),
+        }
+    }
+}
+
+impl BuildHasher for TupleHash {
+    type Hasher = TupleHasher;
+    fn build_hasher(&self) -> TupleHasher {
+        TupleHasher(self.seed)
+    }
+}
+
+pub struct TupleHasher(u64);
+
+impl TupleHasher {
+    const K: u64 = 0xf135_7aea_2e62_a9c5;
+
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = self.0.wrapping_add(word).wrapping_mul(Self::K);
+    }
+}
+
+impl Hasher for TupleHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u16(&mut self, i: u16) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        // The multiply leaves the low bits weak; the table indexes by them.
+        self.0.rotate_left(26)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

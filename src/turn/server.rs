@@ -23,7 +23,7 @@ use stun::textattrs::TextAttribute;
 use stun::uattrs::UnknownAttributes;
 use stun::xoraddr::XorMappedAddress;
 
-use super::allocation::{Allocation, FiveTuple, RelayId};
+use super::allocation::{Allocation, FiveTuple, RelayId, TupleHash};
 use super::auth::{quota_user, CredentialError, Key, Nonces};
 use super::limits::{client_key, Gcra, PerAddress, Rate};
 use super::reply::{answer, AlternateServer, Reject};
@@ -56,7 +56,7 @@ pub struct Server {
     free_ids: Vec<u32>,
     /// Allocation id per relay port, for IPv4 [0] and IPv6 [1].
     relay_slots: [Vec<u32>; 2],
-    pub(super) by_client: HashMap<FiveTuple, u32>,
+    pub(super) by_client: HashMap<FiveTuple, u32, TupleHash>,
     next_sweep: Instant,
     pub(super) rng: SmallRng,
     scratch: Box<[u8]>,
@@ -181,7 +181,7 @@ impl Server {
             allocs: Vec::new(),
             free_ids: Vec::new(),
             relay_slots: [vec![NO_ALLOC; nslots], vec![NO_ALLOC; nslots]],
-            by_client: HashMap::new(),
+            by_client: HashMap::with_hasher(TupleHash::random()),
             next_sweep: clock.mono0 + SWEEP_INTERVAL,
             rng,
             scratch: vec![0u8; SCRATCH_LEN].into_boxed_slice(),

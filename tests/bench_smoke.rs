@@ -1,0 +1,98 @@
+//! The benchmark scripts of `bench/` still run: each one for a second or
+//! so, against the debug binaries this `cargo test` built (turnkey, the
+//! load generator, the bare forwarder) and coturn, and each must report
+//! sane numbers. The real runs and their figures are in bench/RESULTS.md.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::require;
+
+fn script(name: &str) -> Command {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut c = Command::new("bash");
+    c.arg(root.join("bench").join(name))
+        .env("SKIP_BUILD", "1")
+        .env("TURNKEY", env!("CARGO_BIN_EXE_turnkey"))
+        .env("LOADGEN", env!("CARGO_BIN_EXE_turnkey-loadgen"))
+        .env("FORWARDER", env!("CARGO_BIN_EXE_turnkey-forwarder"))
+        .env("REPS", "1");
+    c
+}
+
+fn run(mut c: Command) -> String {
+    let out = c.output().expect("run a bench script");
+    let text = common::printed(&out);
+    assert!(out.status.success(), "script failed:\n{text}");
+    text
+}
+
+/// loadgen_vs_coturn.sh: every server delivers (nearly) all it was sent.
+fn loadgen_script() {
+    let tsv = common::test_dir("bench-smoke").join("runs.tsv");
+    let mut c = script("loadgen_vs_coturn.sh");
+    c.env("SERVERS", "turnkey coturn bare")
+        .env("PAIRS", "2")
+        .env("RATE", "100")
+        .env("SECS", "1")
+        .env("OUT", &tsv);
+    let text = run(c);
+    let runs = std::fs::read_to_string(&tsv).expect("runs.tsv");
+    let mut seen = Vec::new();
+    for line in runs.lines().skip(1) {
+        let f: Vec<&str> = line.split('\t').collect();
+        let num = |i: usize| -> f64 { f[i].parse().unwrap_or(-1.0) };
+        let (server, sent, received, p99) = (f[0], num(3), num(4), num(8));
+        // 4 allocations × 100 packets/s × 1 s.
+        assert_eq!(sent, 400.0, "{server} sent:\n{text}");
+        assert!(
+            received >= 0.9 * sent,
+            "{server} delivered too little:\n{text}"
+        );
+        assert!(
+            p99 > 0.0 && p99 < 1e6,
+            "{server} latency p99 {p99} µs:\n{text}"
+        );
+        seen.push(server.to_string());
+    }
+    assert_eq!(seen, ["turnkey", "coturn", "bare"], "{text}");
+    assert!(
+        text.contains("| turnkey | 2 |"),
+        "no summary table:\n{text}"
+    );
+}
+
+/// relay_vs_coturn.sh: uclient's messages cross both servers.
+fn uclient_script() {
+    require("turnutils_uclient", "coturn");
+    let mut c = script("relay_vs_coturn.sh");
+    c.env("PARALLEL", "1")
+        .env("CLIENTS", "2")
+        .env("MESSAGES", "20")
+        .env("LENGTH", "100")
+        .env("SCRAPE", "0");
+    let text = run(c);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("| messages received |"))
+        .unwrap_or_else(|| panic!("no summary table:\n{text}"));
+    let cells: Vec<f64> = row
+        .split('|')
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
+    // turnkey, coturn: 2 sessions × 2 directions… of 80 messages sent.
+    assert!(
+        cells.len() >= 2 && cells[0] >= 70.0 && cells[1] >= 70.0,
+        "{row}\n{text}"
+    );
+}
+
+/// One test: both scripts use the same fixed loopback ports.
+#[test]
+fn bench_scripts_run_and_report_sane_numbers() {
+    require("turnserver", "coturn");
+    loadgen_script();
+    uclient_script();
+}
