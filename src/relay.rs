@@ -48,15 +48,6 @@ const RELAY_BASE: usize = 1 << 20;
 const BUDGET: usize = 256;
 /// Consecutive receive errors tolerated on one socket in one turn.
 const MAX_ERRORS: usize = 64;
-/// How long a busy shard lets datagrams gather before it polls again.
-/// Waking up is the largest single cost of a relay on this kind of
-/// machine (bench/RESULTS.md): at a few thousand packets a second per
-/// shard, one wake-up per packet costs more than relaying it. A shard that
-/// was woken again soon after its last turn waits this long first, so one
-/// wake-up serves a batch; an idle shard answers its first packet at once.
-pub const GATHER: Duration = Duration::from_micros(200);
-/// A turn that follows the last one sooner than this means traffic is steady.
-pub const BUSY_GAP: Duration = Duration::from_millis(2);
 /// Stream events queued towards one shard before senders wait.
 const STREAM_QUEUE: usize = 4096;
 
@@ -422,7 +413,6 @@ fn run(
     let mut batch = RecvBatch::new();
     let mut pending: Vec<Source> = Vec::new();
     let mut ready: Vec<Source> = Vec::new();
-    let mut last_turn = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let timeout = if pending.is_empty() {
             let now = Instant::now();
@@ -474,10 +464,6 @@ fn run(
         core.handle_timeout(Instant::now(), &mut io);
         io.flush();
         close_ended_streams(&mut io);
-        if !ready.is_empty() && pending.is_empty() && now - last_turn < BUSY_GAP {
-            std::thread::sleep(GATHER);
-        }
-        last_turn = now;
     }
 }
 
