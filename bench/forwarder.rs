@@ -26,7 +26,6 @@ use anyhow::Result;
 use clap::Parser;
 use mio::{Events, Interest, Poll, Token};
 use turnkey::relay::batch::{RecvBatch, SendQueue, BATCH};
-use turnkey::relay::{BUSY_GAP, GATHER};
 
 #[derive(Parser)]
 #[command(about = "A bare UDP forwarder: turnkey's syscalls without TURN")]
@@ -93,7 +92,6 @@ fn forward(std_listener: UdpSocket) -> Result<()> {
     let mut out = SendQueue::new();
     let mut frame = vec![0u8; turnkey::relay::batch::SLOT + 4];
     let mut pending: Vec<Token> = Vec::new();
-    let mut last_turn = std::time::Instant::now();
     loop {
         let timeout = (!pending.is_empty()).then_some(std::time::Duration::ZERO);
         poll.poll(&mut events, timeout)?;
@@ -132,12 +130,6 @@ fn forward(std_listener: UdpSocket) -> Result<()> {
                 pending.push(t);
             }
         }
-        // turnkey's wake-up moderation, as in `relay::run`.
-        let now = std::time::Instant::now();
-        if !events.is_empty() && pending.is_empty() && now - last_turn < BUSY_GAP {
-            std::thread::sleep(GATHER);
-        }
-        last_turn = now;
     }
 }
 

@@ -26,7 +26,7 @@
 #                 relay counters compiled away (cargo feature `uncounted`)
 # Knobs (environment):
 #   A=turnkey B=coturn  the two servers compared (turnkey, uncounted,
-#                  baseline, coturn)
+#                  baseline, unlimited (max_bps = 0), coturn)
 #   TURNKEY=PATH   the turnkey binary (default: this tree's release build)
 #   BASELINE=PATH  another turnkey binary, named `baseline` (an older commit)
 #   SCRAPE=1       scrape turnkey's /metrics once a second during its runs
@@ -165,7 +165,19 @@ start_turnkey() {
 }
 
 start_baseline() {
-  "$BASELINE" --config "$WORK/turnkey.toml" >>"$WORK/baseline.log" 2>&1 &
+  # An older turnkey may predate the per-address limits: it gets the same
+  # file without those keys (it has no such limits to lift).
+  grep -v -E '^(ip_quota|unauth_requests_per_sec|binding_requests_per_sec) =' \
+    "$WORK/turnkey.toml" >"$WORK/baseline.toml"
+  "$BASELINE" --config "$WORK/baseline.toml" >>"$WORK/baseline.log" 2>&1 &
+  SERVER_PID=$!
+}
+
+# `unlimited`: the same turnkey with the per-allocation bandwidth budget
+# off (max_bps = 0), to measure what the budget costs on the relay path.
+start_unlimited() {
+  sed 's/^binding_requests_per_sec = .*/&\nmax_bps = 0/' "$WORK/turnkey.toml" >"$WORK/unlimited.toml"
+  "$TURNKEY" --config "$WORK/unlimited.toml" >>"$WORK/unlimited.log" 2>&1 &
   SERVER_PID=$!
 }
 
