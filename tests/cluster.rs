@@ -369,3 +369,40 @@ async fn a_redis_outage_refuses_joins_keeps_local_rooms_and_recovers() {
         assert!(tk.child.try_wait().unwrap().is_none(), "a node exited");
     }
 }
+
+/// Two browsers, one per node, call relay-only: the room is shared through
+/// Redis and each page's media crosses its own node's relay.
+#[test]
+fn two_browsers_one_per_node_call_relay_only() {
+    require("chromium", "chromium");
+    require("node", "nodejs");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    common::ensure_node_modules(&dir);
+    let redis = RedisServer::start();
+    let a = node("cluster-browser-a", &redis);
+    let b = node("cluster-browser-b", &redis);
+    let shot = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cluster-call.png");
+    let mut run = std::process::Command::new("node");
+    run.arg(dir.join("e2e.mjs"))
+        .arg(a.url(""))
+        .arg(&shot)
+        .env("E2E_BASE_URL_BOB", b.url(""))
+        .current_dir(&dir);
+    let (ok, out, err) = common::run_with_timeout(run, Duration::from_secs(90));
+    assert!(
+        ok,
+        "the cross-node call failed:\n{out}\n{err}\n--- node A:\n{}\n--- node B:\n{}",
+        a.log.lock().unwrap().join("\n"),
+        b.log.lock().unwrap().join("\n")
+    );
+    // Each node relayed its own page's media.
+    for (name, tk) in [("A", &a), ("B", &b)] {
+        let relayed = tk.metric(
+            r#"turnkey_turn_relayed_packets_total{direction="peer_to_client",framing="channel_data",transport="udp"}"#,
+        );
+        assert!(
+            relayed > 100.0,
+            "node {name} relayed only {relayed} packets"
+        );
+    }
+}

@@ -69,7 +69,9 @@ export class Session {
     // A separate context per page: its own cookies, storage and media
     // permissions, like two people on two machines.
     const context = await this.browser.newContext({ viewport: { width: 1000, height: 620 } });
-    await context.grantPermissions(["camera", "microphone"], { origin: new URL(this.baseUrl).origin });
+    // E2E_BASE_URL_BOB puts bob on another turnkey (a second node).
+    const base = (name === "bob" && process.env.E2E_BASE_URL_BOB) || this.baseUrl;
+    await context.grantPermissions(["camera", "microphone"], { origin: new URL(base).origin });
     if (init) await context.addInitScript(...init);
     const page = await context.newPage();
     const entry = { page, console: [], last: null };
@@ -78,7 +80,7 @@ export class Session {
     page.on("pageerror", (e) => entry.console.push(`[${this.since()} ms] pageerror: ${e.message}`));
     // E2E_QUERY adds to the page's query (an access token, say).
     const extra = process.env.E2E_QUERY ?? "";
-    const url = new URL(`/?room=${this.room}&relay=1${extra}`, this.baseUrl).href;
+    const url = new URL(`/?room=${this.room}&relay=1${extra}`, base).href;
     const res = await page.goto(url);
     if (!res || !res.ok()) throw new Failure(`${name}: GET ${url} answered ${res?.status()}`);
     await page.waitForFunction(() => typeof window.turnkey === "object", null, { timeout: 10_000 });
