@@ -18,6 +18,7 @@ fn script(name: &str) -> Command {
         .env("TURNKEY", env!("CARGO_BIN_EXE_turnkey"))
         .env("LOADGEN", env!("CARGO_BIN_EXE_turnkey-loadgen"))
         .env("FORWARDER", env!("CARGO_BIN_EXE_turnkey-forwarder"))
+        .env("SIGLOAD", env!("CARGO_BIN_EXE_turnkey-sigload"))
         .env("REPS", "1");
     c
 }
@@ -89,10 +90,28 @@ fn uclient_script() {
     );
 }
 
-/// One test: both scripts use the same fixed loopback ports.
+/// signaling_backends.sh: every signal arrives, on each backend.
+fn signaling_script() {
+    require("redis-server", "redis-server");
+    let mut c = script("signaling_backends.sh");
+    c.env("PEERS", "20").env("RATE", "50").env("SECS", "2");
+    let text = run(c);
+    for backend in ["memory", "redis", "redis-2node"] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&format!("| {backend} |")))
+            .unwrap_or_else(|| panic!("no {backend} row:\n{text}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        // | backend | peers | connect | sent | received | lost | …
+        assert_eq!((cells[4], cells[5], cells[6]), ("100", "100", "0"), "{row}");
+    }
+}
+
+/// One test: the scripts use the same fixed loopback ports.
 #[test]
 fn bench_scripts_run_and_report_sane_numbers() {
     require("turnserver", "coturn");
     loadgen_script();
     uclient_script();
+    signaling_script();
 }
