@@ -191,16 +191,27 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
 
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
-    for l in metrics_listener {
-        let app = crate::http::metrics_router(http_state.clone());
-        tasks.spawn(serve_http(l, app, stop.clone()));
-    }
-    for l in admin_listener {
-        let app = crate::admin::router(crate::admin::AdminState {
-            control: control.clone(),
-            shards: relay.handles(),
-        });
-        tasks.spawn(serve_http(l, app, stop.clone()));
+    // The operator's listeners (metrics, admin) get the same caps and
+    // timeouts as the public ones, through a gate of their own, so a flood
+    // of the public port never starves a scrape, nor the other way round.
+    let operator_gate = Gate::new(control.public_limits(), Arc::new(PublicStats::default()));
+    let metrics_app = crate::http::metrics_router(http_state.clone());
+    let admin_app = crate::admin::router(crate::admin::AdminState {
+        control: control.clone(),
+        shards: relay.handles(),
+    });
+    for (l, app) in metrics_listener
+        .into_iter()
+        .map(|l| (l, metrics_app.clone()))
+        .chain(admin_listener.into_iter().map(|l| (l, admin_app.clone())))
+    {
+        tasks.spawn(crate::public::serve_listener(
+            operator_gate.clone(),
+            l,
+            app,
+            tasks.clone(),
+            stop.clone(),
+        ));
     }
     let public_app = crate::http::router(http_state.clone())
         .layer(RequestBodyLimitLayer::new(cfg.http.max_body_bytes));
@@ -287,18 +298,6 @@ async fn alive_tasks() -> usize {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-/// One axum HTTP listener (metrics, admin: not public) until stop;
-/// graceful: open requests finish.
-async fn serve_http(listener: TcpListener, app: axum::Router, stop: CancellationToken) {
-    // Signaling messages are small; Nagle would hold them back.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let _ = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
 }
 
 async fn bind_all(addrs: Vec<SocketAddr>, key: &'static str) -> anyhow::Result<Vec<TcpListener>> {

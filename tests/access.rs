@@ -616,3 +616,71 @@ async fn unjoined_sockets_are_closed_and_quiet_joined_ones_stay() {
         3.0
     );
 }
+
+/// The public listener's idle timeout: a keep-alive connection that says
+/// nothing is closed, a quiet WebSocket in a room is not (the server's
+/// pings keep it busy), and a client that keeps asking is served. Three
+/// rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_and_quiet_calls_stay() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tk = Turnkey::start(
+        "idle-timeout",
+        &format!(
+            "{}{}[signaling]\nping_interval_ms = 500\npong_timeout_ms = 3000\n",
+            with_http("idle_timeout_secs = 2"),
+            auth_section()
+        ),
+    );
+    for round in 0..3 {
+        let mut quiet_ws = ws(&tk, "", None).await.unwrap();
+        send(
+            &mut quiet_ws,
+            serde_json::json!({"type": "join", "room": format!("idle{round}")}),
+        )
+        .await;
+        assert_eq!(next(&mut quiet_ws).await["type"], "joined");
+        // Like a browser, it answers pings (reading does) and sends nothing.
+        let quiet = tokio::spawn(async move {
+            let listening = async { while let Some(Ok(_)) = quiet_ws.next().await {} };
+            let _ = tokio::time::timeout(Duration::from_secs(4), listening).await;
+            quiet_ws
+        });
+        let mut idle = tokio::net::TcpStream::connect(tk.http).await.unwrap();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut busy = tokio::net::TcpStream::connect(tk.http).await.unwrap();
+        let opened = Instant::now();
+        // The busy one asks every 0.5 s for 4 s, on one keep-alive connection.
+        let mut buf = vec![0u8; 4096];
+        while opened.elapsed() < Duration::from_secs(4) {
+            busy.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .expect("the busy connection is still open");
+            let n = tokio::time::timeout(Duration::from_secs(2), busy.read(&mut buf))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            assert!(n > 0 && buf.starts_with(b"HTTP/1.1 200"), "busy client cut");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        // The idle one got its answer, then nothing for 2 s: closed.
+        let mut got = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(1), idle.read_to_end(&mut got)).await;
+        assert!(
+            matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+            "the idle keep-alive connection is still open after 4 s"
+        );
+        // The quiet WebSocket answered pings only, and is still in its room.
+        let mut quiet_ws = quiet.await.unwrap();
+        send(&mut quiet_ws, serde_json::json!({"type": "leave"})).await;
+        send(
+            &mut quiet_ws,
+            serde_json::json!({"type": "join", "room": format!("idle{round}")}),
+        )
+        .await;
+        assert_eq!(next(&mut quiet_ws).await["type"], "joined", "round {round}");
+    }
+    assert!(tk.metric(r#"turnkey_http_limited_total{reason="idle_timeout"}"#) >= 3.0);
+}

@@ -60,12 +60,8 @@ pub struct Server {
     next_sweep: Instant,
     pub(super) rng: SmallRng,
     scratch: Box<[u8]>,
-    /// The budgets the fast paths read, copied from the rules at each
-    /// sweep (so a reload takes effect within a second, and the per-packet
-    /// path loads nothing shared).
-    budgets: Budgets,
-    /// This shard's share of the relay's capacity.
-    capacity: Gcra,
+    /// Bandwidth budgets (a reload takes effect at the next sweep).
+    bandwidth: Bandwidth,
     /// Request budgets per client address, before authentication.
     unauth: PerAddress,
     bindings: PerAddress,
@@ -131,25 +127,38 @@ pub fn transport_name(t: super::allocation::Transport) -> &'static str {
 /// How long a relay port that failed to bind stays out of the pool.
 pub(super) const PORT_COOLDOWN: Duration = Duration::from_secs(5);
 
-/// Spends `len` bytes of an allocation's budget in one direction and of
-/// the shard's capacity; false (and nothing spent on the shard) when either
-/// is exhausted.
-#[inline]
-fn spend(
-    a: &mut Allocation,
-    capacity: &mut Gcra,
-    b: &Budgets,
-    d: super::stats::Direction,
-    now: Instant,
-    len: usize,
-) -> bool {
-    let d = d as usize;
-    let len64 = len as u64;
-    if !a.budget[d].take(b.allocation, now, len64) || !capacity.take(b.shard, now, len64) {
-        return false;
+/// The shard's bandwidth: the budgets copied from the rules at each sweep
+/// (so the per-packet path loads nothing shared), and the shard's share of
+/// the relay's capacity.
+struct Bandwidth {
+    budgets: Budgets,
+    capacity: Gcra,
+}
+
+impl Bandwidth {
+    /// Spends `len` bytes of an allocation's budget in one direction and
+    /// of the shard's capacity; false, counted as a drop, when either is
+    /// exhausted.
+    #[inline]
+    fn spend(
+        &mut self,
+        a: &mut Allocation,
+        d: super::stats::Direction,
+        now: Instant,
+        len: usize,
+        stats: &TurnStats,
+    ) -> bool {
+        let d = d as usize;
+        let len64 = len as u64;
+        if !a.budget[d].take(self.budgets.allocation, now, len64)
+            || !self.capacity.take(self.budgets.shard, now, len64)
+        {
+            inc(&stats.dropped_over_bandwidth);
+            return false;
+        }
+        a.bytes[d] += len64;
+        true
     }
-    a.bytes[d] += len64;
-    true
 }
 
 impl Server {
@@ -166,8 +175,10 @@ impl Server {
         let nslots = shared.ports_range.clone().count();
         let rules_seen = rules.load_full();
         Server {
-            budgets: Budgets::of(&rules_seen, cfg.shards),
-            capacity: Gcra::new(),
+            bandwidth: Bandwidth {
+                budgets: Budgets::of(&rules_seen, cfg.shards),
+                capacity: Gcra::new(),
+            },
             unauth: PerAddress::new(TRACKED_ADDRESSES),
             bindings: PerAddress::new(TRACKED_ADDRESSES),
             rules_seen,
@@ -262,15 +273,10 @@ impl Server {
         match a.channel_peer(number, now) {
             Some(peer) if a.has_permission(peer.ip(), now) => {
                 if let Some(relay) = a.relay_for(peer) {
-                    if !spend(
-                        a,
-                        &mut self.capacity,
-                        &self.budgets,
-                        ClientToPeer,
-                        now,
-                        payload.len(),
-                    ) {
-                        inc(&self.stats.dropped_over_bandwidth);
+                    if !self
+                        .bandwidth
+                        .spend(a, ClientToPeer, now, payload.len(), &self.stats)
+                    {
                         return;
                     }
                     io.send_to_peer(relay, peer, payload);
@@ -307,15 +313,10 @@ impl Server {
             self.stats.denied(d);
             return;
         }
-        if !spend(
-            a,
-            &mut self.capacity,
-            &self.budgets,
-            ClientToPeer,
-            now,
-            payload.len(),
-        ) {
-            inc(&self.stats.dropped_over_bandwidth);
+        if !self
+            .bandwidth
+            .spend(a, ClientToPeer, now, payload.len(), &self.stats)
+        {
             return;
         }
         io.send_to_peer(relay, peer, payload);
@@ -346,15 +347,10 @@ impl Server {
             inc(&self.stats.dropped_no_permission);
             return;
         }
-        if !spend(
-            a,
-            &mut self.capacity,
-            &self.budgets,
-            PeerToClient,
-            now,
-            data.len(),
-        ) {
-            inc(&self.stats.dropped_over_bandwidth);
+        if !self
+            .bandwidth
+            .spend(a, PeerToClient, now, data.len(), &self.stats)
+        {
             return;
         }
         let out = &mut self.scratch;
@@ -392,7 +388,7 @@ impl Server {
         }
         self.next_sweep = now + SWEEP_INTERVAL;
         let rules = self.rules.load_full();
-        self.budgets = Budgets::of(&rules, self.cfg.shards);
+        self.bandwidth.budgets = Budgets::of(&rules, self.cfg.shards);
         self.unauth.sweep(now);
         self.bindings.sweep(now);
         let max_age = rules.limits.max_allocation_age;
@@ -612,9 +608,9 @@ impl Server {
         let budget = if !udp {
             None
         } else if m.typ.method == METHOD_BINDING {
-            Some((&mut self.bindings, self.budgets.binding))
+            Some((&mut self.bindings, self.bandwidth.budgets.binding))
         } else if !m.contains(ATTR_MESSAGE_INTEGRITY) {
-            Some((&mut self.unauth, self.budgets.unauth))
+            Some((&mut self.unauth, self.bandwidth.budgets.unauth))
         } else {
             None
         };
@@ -637,7 +633,9 @@ impl Server {
             Err((reject, None))
                 if udp
                     && m.contains(ATTR_MESSAGE_INTEGRITY)
-                    && !self.unauth.allow(ft.client.ip(), self.budgets.unauth, now) =>
+                    && !self
+                        .unauth
+                        .allow(ft.client.ip(), self.bandwidth.budgets.unauth, now) =>
             {
                 // Credentials that did not verify: the same budget.
                 let _ = reject;
