@@ -60,6 +60,8 @@ SCRAPE=${SCRAPE:-1}
 TK_PORT=13578
 CT_PORT=13579
 HTTP=127.0.0.1:18180
+# /metrics lives on its own listener (never the public one).
+METRICS=127.0.0.1:18181
 USER_NAME=bench
 PASSWORD=bench-password-123
 TICKS=$(getconf CLK_TCK)
@@ -141,6 +143,9 @@ level = "info"
 
 [http]
 listen = "$HTTP"
+
+[metrics]
+listen = "$METRICS"
 
 [turn]
 listen = ["127.0.0.1:$TK_PORT"]
@@ -288,7 +293,7 @@ measure() {
   SAMPLER_PID=$!
   # A Prometheus-like scraper, so "metrics on" includes the scrapes.
   if [ "$SCRAPE" = 1 ] && [ "$name" != coturn ]; then
-    while :; do curl -s -o /dev/null "http://$HTTP/metrics"; sleep 1; done &
+    while :; do curl -s -o /dev/null "http://$METRICS/metrics"; sleep 1; done &
     SCRAPER_PID=$!
   fi
   local t0 t1 c0 c1 rss i
@@ -309,7 +314,7 @@ measure() {
   stop_scraper
   rss=$(peak_rss_kb "$SERVER_PID")
   if [ "$name" = turnkey ]; then
-    curl -s "http://$HTTP/metrics" | grep '^turnkey_turn_relayed' >"$WORK/metrics-$RUN.txt" || true
+    curl -s "http://$METRICS/metrics" | grep '^turnkey_turn_relayed' >"$WORK/metrics-$RUN.txt" || true
   fi
   stop_server
   local sent=0 recv=0 lost=0 rate=0 failed=0 out s r l
