@@ -24,9 +24,13 @@
 #        A=turnkey B=uncounted bench/relay_vs_coturn.sh
 #                 the cost of turnkey's metrics: the same turnkey with its
 #                 relay counters compiled away (cargo feature `uncounted`)
+#        A=turnkey B=kernelpath bench/relay_vs_coturn.sh
+#                 what the relay-to-relay handover saves: the same turnkey
+#                 sending relay to relay through its sockets (cargo
+#                 feature `kernel-relay`)
 # Knobs (environment):
 #   A=turnkey B=coturn  the two servers compared (turnkey, uncounted,
-#                  baseline, unlimited (max_bps = 0), coturn)
+#                  kernelpath, baseline, unlimited (max_bps = 0), coturn)
 #   TURNKEY=PATH   the turnkey binary (default: this tree's release build)
 #   BASELINE=PATH  another turnkey binary, named `baseline` (an older commit)
 #   SCRAPE=1       scrape turnkey's /metrics once a second during its runs
@@ -136,6 +140,13 @@ if [ "$A" = uncounted ] || [ "$B" = uncounted ]; then
     (cd "$ROOT" && cargo build --release --quiet --features uncounted --target-dir "$ROOT/target/uncounted")
   fi
 fi
+KERNELPATH="$ROOT/target/kernelpath/release/turnkey"
+if [ "$A" = kernelpath ] || [ "$B" = kernelpath ]; then
+  if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    echo "building turnkey without the relay-to-relay handover (feature kernel-relay)…" >&2
+    (cd "$ROOT" && cargo build --release --quiet --features kernel-relay --target-dir "$ROOT/target/kernelpath")
+  fi
+fi
 
 cat >"$WORK/turnkey.toml" <<EOF
 [log]
@@ -183,6 +194,11 @@ start_baseline() {
 start_unlimited() {
   sed 's/^binding_requests_per_sec = .*/&\nmax_bps = 0/' "$WORK/turnkey.toml" >"$WORK/unlimited.toml"
   "$TURNKEY" --config "$WORK/unlimited.toml" >>"$WORK/unlimited.log" 2>&1 &
+  SERVER_PID=$!
+}
+
+start_kernelpath() {
+  "$KERNELPATH" --config "$WORK/turnkey.toml" >>"$WORK/kernelpath.log" 2>&1 &
   SERVER_PID=$!
 }
 

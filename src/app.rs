@@ -120,6 +120,7 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
             index,
             listen: t.listen.clone(),
             relay_bind: families.bind,
+            relay_advertised: families.advertised,
             core,
             stats,
         });

@@ -244,6 +244,7 @@ impl Metrics {
                 (vec!["no_allocation"], c!(dropped_no_allocation)),
                 (vec!["no_permission"], c!(dropped_no_permission)),
                 (vec!["over_bandwidth"], c!(dropped_over_bandwidth)),
+                (vec!["mailbox_full"], c!(dropped_mailbox_full)),
             ],
         )?;
         self.counter(
@@ -503,6 +504,15 @@ impl Metrics {
                     }),
                 ),
             ],
+        )?;
+        self.counter(
+            "turnkey_turn_handed_over_packets_total",
+            "Datagrams from one of this relay's allocations to another's relayed address, handed over in memory instead of through two sockets.",
+            &[],
+            vec![(
+                vec![],
+                Box::new(|s: &[Arc<TurnStats>], _: &SignalStats| sum(s, |t| &t.handed_over)),
+            )],
         )?;
         self.counter(
             "turnkey_turn_stream_overflows_total",

@@ -22,6 +22,7 @@
 //! refusal, a full buffer) are counted and skipped; they never end a loop.
 
 pub mod batch;
+pub mod shortcut;
 
 use std::collections::HashMap;
 use std::io;
@@ -41,6 +42,7 @@ use crate::turn::allocation::{FiveTuple, RelayId, Transport};
 use crate::turn::server::{AllocationInfo, EndWhich, Io, Server};
 use crate::turn::stats::{inc, TurnStats};
 use batch::{RecvBatch, SendQueue, BATCH};
+use shortcut::{Directory, Mailbox, Parcel};
 
 const WAKER: Token = Token(usize::MAX);
 const RELAY_BASE: usize = 1 << 20;
@@ -112,8 +114,10 @@ impl ShardHandle {
 pub struct ShardSpec {
     pub index: usize,
     pub listen: Vec<SocketAddr>,
-    /// Addresses relay sockets bind to, per family.
+    /// Addresses relay sockets bind to, and the ones clients are told,
+    /// per family.
     pub relay_bind: [Option<IpAddr>; 2],
+    pub relay_advertised: [Option<IpAddr>; 2],
     pub core: Server,
     pub stats: Arc<TurnStats>,
 }
@@ -129,11 +133,15 @@ pub struct Relay {
 impl Relay {
     pub fn start(specs: Vec<ShardSpec>) -> io::Result<Relay> {
         let stop = Arc::new(AtomicBool::new(false));
-        let mut handles = Vec::new();
-        let mut threads = Vec::new();
+        let directory = Arc::new(Directory::new(
+            specs.first().map_or([None, None], |s| s.relay_advertised),
+        ));
         // Port 0 means "any": the first shard picks, the others follow it.
         let mut resolved: Option<Vec<SocketAddr>> = None;
         let reserved = Arc::new(Mutex::new(HashMap::new()));
+        // Every shard's poller and waker first: each shard's mailbox is
+        // reachable by all the others from their first packet.
+        let mut built = Vec::new();
         for spec in specs {
             let poll = Poll::new()?;
             let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -147,6 +155,15 @@ impl Relay {
                 listeners.push((sock, local));
             }
             resolved.get_or_insert_with(|| listeners.iter().map(|(_, a)| *a).collect());
+            built.push((spec, poll, waker, listeners));
+        }
+        let mailboxes: Arc<[Mailbox]> = built
+            .iter()
+            .map(|(_, _, waker, _)| Mailbox::new(waker.clone()))
+            .collect();
+        let mut handles = Vec::new();
+        let mut threads = Vec::new();
+        for (spec, poll, waker, listeners) in built {
             let (tx, rx) = mpsc::channel(STREAM_QUEUE);
             let io = ShardIo {
                 registry: poll.registry().try_clone()?,
@@ -158,6 +175,10 @@ impl Relay {
                 reserved: reserved.clone(),
                 stats: spec.stats.clone(),
                 out: SendQueue::new(),
+                index: spec.index,
+                directory: directory.clone(),
+                outbox: (0..mailboxes.len()).map(|_| Parcel::default()).collect(),
+                mailboxes: mailboxes.clone(),
             };
             let stop = stop.clone();
             let core = spec.core;
@@ -270,6 +291,14 @@ struct ShardIo {
     stats: Arc<TurnStats>,
     /// Datagrams the core sent in this batch, flushed before the next.
     out: SendQueue,
+    /// This shard's place in `mailboxes` and `outbox`.
+    index: usize,
+    /// Relay to relay in memory (`shortcut.rs`): who owns which relay,
+    /// every shard's mailbox, and what this turn hands to each shard (to
+    /// this one too, delivered by `settle`).
+    directory: Arc<Directory>,
+    mailboxes: Arc<[Mailbox]>,
+    outbox: Vec<Parcel>,
 }
 
 impl Io for ShardIo {
@@ -300,6 +329,19 @@ impl Io for ShardIo {
     }
 
     fn send_to_peer(&mut self, relay: RelayId, peer: SocketAddr, data: &[u8]) {
+        // Benchmarks only: `kernel-relay` sends relay to relay through
+        // the sockets, to measure what the shortcut saves.
+        #[cfg(not(feature = "kernel-relay"))]
+        if let Some((to, shard)) = self.directory.route(peer) {
+            if let (Some(from), Some(parcel)) = (
+                self.directory.relayed_addr(relay),
+                self.outbox.get_mut(shard),
+            ) {
+                parcel.push(to, from, data);
+                inc(&self.stats.handed_over);
+                return;
+            }
+        }
         if let Some(Some(sock)) = self.relays[usize::from(relay.v6)].get(usize::from(relay.port)) {
             let failed = self.out.push(sock.as_raw_fd(), peer, data);
             self.count_send_errors(failed);
@@ -337,6 +379,7 @@ impl Io for ShardIo {
             table.resize_with(i + 1, || None);
         }
         table[i] = Some(sock);
+        self.directory.opened(relay, self.index);
         true
     }
 
@@ -351,6 +394,7 @@ impl Io for ShardIo {
         self.flush();
         if let Some(slot) = self.relays[usize::from(relay.v6)].get_mut(usize::from(relay.port)) {
             if let Some(mut sock) = slot.take() {
+                self.directory.closed(relay);
                 let _ = self.registry.deregister(&mut sock);
             }
         }
@@ -375,10 +419,28 @@ impl Io for ShardIo {
 }
 
 impl ShardIo {
-    /// Sends what the core queued.
+    /// Sends what the core queued, and posts what it handed to other
+    /// shards.
     fn flush(&mut self) {
         let failed = self.out.flush();
         self.count_send_errors(failed);
+        for (shard, parcel) in self.outbox.iter_mut().enumerate() {
+            if shard == self.index || parcel.is_empty() {
+                continue;
+            }
+            let Some(mailbox) = self.mailboxes.get(shard) else {
+                continue;
+            };
+            if let Err(dropped) = mailbox.post(std::mem::take(parcel)) {
+                self.stats
+                    .dropped_mailbox_full
+                    .fetch_add(dropped as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn mailbox(&self) -> &Mailbox {
+        &self.mailboxes[self.index]
     }
 
     fn count_send_errors(&self, failed: usize) {
@@ -413,8 +475,9 @@ fn run(
     let mut batch = RecvBatch::new();
     let mut pending: Vec<Source> = Vec::new();
     let mut ready: Vec<Source> = Vec::new();
+    let mut inbox: Vec<Parcel> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let timeout = if pending.is_empty() {
+        let timeout = if pending.is_empty() && io.mailbox().sleep() {
             let now = Instant::now();
             core.poll_timeout()
                 .map(|t| t.saturating_duration_since(now))
@@ -423,7 +486,9 @@ fn run(
         } else {
             Duration::ZERO
         };
-        if let Err(e) = poll.poll(&mut events, Some(timeout)) {
+        let polled = poll.poll(&mut events, Some(timeout));
+        io.mailbox().awake();
+        if let Err(e) = polled {
             if e.kind() != io::ErrorKind::Interrupted {
                 inc(&io.stats.recv_errors);
             }
@@ -456,14 +521,46 @@ fn run(
                 Source::Streams => drain_streams(now, &mut io, &mut core, &mut rx),
                 _ => drain(src, now, &mut io, &mut core, &mut batch),
             };
+            settle(now, &mut io, &mut core);
             io.flush();
             if more {
                 pending.push(src);
             }
         }
+        deliver_mail(now, &mut io, &mut core, &mut inbox);
+        io.flush();
         core.handle_timeout(Instant::now(), &mut io);
         io.flush();
         close_ended_streams(&mut io);
+    }
+}
+
+/// Delivers what this shard's own allocations sent to each other in this
+/// turn (each delivery only ever sends to a client, so one pass empties it).
+fn settle(now: Instant, io: &mut ShardIo, core: &mut Server) {
+    let mine = io.index;
+    let Some(parcel) = io.outbox.get_mut(mine).filter(|p| !p.is_empty()) else {
+        return;
+    };
+    let mut parcel = std::mem::take(parcel);
+    for (to, from, data) in parcel.iter() {
+        core.peer_datagram(now, to, from, data, io);
+    }
+    if io.outbox[mine].is_empty() {
+        // Keep the buffers for the next turn.
+        parcel.clear();
+        io.outbox[mine] = parcel;
+    }
+}
+
+/// Delivers what other shards' allocations sent to this shard's relays.
+fn deliver_mail(now: Instant, io: &mut ShardIo, core: &mut Server, inbox: &mut Vec<Parcel>) {
+    io.mailbox().take(inbox);
+    for parcel in inbox.drain(..) {
+        for (to, from, data) in parcel.iter() {
+            core.peer_datagram(now, to, from, data, io);
+        }
+        io.flush();
     }
 }
 
@@ -523,6 +620,7 @@ fn drain(
                 Source::Streams => {}
             }
         }
+        settle(now, io, core);
         io.flush();
         if n < BATCH {
             return false;

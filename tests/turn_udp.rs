@@ -100,6 +100,77 @@ fn two_clients_relay_through_indications_and_channels() {
     assert_eq!(m("turnkey_turn_allocations"), 2.0);
 }
 
+/// Two relay-only peers on one server send to each other's relayed
+/// addresses: the relay hands those datagrams over in memory
+/// (`relay/shortcut.rs`), between shards too, and the receiving
+/// allocation's permissions still decide what gets through.
+#[test]
+fn relay_to_relay_is_handed_over_in_memory_across_shards_and_permissions_hold() {
+    // Four shards: the kernel spreads 16 clients' source ports over them,
+    // so most pairs span two shards (all 8 on one shard: odds 4^-15).
+    let cfg = format!(
+        "{}{}",
+        base_config("").replace("threads = 1", "threads = 4"),
+        auth_section()
+    );
+    let tk = Turnkey::start("handover", &cfg);
+    let handed = || tk.metric("turnkey_turn_handed_over_packets_total");
+    let mut pairs = Vec::new();
+    for _ in 0..8 {
+        let mut a = Raw::new(tk.turn, "alice", "wonderland-rabbit");
+        let mut b = Raw::new(tk.turn, "bob", "builder-of-things");
+        let ra = a.allocate().expect("alice allocates");
+        let rb = b.allocate().expect("bob allocates");
+        a.permit(rb).expect("alice permits bob's relay");
+        b.permit(ra).expect("bob permits alice's relay");
+        a.bind_channel(0x4001, rb).expect("alice binds");
+        b.bind_channel(0x4002, ra).expect("bob binds");
+        pairs.push((a, ra, b, rb));
+    }
+    for (a, ra, b, rb) in &pairs {
+        // Each side hears the other on its own channel for the other's
+        // relayed address: the sender is that address, as over the kernel.
+        let (_, ch) = deliver(|| a.channel_data(0x4001, b"a to b"), b, b"a to b");
+        assert_eq!(ch, Some(0x4002));
+        let (_, ch) = deliver(|| b.channel_data(0x4002, b"b to a"), a, b"b to a");
+        assert_eq!(ch, Some(0x4001));
+        // A Send indication to a relayed address takes the same way.
+        let (from, _) = deliver(|| a.send_indication(*rb, b"indicated"), b, b"indicated");
+        assert_eq!(from, None, "bob has a channel for alice: ChannelData");
+        let _ = ra;
+    }
+    assert!(handed() >= 24.0, "handed over: {}", handed());
+
+    // A third allocation that gave alice no permission hears nothing of
+    // her, and its core counts the drops.
+    let (a, _, _, _) = &mut pairs[0];
+    let mut c = Raw::new(tk.turn, "bob", "builder-of-things");
+    let rc = c.allocate().expect("carol allocates");
+    a.permit(rc).expect("alice permits carol");
+    a.bind_channel(0x4003, rc).expect("alice binds to carol");
+    let no_perm = r#"turnkey_turn_dropped_packets_total{reason="no_permission"}"#;
+    let (before, handed_before) = (tk.metric(no_perm), handed());
+    for _ in 0..5 {
+        a.channel_data(0x4003, b"unwanted");
+    }
+    assert!(c.recv_data(Duration::from_millis(500)).is_none());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tk.metric(no_perm) < before + 5.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(tk.metric(no_perm), before + 5.0);
+    assert_eq!(handed(), handed_before + 5.0);
+    // Once carol permits alice, it flows.
+    c.permit(pairs[0].1).expect("carol permits alice");
+    let a = &pairs[0].0;
+    let (from, _) = deliver(|| a.channel_data(0x4003, b"welcome"), &c, b"welcome");
+    assert_eq!(
+        from,
+        Some(pairs[0].1),
+        "a Data indication from alice's relay"
+    );
+}
+
 #[test]
 fn wrong_password_and_expired_rest_credential_get_401() {
     let tk = server("auth401", "");

@@ -51,6 +51,11 @@ pub struct TurnStats {
     pub recv_errors: AtomicU64,
     /// Stream clients cut off because they stopped reading.
     pub stream_overflows: AtomicU64,
+    /// Datagrams from one of our relays to another, handed over in memory
+    /// (`relay/shortcut.rs`); and those dropped because the receiving
+    /// shard's mailbox was full.
+    pub handed_over: AtomicU64,
+    pub dropped_mailbox_full: AtomicU64,
 }
 
 /// Packets and application bytes of one kind of relayed traffic.
