@@ -19,7 +19,8 @@
 # Knobs (environment):
 #   SERVERS="turnkey coturn bare"  which servers (also: baseline = $BASELINE)
 #   PAIRS=50 RATE=500 SIZE=200 SECS=5 REPS=3
-#   THREADS=0          relay threads of turnkey and coturn (0 = one per core)
+#   THREADS=0          relay threads of turnkey and coturn (0 = their defaults:
+#                      turnkey one per two cores, coturn one per core)
 #   SKIP_BUILD=1       use the binaries as they are
 #   TURNKEY, BASELINE, LOADGEN, FORWARDER  paths of the binaries
 #                      (default: the release builds of this tree)

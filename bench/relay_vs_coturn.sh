@@ -34,7 +34,8 @@
 #   TURNKEY=PATH   the turnkey binary (default: this tree's release build)
 #   BASELINE=PATH  another turnkey binary, named `baseline` (an older commit)
 #   SCRAPE=1       scrape turnkey's /metrics once a second during its runs
-#   THREADS=0      relay threads of both servers; 0 = their default, one per core
+#   THREADS=0      relay threads of both servers; 0 = their defaults (turnkey:
+#                  one per two cores; coturn: one per core)
 #   REPS=3         rounds; each round runs both servers once
 #   PARALLEL=4     uclient processes run side by side (one alone cannot load a server)
 #   CLIENTS=20     uclient -m: client sessions per process (each with an RTCP companion)
@@ -216,7 +217,7 @@ port_of() {
 
 start_coturn() {
   local threads=()
-  # coturn's default is one relay thread per core too; -m 0 would mean
+  # coturn's default is one relay thread per core; -m 0 would mean
   # "relay in the listener thread", so pass it only when asked.
   if [ "$THREADS" -gt 0 ]; then threads=(--relay-threads="$THREADS"); fi
   # coturn refuses loopback peers unless told; turnkey always allows its

@@ -277,7 +277,8 @@ pub struct TurnConfig {
     pub proxy_protocol_from: Vec<IpNet>,
     pub relay_port_min: u16,
     pub relay_port_max: u16,
-    /// Relay event-loop threads (SO_REUSEPORT shards); 0 = one per core.
+    /// Relay event-loop threads (SO_REUSEPORT shards); 0 = one per two
+    /// cores, at least one.
     pub threads: usize,
     pub realm: String,
     pub default_lifetime_secs: u64,
