@@ -1,11 +1,11 @@
 //! turnkey-forwarder: a bare UDP forwarder, this machine's ceiling for a
 //! relay.
 //!
-//! It has turnkey's socket layout and system calls (one thread per core,
-//! each with its own SO_REUSEPORT listener with 4 MiB buffers and one relay
-//! socket per client, `mio` readiness, `recvmmsg` and a `sendmmsg` per
-//! socket per batch, from `turnkey::relay::batch`, the same wake-up
-//! moderation) and none of its
+//! It has turnkey's socket layout and system calls (one thread per two
+//! cores, each with its own SO_REUSEPORT listener with 4 MiB buffers and
+//! one relay socket per client, `mio` readiness, `recvmmsg` and a
+//! `sendmmsg` per socket per batch, from `turnkey::relay::batch`) and
+//! none of its
 //! TURN logic: no STUN, no authentication, no permissions, no budgets, no
 //! counters. What turnkey spends beyond this is the price of being a TURN
 //! server.
@@ -17,6 +17,11 @@
 //! the listener's IP. A datagram arriving on a relay socket goes back to
 //! its client through the listener as `[0x4000][len][data]`, like
 //! ChannelData.
+//!
+//! `--direct` mirrors turnkey's relay-to-relay handover
+//! (`src/relay/shortcut.rs`): a datagram for another client's relay port
+//! goes straight back out of the listener to that client, never through
+//! the relay sockets, so both do the same system calls per packet.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -32,10 +37,17 @@ use turnkey::relay::batch::{RecvBatch, SendQueue, BATCH};
 struct Args {
     #[arg(long, default_value = "127.0.0.1:3479")]
     listen: SocketAddr,
-    /// Threads, each with its own listener (0 = one per core, as turnkey).
+    /// Threads, each with its own listener (0 = one per two cores, as
+    /// turnkey).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Client to client without the relay sockets, as turnkey's handover.
+    #[arg(long)]
+    direct: bool,
 }
+
+/// Which client owns each relay port, for `--direct` (all threads).
+type Owners = std::sync::Arc<std::sync::RwLock<HashMap<u16, SocketAddr>>>;
 
 const LISTENER: Token = Token(usize::MAX);
 /// Datagrams read from one socket before the loop looks at the others.
@@ -49,9 +61,10 @@ struct Relay {
 fn main() -> Result<()> {
     let args = Args::parse();
     let threads = match args.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        0 => (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1),
         n => n,
     };
+    let owners: Option<Owners> = args.direct.then(Owners::default);
     let mut listeners = Vec::new();
     for _ in 0..threads {
         listeners.push(bind_listener(args.listen)?);
@@ -59,7 +72,10 @@ fn main() -> Result<()> {
     println!("listening on {}", args.listen);
     let handles: Vec<_> = listeners
         .into_iter()
-        .map(|l| std::thread::spawn(move || forward(l)))
+        .map(|l| {
+            let owners = owners.clone();
+            std::thread::spawn(move || forward(l, owners))
+        })
         .collect();
     for h in handles {
         h.join()
@@ -80,7 +96,7 @@ fn bind_listener(addr: SocketAddr) -> Result<UdpSocket> {
     Ok(sock.into())
 }
 
-fn forward(std_listener: UdpSocket) -> Result<()> {
+fn forward(std_listener: UdpSocket, owners: Option<Owners>) -> Result<()> {
     let mut poll = Poll::new()?;
     let mut listener = mio::net::UdpSocket::from_std(std_listener);
     poll.registry()
@@ -109,6 +125,7 @@ fn forward(std_listener: UdpSocket) -> Result<()> {
                         &listener,
                         &mut relays,
                         &mut by_client,
+                        owners.as_ref(),
                         from,
                         d,
                         out,
@@ -156,11 +173,13 @@ fn drain(
     true
 }
 
+#[allow(clippy::too_many_arguments)]
 fn from_client(
     poll: &mut Poll,
     listener: &mio::net::UdpSocket,
     relays: &mut Vec<Relay>,
     by_client: &mut HashMap<SocketAddr, usize>,
+    owners: Option<&Owners>,
     from: SocketAddr,
     d: &[u8],
     out: &mut SendQueue,
@@ -169,6 +188,11 @@ fn from_client(
         let Ok(port) = relay_for(poll, listener, relays, by_client, from) else {
             return;
         };
+        if let Some(o) = owners {
+            o.write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(port, from);
+        }
         let mut answer = *b"RELAY\0\0";
         answer[5..].copy_from_slice(&port.to_be_bytes());
         out.push(listener.as_raw_fd(), from, &answer);
@@ -178,6 +202,22 @@ fn from_client(
         return;
     };
     let port = u16::from_be_bytes([head[0], head[1]]);
+    if let Some(o) = owners {
+        let to = o
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&port)
+            .copied();
+        if let Some(to) = to {
+            let data = &d[4..];
+            let mut frame = Vec::with_capacity(4 + data.len());
+            frame.extend_from_slice(&0x4000u16.to_be_bytes());
+            frame.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            frame.extend_from_slice(data);
+            out.push(listener.as_raw_fd(), to, &frame);
+            return;
+        }
+    }
     let Ok(ip) = listener.local_addr().map(|a| a.ip()) else {
         return;
     };

@@ -17,7 +17,10 @@
 # Usage: bench/loadgen_vs_coturn.sh
 #        PAIRS="50 100 150 200" RATE=500 bench/loadgen_vs_coturn.sh
 # Knobs (environment):
-#   SERVERS="turnkey coturn bare"  which servers (also: baseline = $BASELINE)
+#   SERVERS="turnkey coturn bare"  which servers (also: baseline = $BASELINE;
+#                      direct = the forwarder with --direct, client to client
+#                      without relay sockets, as turnkey's relay-to-relay
+#                      handover)
 #   PAIRS=50 RATE=500 SIZE=200 SECS=5 REPS=3
 #   THREADS=0          relay threads of turnkey and coturn (0 = their defaults:
 #                      turnkey one per two cores, coturn one per core)
@@ -100,6 +103,7 @@ start() {
     turnkey) "$TURNKEY" --config "$WORK/turnkey.toml" >>"$WORK/turnkey.log" 2>&1 & ;;
     baseline) "$BASELINE" --config "$WORK/turnkey.toml" >>"$WORK/baseline.log" 2>&1 & ;;
     bare) "$FORWARDER" --listen "127.0.0.1:$FW_PORT" >>"$WORK/bare.log" 2>&1 & ;;
+    direct) "$FORWARDER" --direct --listen "127.0.0.1:$FW_PORT" >>"$WORK/direct.log" 2>&1 & ;;
     coturn)
       local threads=()
       if [ "$THREADS" -gt 0 ]; then threads=(--relay-threads="$THREADS"); fi
@@ -119,7 +123,7 @@ start() {
 port_of() {
   case $1 in
     coturn) echo "$CT_PORT" ;;
-    bare) echo "$FW_PORT" ;;
+    bare | direct) echo "$FW_PORT" ;;
     *) echo "$TK_PORT" ;;
   esac
 }
@@ -129,8 +133,8 @@ wait_ready() {
   local name=$1 port=$2
   for _ in $(seq 50); do
     kill -0 "$SERVER_PID" 2>/dev/null || { echo "$name exited at start" >&2; return 1; }
-    if [ "$name" = bare ]; then
-      grep -q "listening on" "$WORK/bare.log" 2>/dev/null && return 0
+    if [ "$name" = bare ] || [ "$name" = direct ]; then
+      grep -q "listening on" "$WORK/$name.log" 2>/dev/null && return 0
     else
       case $(timeout 1 turnutils_stunclient -p "$port" 127.0.0.1 2>&1 || true) in
         *"UDP reflexive addr"*) return 0 ;;
@@ -152,7 +156,7 @@ measure() {
   : >"$WORK/$name.log"
   start "$name"
   wait_ready "$name" "$port"
-  [ "$name" = bare ] && bare=(--bare)
+  case $name in bare | direct) bare=(--bare) ;; esac
   c0=$(cpu_ticks "$SERVER_PID")
   line=$("$LOADGEN" "${bare[@]}" --server "127.0.0.1:$port" --user "$USER_NAME" --password "$PASSWORD" \
     --pairs "$pairs" --rate "$RATE" --size "$SIZE" --secs "$SECS")

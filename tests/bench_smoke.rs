@@ -34,7 +34,7 @@ fn run(mut c: Command) -> String {
 fn loadgen_script() {
     let tsv = common::test_dir("bench-smoke").join("runs.tsv");
     let mut c = script("loadgen_vs_coturn.sh");
-    c.env("SERVERS", "turnkey coturn bare")
+    c.env("SERVERS", "turnkey coturn bare direct")
         .env("PAIRS", "2")
         .env("RATE", "100")
         .env("SECS", "1")
@@ -58,7 +58,7 @@ fn loadgen_script() {
         );
         seen.push(server.to_string());
     }
-    assert_eq!(seen, ["turnkey", "coturn", "bare"], "{text}");
+    assert_eq!(seen, ["turnkey", "coturn", "bare", "direct"], "{text}");
     assert!(
         text.contains("| turnkey | 2 |"),
         "no summary table:\n{text}"
