@@ -108,9 +108,8 @@ fn sent_at(text: &str) -> Option<u64> {
     digits.get(..end)?.parse().ok()
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 type Sink = futures_util::stream::SplitSink<Ws, Message>;
 type Stream = futures_util::stream::SplitStream<Ws>;
 
@@ -188,9 +187,7 @@ async fn main() -> Result<()> {
         peers.push(Peer { tx, id });
     }
     let connect_secs = connect_started.elapsed().as_secs_f64();
-    let mates: Vec<String> = (0..a.peers)
-        .map(|i| peers[i ^ 1].id.clone())
-        .collect();
+    let mates: Vec<String> = (0..a.peers).map(|i| peers[i ^ 1].id.clone()).collect();
     // Every peer joined and idle: the server's memory per peer.
     tokio::time::sleep(Duration::from_millis(a.idle_ms)).await;
     let rss_idle = a.server_pid.and_then(rss_kib);

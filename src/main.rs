@@ -116,8 +116,7 @@ fn main() -> ExitCode {
             if cfg.http.threads > 0 {
                 rt.worker_threads(cfg.http.threads);
             }
-            let rt = match rt.enable_all().build()
-            {
+            let rt = match rt.enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("turnkey: cannot start the runtime: {e}");
