@@ -244,6 +244,12 @@ pub struct HttpConfig {
     /// `X-Forwarded-Host` are believed (client address, host for
     /// `iceServers`); empty = none.
     pub trusted_proxies: Vec<IpNet>,
+    /// Worker threads of the async runtime that serves HTTP, signaling,
+    /// metrics and admin (the TURN relay has `turn.threads` of its own);
+    /// 0 = one per core. One by default: signaling work is a few
+    /// microseconds per message, and with a second worker nearly every
+    /// message also woke the idle one (issue 13: a third of the CPU).
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -395,6 +401,7 @@ impl Default for HttpConfig {
             max_connections_per_ip: 64,
             max_connections: 8192,
             trusted_proxies: Vec::new(),
+            threads: 1,
         }
     }
 }

@@ -112,10 +112,11 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_tracing(&cfg);
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if cfg.http.threads > 0 {
+                rt.worker_threads(cfg.http.threads);
+            }
+            let rt = match rt.enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("turnkey: cannot start the runtime: {e}");

@@ -34,6 +34,7 @@ pub const KEYS: &[(&str, OnReload)] = &[
     ("http.max_connections_per_ip", Applied),
     ("http.max_connections", Applied),
     ("http.trusted_proxies", Applied),
+    ("http.threads", Restart),
     ("turn.listen", Restart),
     ("turn.relay_ip", Restart),
     ("turn.external_ip", Restart),

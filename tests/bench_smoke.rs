@@ -107,6 +107,29 @@ fn signaling_script() {
     }
 }
 
+/// signaling_vs_matchbox.sh, turnkey's half only (CI has no matchbox):
+/// every signal arrives and the CPU and memory columns are filled.
+fn signaling_vs_matchbox_script() {
+    let mut c = script("signaling_vs_matchbox.sh");
+    c.env("SERVERS", "turnkey")
+        .env("PEERS", "20")
+        .env("RATE", "50")
+        .env("SECS", "1")
+        .env("IDLE_MS", "200");
+    let text = run(c);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("| turnkey |"))
+        .unwrap_or_else(|| panic!("no turnkey row:\n{text}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    // | server | runs | load avg | sent | received | lost | p50 | p99 | p999 | ticks/10k | RSS/peer |
+    assert_eq!((cells[4], cells[5], cells[6]), ("50", "50", "0"), "{row}");
+    for cell in &cells[7..12] {
+        let v: f64 = cell.parse().unwrap_or(-1.0);
+        assert!(v >= 0.0, "{row}");
+    }
+}
+
 /// One test: the scripts use the same fixed loopback ports.
 #[test]
 fn bench_scripts_run_and_report_sane_numbers() {
@@ -114,4 +137,5 @@ fn bench_scripts_run_and_report_sane_numbers() {
     loadgen_script();
     uclient_script();
     signaling_script();
+    signaling_vs_matchbox_script();
 }

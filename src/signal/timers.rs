@@ -24,7 +24,11 @@ pub enum Beat {
 /// Liveness of one peer. Any frame from the peer (a pong, a message, even
 /// an error-provoking one) counts as a sign of life; we do not require the
 /// pong to match a particular ping, because any traffic proves the path
-/// works.
+/// works. For the same reason only a peer silent for a whole interval is
+/// pinged: a busy one proves itself, and pinging all peers on a clock
+/// costs a write, a pong and two wake-ups per peer and interval, in
+/// bursts when many peers connected at once (issue 13: it was part of the
+/// signaling tail at 8,000 peers).
 #[derive(Debug, Clone)]
 pub struct Heartbeat {
     interval: Duration,
@@ -45,9 +49,11 @@ impl Heartbeat {
         }
     }
 
-    /// The peer sent something.
+    /// The peer sent something: the next ping waits for another interval
+    /// of silence.
     pub fn heard(&mut self, now: Instant) {
         self.last_heard = now;
+        self.next_ping = self.next_ping.max(now + self.interval);
     }
 
     /// What is due at `now`. A ping is sent at most once per interval even
@@ -87,19 +93,26 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
-    fn pings_every_interval_while_the_peer_talks() {
+    fn pings_only_after_an_interval_of_silence() {
         let t0 = Instant::now();
         let mut hb = Heartbeat::new(t0, 200 * MS, 500 * MS);
         assert_eq!(hb.next_deadline(), t0 + 200 * MS);
         assert_eq!(hb.poll(t0 + 199 * MS), Beat::Nothing);
         assert_eq!(hb.poll(t0 + 200 * MS), Beat::Ping);
         assert_eq!(hb.poll(t0 + 201 * MS), Beat::Nothing);
+        // The pong (or any message) puts the next ping an interval later.
         hb.heard(t0 + 250 * MS);
-        assert_eq!(hb.next_deadline(), t0 + 400 * MS);
-        assert_eq!(hb.poll(t0 + 400 * MS), Beat::Ping);
-        hb.heard(t0 + 450 * MS);
-        assert_eq!(hb.poll(t0 + 600 * MS), Beat::Ping);
-        assert_eq!(hb.poll(t0 + 900 * MS), Beat::Ping);
+        assert_eq!(hb.next_deadline(), t0 + 450 * MS);
+        assert_eq!(hb.poll(t0 + 400 * MS), Beat::Nothing);
+        // A peer that keeps talking is never pinged.
+        for k in 1..10 {
+            hb.heard(t0 + (250 + 150 * k) * MS);
+            assert_eq!(hb.poll(t0 + (300 + 150 * k) * MS), Beat::Nothing);
+        }
+        // Silent again: pinged an interval after it was last heard.
+        assert_eq!(hb.poll(t0 + 1799 * MS), Beat::Nothing);
+        assert_eq!(hb.poll(t0 + 1800 * MS), Beat::Ping);
+        assert_eq!(hb.poll(t0 + 2000 * MS), Beat::Ping);
     }
 
     #[test]
