@@ -245,7 +245,8 @@ pub struct HttpConfig {
     /// `iceServers`); empty = none.
     pub trusted_proxies: Vec<IpNet>,
     /// Worker threads of the async runtime that serves HTTP, signaling,
-    /// metrics and admin (the TURN relay has `turn.threads` of its own);
+    /// metrics, admin and TURN's TCP/TLS connections (framing and TLS; the
+    /// relay's shards have `turn.threads` of their own);
     /// 0 = one per core. One by default: signaling work is a few
     /// microseconds per message, and with a second worker nearly every
     /// message also woke the idle one (issue 13: a third of the CPU).
