@@ -125,7 +125,7 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
             index,
             listen: t.listen.clone(),
             relay_bind: families.bind,
-            relay_advertised: families.advertised,
+            relay_handover: families.handover_addrs(),
             core,
             stats,
         });
@@ -444,6 +444,9 @@ fn default_shards(cores: usize) -> usize {
 struct RelayFamilies {
     bind: [Option<IpAddr>; 2],
     advertised: [Option<IpAddr>; 2],
+    /// Whether the advertised address is the bind address's own (no
+    /// external IP configured, or the same one).
+    on_host: [bool; 2],
 }
 
 impl RelayFamilies {
@@ -474,7 +477,21 @@ impl RelayFamilies {
         RelayFamilies {
             bind: [bind_v4, bind_v6.filter(|_| adv_v6.is_some())],
             advertised: [adv_v4, adv_v6],
+            on_host: [
+                t.external_ip.is_none() || t.external_ip == bind_v4,
+                t.external_ip_v6.is_none() || t.external_ip_v6 == bind_v6,
+            ],
         }
+    }
+
+    /// The advertised relay addresses that are this host's own (no
+    /// `external_ip` of a NAT in front): relay to relay between them is
+    /// handed over in memory, which is what the kernel would do with it
+    /// anyway. Behind a NAT such a datagram goes to the advertised address
+    /// for real, so a wrong `external_ip` shows (in calls, `turnkey
+    /// probe` and `/selftest`) instead of being papered over.
+    fn handover_addrs(&self) -> [Option<IpAddr>; 2] {
+        [0, 1].map(|i| self.advertised[i].filter(|_| self.on_host[i]))
     }
 
     /// Our own relay addresses, which the peer policy always allows (on
@@ -509,6 +526,28 @@ fn hex(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::default_shards;
+
+    #[test]
+    fn relay_handover_only_where_the_advertised_address_is_the_hosts() {
+        use super::RelayFamilies;
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().ok();
+        let mut t = crate::config::TurnConfig {
+            listen: vec!["192.0.2.10:3478".parse().unwrap()],
+            ..Default::default()
+        };
+        let f = RelayFamilies::from_config(&t);
+        assert_eq!(f.handover_addrs()[0], ip("192.0.2.10"));
+        // Behind a NAT: datagrams go to the advertised address for real.
+        t.external_ip = ip("198.51.100.7");
+        let f = RelayFamilies::from_config(&t);
+        assert_eq!(f.advertised[0], ip("198.51.100.7"));
+        assert_eq!(f.handover_addrs()[0], None);
+        t.external_ip = ip("192.0.2.10");
+        assert_eq!(
+            RelayFamilies::from_config(&t).handover_addrs()[0],
+            ip("192.0.2.10")
+        );
+    }
 
     #[test]
     fn default_shards_are_one_per_two_cores_and_never_zero() {

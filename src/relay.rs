@@ -114,10 +114,12 @@ impl ShardHandle {
 pub struct ShardSpec {
     pub index: usize,
     pub listen: Vec<SocketAddr>,
-    /// Addresses relay sockets bind to, and the ones clients are told,
-    /// per family.
+    /// Addresses relay sockets bind to, per family.
     pub relay_bind: [Option<IpAddr>; 2],
-    pub relay_advertised: [Option<IpAddr>; 2],
+    /// The advertised relay addresses, per family, for which relay to
+    /// relay is handed over in memory (`shortcut.rs`): those that are the
+    /// host's own, not a NAT's.
+    pub relay_handover: [Option<IpAddr>; 2],
     pub core: Server,
     pub stats: Arc<TurnStats>,
 }
@@ -134,7 +136,7 @@ impl Relay {
     pub fn start(specs: Vec<ShardSpec>) -> io::Result<Relay> {
         let stop = Arc::new(AtomicBool::new(false));
         let directory = Arc::new(Directory::new(
-            specs.first().map_or([None, None], |s| s.relay_advertised),
+            specs.first().map_or([None, None], |s| s.relay_handover),
         ));
         // Port 0 means "any": the first shard picks, the others follow it.
         let mut resolved: Option<Vec<SocketAddr>> = None;

@@ -278,15 +278,10 @@ fn private_peers_behind_a_default_route_leave_the_relay_working() {
     lab.down();
 }
 
-/// The lab can fail: with TURN misconfigured (the `iceServers` name a host
-/// where no TURN server answers, as a wrong `http.public_host` does), the
-/// symmetric-NAT cells, which only the relay can connect, must not
+/// The lab can fail: with TURN misconfigured (it advertises a relay
+/// address that is not its own, as a VPS with a wrong `external_ip` does),
+/// the symmetric-NAT cells, which only the relay can connect, must not
 /// connect, although signaling works.
-///
-/// (A wrong `turn.external_ip` no longer fails these cells: both browsers
-/// relay through this one server, and a datagram from one allocation to
-/// the other's relayed address is handed over in memory, whatever that
-/// address routes to: `src/relay/shortcut.rs`.)
 #[test]
 fn a_broken_turn_config_fails_the_symmetric_nat_cells() {
     let _one = one_lab_at_a_time();
@@ -295,7 +290,7 @@ fn a_broken_turn_config_fails_the_symmetric_nat_cells() {
     let lab = Lab::up(false);
     let mut tk = LabTurnkey::start(
         &lab,
-        &[("TURNKEY_HTTP__PUBLIC_HOST", "203.0.113.99".to_string())],
+        &[("TURNKEY_TURN__EXTERNAL_IP", "203.0.113.99".to_string())],
     );
     for firewall in [Firewall::Open, Firewall::UdpTurnOnly] {
         let cell = Cell {

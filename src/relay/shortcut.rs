@@ -12,11 +12,13 @@
 //!
 //! Nothing is skipped that the kernel path would do: the receiving core
 //! still checks its allocation's permission for the sender and spends its
-//! bandwidth budget, and the sender is the sending relay's *advertised*
-//! address, which is what the other client granted a permission to (over
-//! the kernel the receiver would have seen the bind address, which behind
-//! a 1:1 NAT is not it). A relay port without an open socket falls back to
-//! the kernel.
+//! bandwidth budget, and the sender is the sending relay's advertised
+//! address, which is what the kernel shows too. It applies only where the
+//! advertised address is the host's own (no `external_ip` of a NAT in
+//! front): behind a NAT the datagram goes to the advertised address for
+//! real, so a wrong `external_ip` shows in calls, `turnkey probe` and
+//! `/selftest` as before. A relay port without an open socket falls back
+//! to the kernel.
 //!
 //! Who owns which relay port is one byte per port, written by the owning
 //! shard when it opens or closes the socket. A reader racing a close hands
@@ -39,7 +41,8 @@ pub const MAILBOX_BYTES: usize = 4 << 20;
 pub struct Directory {
     /// Shard index + 1 per port, IPv4 then IPv6; 0 = no open relay.
     owners: Box<[AtomicU8]>,
-    /// The advertised relay address per family (IPv4 [0], IPv6 [1]).
+    /// The advertised relay address per family (IPv4 [0], IPv6 [1]),
+    /// where the handover applies (see the module's comment).
     advertised: [Option<IpAddr>; 2],
 }
 
