@@ -49,6 +49,30 @@ struct Args {
 /// Which client owns each relay port, for `--direct` (all threads).
 type Owners = std::sync::Arc<std::sync::RwLock<HashMap<u16, SocketAddr>>>;
 
+/// One thread's side of `--direct`: the shared owners, a copy of what it
+/// has looked up (the lock is taken once per port, not per packet), and
+/// one frame buffer (no allocation per packet).
+struct Direct {
+    owners: Owners,
+    seen: HashMap<u16, SocketAddr>,
+    frame: Vec<u8>,
+}
+
+impl Direct {
+    fn owner(&mut self, port: u16) -> Option<SocketAddr> {
+        if let Some(&a) = self.seen.get(&port) {
+            return Some(a);
+        }
+        let a = *self
+            .owners
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&port)?;
+        self.seen.insert(port, a);
+        Some(a)
+    }
+}
+
 const LISTENER: Token = Token(usize::MAX);
 /// Datagrams read from one socket before the loop looks at the others.
 const BUDGET: usize = 256;
@@ -97,6 +121,11 @@ fn bind_listener(addr: SocketAddr) -> Result<UdpSocket> {
 }
 
 fn forward(std_listener: UdpSocket, owners: Option<Owners>) -> Result<()> {
+    let mut direct = owners.map(|owners| Direct {
+        owners,
+        seen: HashMap::new(),
+        frame: Vec::with_capacity(turnkey::relay::batch::SLOT + 4),
+    });
     let mut poll = Poll::new()?;
     let mut listener = mio::net::UdpSocket::from_std(std_listener);
     poll.registry()
@@ -125,7 +154,7 @@ fn forward(std_listener: UdpSocket, owners: Option<Owners>) -> Result<()> {
                         &listener,
                         &mut relays,
                         &mut by_client,
-                        owners.as_ref(),
+                        direct.as_mut(),
                         from,
                         d,
                         out,
@@ -179,7 +208,7 @@ fn from_client(
     listener: &mio::net::UdpSocket,
     relays: &mut Vec<Relay>,
     by_client: &mut HashMap<SocketAddr, usize>,
-    owners: Option<&Owners>,
+    mut direct: Option<&mut Direct>,
     from: SocketAddr,
     d: &[u8],
     out: &mut SendQueue,
@@ -188,8 +217,9 @@ fn from_client(
         let Ok(port) = relay_for(poll, listener, relays, by_client, from) else {
             return;
         };
-        if let Some(o) = owners {
-            o.write()
+        if let Some(d) = direct.as_deref_mut() {
+            d.owners
+                .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(port, from);
         }
@@ -202,19 +232,15 @@ fn from_client(
         return;
     };
     let port = u16::from_be_bytes([head[0], head[1]]);
-    if let Some(o) = owners {
-        let to = o
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&port)
-            .copied();
-        if let Some(to) = to {
+    if let Some(direct) = direct {
+        if let Some(to) = direct.owner(port) {
             let data = &d[4..];
-            let mut frame = Vec::with_capacity(4 + data.len());
+            let frame = &mut direct.frame;
+            frame.clear();
             frame.extend_from_slice(&0x4000u16.to_be_bytes());
             frame.extend_from_slice(&(data.len() as u16).to_be_bytes());
             frame.extend_from_slice(data);
-            out.push(listener.as_raw_fd(), to, &frame);
+            out.push(listener.as_raw_fd(), to, frame);
             return;
         }
     }

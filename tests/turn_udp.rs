@@ -141,6 +141,25 @@ fn relay_to_relay_is_handed_over_in_memory_across_shards_and_permissions_hold() 
     }
     assert!(handed() >= 24.0, "handed over: {}", handed());
 
+    // Quiet: every shard asleep, one datagram, sent once, must arrive well
+    // within the shard's 1 s poll timeout, so the post itself woke the
+    // receiving shard. Ten rounds, every pair, both ways.
+    for round in 0..10 {
+        std::thread::sleep(Duration::from_millis(30));
+        for (i, (a, _, b, _)) in pairs.iter().enumerate() {
+            for (from, to, ch) in [(a, b, 0x4001), (b, a, 0x4002)] {
+                let sent = Instant::now();
+                from.channel_data(ch, b"quiet");
+                let got = to.recv_data(Duration::from_millis(250));
+                assert!(
+                    matches!(&got, Some((_, _, d)) if d == b"quiet"),
+                    "round {round}, pair {i}: {got:?} after {:?}",
+                    sent.elapsed()
+                );
+            }
+        }
+    }
+
     // A third allocation that gave alice no permission hears nothing of
     // her, and its core counts the drops.
     let (a, _, _, _) = &mut pairs[0];

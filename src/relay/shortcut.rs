@@ -35,6 +35,8 @@ use crate::turn::allocation::RelayId;
 
 /// Bytes one shard's mailbox holds before parcels are dropped (the size of
 /// the listener's socket buffer: the same bound as the kernel path had).
+/// Each datagram counts its bytes and its bookkeeping, so empty datagrams
+/// fill it too.
 pub const MAILBOX_BYTES: usize = 4 << 20;
 
 /// Which shard owns each relay port, and the addresses clients know.
@@ -131,6 +133,11 @@ impl Parcel {
         self.items.len()
     }
 
+    /// What the parcel weighs against a mailbox's bound.
+    fn size(&self) -> usize {
+        self.bytes.len() + self.items.len() * std::mem::size_of::<Item>()
+    }
+
     /// Each datagram: the relay it is for, its sender, its bytes.
     pub fn iter(&self) -> impl Iterator<Item = (RelayId, SocketAddr, &[u8])> + '_ {
         self.items
@@ -167,7 +174,7 @@ impl Mailbox {
     /// Leaves a parcel, waking the shard if it sleeps. A full mailbox
     /// refuses it: `Err` with the number of datagrams dropped.
     pub fn post(&self, parcel: Parcel) -> Result<(), usize> {
-        let size = parcel.bytes.len();
+        let size = parcel.size();
         {
             let mut parcels = self.parcels.lock().unwrap_or_else(|e| e.into_inner());
             if self.queued.load(Ordering::Relaxed) + size > MAILBOX_BYTES {
@@ -289,7 +296,7 @@ mod tests {
         let data = vec![0u8; 60_000];
         let r = RelayId { v6: false, port: 1 };
         let from: SocketAddr = "192.0.2.7:3".parse().unwrap();
-        while big.bytes.len() < MAILBOX_BYTES {
+        while big.size() < MAILBOX_BYTES {
             big.push(r, from, &data);
         }
         let n = big.len();
@@ -297,5 +304,13 @@ mod tests {
         let mut none = Vec::new();
         mb.take(&mut none);
         assert!(none.is_empty());
+
+        // Empty datagrams weigh too: a flood of them is bounded as well.
+        let mut empties = Parcel::default();
+        while empties.size() <= MAILBOX_BYTES {
+            empties.push(r, from, b"");
+        }
+        let n = empties.len();
+        assert_eq!(mb.post(empties), Err(n));
     }
 }
