@@ -42,28 +42,10 @@ for _ in $(seq 50); do
 done
 
 # A node's config: budgets raised, since every peer comes from one address.
+# shellcheck source=bench/signaling_config.sh
+. "$ROOT/bench/signaling_config.sh"
 config() { # backend http_port
-  cat <<CFG
-[http]
-listen = "127.0.0.1:$2"
-max_connections_per_ip = 100000
-max_connections = 100000
-[metrics]
-listen = "127.0.0.1:0"
-[turn]
-listen = ["127.0.0.1:0"]
-tcp_listen = []
-[access]
-mints_per_minute = 0
-[signaling]
-backend = "$1"
-redis_url = "redis://127.0.0.1:$REDIS_PORT/"
-max_sockets_per_ip = 100000
-joins_per_sec_per_ip = 0
-messages_per_sec = 0
-bytes_per_sec = 0
-max_rooms = 1000000
-CFG
+  signaling_config "$1" "$2" "redis://127.0.0.1:$REDIS_PORT/"
 }
 
 start_node() { # name backend port

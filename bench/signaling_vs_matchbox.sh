@@ -57,28 +57,9 @@ cleanup() { [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null || true; }
 trap cleanup EXIT
 
 # turnkey with its budgets raised, since every peer comes from one address.
-config() {
-  cat <<CFG
-[http]
-listen = "127.0.0.1:$PORT"
-max_connections_per_ip = 100000
-max_connections = 100000
-[metrics]
-listen = "127.0.0.1:0"
-[turn]
-listen = ["127.0.0.1:0"]
-tcp_listen = []
-[access]
-mints_per_minute = 0
-[signaling]
-backend = "memory"
-max_sockets_per_ip = 100000
-joins_per_sec_per_ip = 0
-messages_per_sec = 0
-bytes_per_sec = 0
-max_rooms = 1000000
-CFG
-}
+# shellcheck source=bench/signaling_config.sh
+. "$ROOT/bench/signaling_config.sh"
+config() { signaling_config memory "$PORT"; }
 
 wait_port() {
   for _ in $(seq 100); do
