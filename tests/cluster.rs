@@ -4,14 +4,15 @@
 //! deadline; a missing `redis-server` fails.
 
 mod common;
+#[path = "../src/signal/redis_server.rs"]
+mod redis_server;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::raw::Raw;
 use common::{auth_section, base_config, require, test_dir, Turnkey};
 use futures_util::{SinkExt, StreamExt};
+use redis_server::RedisServer;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -23,56 +24,10 @@ const WAIT: Duration = Duration::from_secs(5);
 /// `signaling.presence_ttl_secs` in these tests.
 const TTL: Duration = Duration::from_secs(2);
 
-struct RedisServer {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        require("redis-server", "redis-server");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let dir = test_dir("redis");
-        let child = Self::spawn(port, &dir);
-        RedisServer { child, port, dir }
-    }
-
-    fn spawn(port: u16, dir: &std::path::Path) -> Child {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn restart(&mut self) {
-        self.stop();
-        self.child = Self::spawn(self.port, &self.dir);
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// A `redis-server` of this test's own (see `redis_server.rs`).
+fn redis() -> RedisServer {
+    require("redis-server", "redis-server");
+    RedisServer::start(test_dir("redis"))
 }
 
 /// A node on `redis`, with budgets high enough for the racing test, ready
@@ -82,14 +37,14 @@ fn node(name: &str, redis: &RedisServer) -> Turnkey {
         r#"
 [signaling]
 backend = "redis"
-redis_url = "redis://127.0.0.1:{}/"
+redis_url = "{}"
 presence_ttl_secs = {}
 joins_per_sec_per_ip = 10000
 max_sockets_per_ip = 1000
 [access]
 mints_per_minute = 100000
 {}"#,
-        redis.port,
+        redis.url(),
         TTL.as_secs(),
         auth_section()
     );
@@ -162,7 +117,7 @@ fn id(m: &Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_on_two_nodes_share_a_room_and_the_relay_credentials() {
-    let redis = RedisServer::start();
+    let redis = redis();
     let (a, b) = (node("cluster-a", &redis), node("cluster-b", &redis));
     let mut pa = connect(&a).await;
     let mut pb = connect(&b).await;
@@ -233,7 +188,7 @@ async fn peers_on_two_nodes_share_a_room_and_the_relay_credentials() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simultaneous_joins_from_both_nodes_never_overfill_a_room() {
-    let redis = RedisServer::start();
+    let redis = redis();
     let (a, b) = (node("race-a", &redis), node("race-b", &redis));
     let mut socks = Vec::new();
     for tk in [&a, &b, &a, &b] {
@@ -274,7 +229,7 @@ async fn simultaneous_joins_from_both_nodes_never_overfill_a_room() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_peers_leave_within_the_presence_ttl() {
-    let redis = RedisServer::start();
+    let redis = redis();
     let a = node("kill-a", &redis);
     let mut b = node("kill-b", &redis);
     let mut pa = connect(&a).await;
@@ -299,7 +254,7 @@ async fn a_killed_nodes_peers_leave_within_the_presence_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_refuses_joins_keeps_local_rooms_and_recovers() {
-    let mut redis = RedisServer::start();
+    let mut redis = redis();
     let (mut a, mut b) = (node("outage-a", &redis), node("outage-b", &redis));
     let mut a1 = connect(&a).await;
     let mut a2 = connect(&a).await;
@@ -378,7 +333,7 @@ fn two_browsers_one_per_node_call_relay_only() {
     require("node", "nodejs");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
     common::ensure_node_modules(&dir);
-    let redis = RedisServer::start();
+    let redis = redis();
     let a = node("cluster-browser-a", &redis);
     let b = node("cluster-browser-b", &redis);
     let shot = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cluster-call.png");

@@ -3,8 +3,6 @@
 //! starts on a free loopback port and kills on drop), peers on either.
 //! Every wait has a deadline.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,71 +12,10 @@ use super::backend::{Backend, BackendStats, Inbox, Memory};
 use super::ids::{PeerId, RoomName};
 use super::protocol::ServerMessage;
 use super::redis::{Redis, Settings};
+use super::redis_server::RedisServer;
 use super::rooms::{Delivery, IceGrant, RoomError};
 
 const WAIT: Duration = Duration::from_secs(5);
-
-/// A `redis-server` of our own; a missing binary fails the test.
-pub(crate) struct RedisServer {
-    child: Child,
-    pub port: u16,
-    dir: PathBuf,
-}
-
-impl RedisServer {
-    pub fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let dir = std::env::temp_dir().join(format!("turnkey-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let child = Self::spawn(port, &dir);
-        RedisServer { child, port, dir }
-    }
-
-    fn spawn(port: u16, dir: &std::path::Path) -> Child {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (apt-get install redis-server)");
-        let deadline = std::time::Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Kills it and starts a new, empty one on the same port.
-    pub fn restart(&mut self) {
-        self.stop();
-        self.child = Self::spawn(self.port, &self.dir);
-    }
-
-    pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -123,7 +60,11 @@ async fn cluster(kind: Kind) -> Cluster {
             }
         }
         Kind::Redis => {
-            let server = RedisServer::start();
+            let server = RedisServer::start(std::env::temp_dir().join(format!(
+                "turnkey-redis-{}-{}",
+                std::process::id(),
+                rand::random::<u32>()
+            )));
             let ttl = Duration::from_secs(2);
             let (a, sa) = redis_node(&server.url(), ttl, &mail);
             let (b, sb) = redis_node(&server.url(), ttl, &mail);

@@ -24,6 +24,8 @@ mod backend_tests;
 pub mod ids;
 pub mod protocol;
 pub mod redis;
+#[cfg(test)]
+mod redis_server;
 pub mod rooms;
 mod socketio;
 pub mod timers;
