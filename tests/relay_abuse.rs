@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::raw::Raw;
-use common::stream::{tls_connect, tls_setup, StreamTurn};
+use common::stream::{https_healthz, tls_connect, tls_setup, StreamTurn};
 use common::{auth_section, base_config, Turnkey, SECRET};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A REST credential for `user` minted with the test secret.
 fn rest(user: &str, ttl: u64) -> (String, String) {
@@ -330,13 +329,7 @@ async fn a_flood_of_idle_tcp_connections_leaves_https_and_turn_tls_working() {
     }
     // HTTPS and TURN/TLS on the TLS port, 20 of 20.
     for i in 0..20 {
-        let mut https = tls_connect(&pki, tls_port, &[b"http/1.1"]).await;
-        https
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut body = String::new();
-        https.read_to_string(&mut body).await.unwrap();
+        let body = https_healthz(&pki, tls_port).await;
         assert!(body.starts_with("HTTP/1.1 200"), "HTTPS {i}: {body}");
         let tls = tls_connect(&pki, tls_port, &[]).await;
         let mut t = StreamTurn::new(tls, "alice", "wonderland-rabbit");

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::raw::Raw;
-use common::stream::{test_pki, tls_connect, tls_setup, StreamTurn, TestPki};
+use common::stream::{https_healthz, test_pki, tls_connect, tls_setup, StreamTurn, TestPki};
 use common::{auth_section, base_config, Turnkey};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -92,13 +92,7 @@ async fn one_port_serves_https_wss_and_turn_over_tls() {
     let port = tk.tls.expect("TLS listener");
 
     // HTTPS.
-    let mut https = tls_connect(&pki, port, &[b"http/1.1"]).await;
-    https
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    https.read_to_string(&mut body).await.unwrap();
+    let body = https_healthz(&pki, port).await;
     assert!(
         body.starts_with("HTTP/1.1 200") && body.ends_with("ok\n"),
         "{body}"

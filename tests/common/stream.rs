@@ -142,6 +142,22 @@ pub async fn tls_connect(
         .expect("TLS handshake")
 }
 
+/// `GET /healthz` over HTTPS (ALPN http/1.1) on `addr`: the whole answer.
+pub async fn https_healthz(pki: &TestPki, addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut https = tls_connect(pki, addr, &[b"http/1.1"]).await;
+    https
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write the request");
+    let mut body = String::new();
+    https
+        .read_to_string(&mut body)
+        .await
+        .expect("read the answer");
+    body
+}
+
 /// A TURN client speaking over one stream.
 pub struct StreamTurn<S> {
     pub s: S,
