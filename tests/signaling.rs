@@ -430,6 +430,62 @@ async fn a_silent_peer_is_dropped_and_a_responsive_one_is_not() {
     );
 }
 
+/// A peer that sends but never reads answers no ping: while it keeps
+/// sending, its messages are its signs of life (it is not pinged, so not
+/// dropped, for longer than a ping interval plus the pong timeout); once it
+/// goes quiet it is pinged and dropped, `pong_timeout` after its last
+/// message.
+/// This runs the heartbeat timer left early by each message. 3 rounds.
+#[tokio::test]
+async fn a_busy_peer_lives_on_its_messages_and_is_dropped_once_quiet() {
+    let cfg = SignalConfig {
+        ping_interval: Duration::from_millis(100),
+        pong_timeout: Duration::from_millis(300),
+        ..SignalConfig::default()
+    };
+    let server = start_with(cfg, Duration::from_secs(600)).await;
+    for round in 0..3 {
+        let room = format!("busy-{round}");
+        let (mut a, a_id, mut b, b_id) = pair(&server, &room).await;
+        // 800 ms of sending, twice interval + timeout; `a` never reads,
+        // `b` reads all along (so it answers its own pings).
+        let sending = async {
+            let mut last = Instant::now();
+            for i in 0..40 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                signal(&mut a, &b_id, json!(i)).await;
+                last = Instant::now();
+            }
+            last
+        };
+        let receiving = async {
+            for i in 0..40 {
+                expect_signal(&mut b, &a_id, json!(i)).await;
+            }
+        };
+        let (quiet_since, ()) = tokio::join!(sending, receiving);
+        assert_eq!(
+            recv(&mut b).await,
+            json!({"type": "peer-left", "id": a_id}),
+            "round {round}"
+        );
+        let after = quiet_since.elapsed();
+        assert!(
+            after >= Duration::from_millis(300) && after < Duration::from_millis(1500),
+            "round {round}: dropped {after:?} after its last message"
+        );
+        drop(a);
+    }
+    assert_eq!(
+        server
+            .sig
+            .stats()
+            .heartbeat_drops_total
+            .load(Ordering::Relaxed),
+        3
+    );
+}
+
 #[tokio::test]
 async fn ice_servers_are_refreshed_before_they_expire() {
     let server = start_with(SignalConfig::default(), Duration::from_secs(1)).await;
