@@ -59,7 +59,7 @@ for tool in turnserver turnutils_stunclient timeout; do
 done
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   echo "building turnkey, turnkey-loadgen, turnkey-forwarder (release)…" >&2
-  (cd "$ROOT" && cargo build --release --quiet --bins)
+  (cd "$ROOT" && cargo build --release --quiet --workspace --bins)
 fi
 
 WORK=$(mktemp -d /tmp/turnkey-loadgen.XXXXXX)

@@ -22,7 +22,7 @@ TURNKEY=${TURNKEY:-$ROOT/target/release/turnkey}
 SIGLOAD=${SIGLOAD:-$ROOT/target/release/turnkey-sigload}
 TICKS=$(getconf CLK_TCK)
 if [ -z "${SKIP_BUILD:-}" ]; then
-  (cd "$ROOT" && cargo build --release --quiet --bin turnkey --bin turnkey-sigload)
+  (cd "$ROOT" && cargo build --release --quiet --workspace --bin turnkey --bin turnkey-sigload)
 fi
 command -v redis-server >/dev/null || { echo "redis-server is required" >&2; exit 1; }
 

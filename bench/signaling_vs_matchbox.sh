@@ -44,7 +44,7 @@ case " $SERVERS " in
     fi ;;
 esac
 if [ -z "${SKIP_BUILD:-}" ]; then
-  (cd "$ROOT" && cargo build --release --quiet --bin turnkey --bin turnkey-sigload)
+  (cd "$ROOT" && cargo build --release --quiet --workspace --bin turnkey --bin turnkey-sigload)
 fi
 # 8,000 sockets on each side of one machine.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"

@@ -1,24 +1,68 @@
 //! The benchmark scripts of `bench/` still run: each one for a second or
-//! so, against the debug binaries this `cargo test` built (turnkey, the
-//! load generator, the bare forwarder) and coturn, and each must report
-//! sane numbers. The real runs and their figures are in bench/RESULTS.md.
+//! so, against the debug binaries (turnkey, which this `cargo test` built;
+//! the load generator, the bare forwarder and the signaling load client of
+//! the workspace member `bench/`, which this test builds) and coturn, and
+//! each must report sane numbers. The real runs and their figures are in
+//! bench/RESULTS.md.
 
 mod common;
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::require;
 
-fn script(name: &str) -> Command {
+/// The benchmark tools' paths, built (debug) by the same cargo that runs
+/// this test, into the same target directory.
+fn bench_tools() -> BTreeMap<String, PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(root)
+        .args([
+            "build",
+            "--package",
+            "turnkey-bench",
+            "--bins",
+            "--message-format=json",
+        ])
+        .output()
+        .expect("run cargo build");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "building the benchmark tools failed:\n{}",
+        common::printed(&out)
+    );
+    let mut tools = BTreeMap::new();
+    for line in text.lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let (Some(name), Some(exe)) =
+            (msg["target"]["name"].as_str(), msg["executable"].as_str())
+        {
+            tools.insert(name.to_string(), PathBuf::from(exe));
+        }
+    }
+    tools
+}
+
+fn script(name: &str, tools: &BTreeMap<String, PathBuf>) -> Command {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tool = |n: &str| {
+        tools
+            .get(n)
+            .unwrap_or_else(|| panic!("cargo built no {n}: {tools:?}"))
+    };
     let mut c = Command::new("bash");
     c.arg(root.join("bench").join(name))
         .env("SKIP_BUILD", "1")
         .env("TURNKEY", env!("CARGO_BIN_EXE_turnkey"))
-        .env("LOADGEN", env!("CARGO_BIN_EXE_turnkey-loadgen"))
-        .env("FORWARDER", env!("CARGO_BIN_EXE_turnkey-forwarder"))
-        .env("SIGLOAD", env!("CARGO_BIN_EXE_turnkey-sigload"))
+        .env("LOADGEN", tool("turnkey-loadgen"))
+        .env("FORWARDER", tool("turnkey-forwarder"))
+        .env("SIGLOAD", tool("turnkey-sigload"))
         .env("REPS", "1");
     c
 }
@@ -31,9 +75,9 @@ fn run(mut c: Command) -> String {
 }
 
 /// loadgen_vs_coturn.sh: every server delivers (nearly) all it was sent.
-fn loadgen_script() {
+fn loadgen_script(tools: &BTreeMap<String, PathBuf>) {
     let tsv = common::test_dir("bench-smoke").join("runs.tsv");
-    let mut c = script("loadgen_vs_coturn.sh");
+    let mut c = script("loadgen_vs_coturn.sh", tools);
     c.env("SERVERS", "turnkey coturn bare direct")
         .env("PAIRS", "2")
         .env("RATE", "100")
@@ -66,9 +110,9 @@ fn loadgen_script() {
 }
 
 /// relay_vs_coturn.sh: uclient's messages cross both servers.
-fn uclient_script() {
+fn uclient_script(tools: &BTreeMap<String, PathBuf>) {
     require("turnutils_uclient", "coturn");
-    let mut c = script("relay_vs_coturn.sh");
+    let mut c = script("relay_vs_coturn.sh", tools);
     c.env("PARALLEL", "1")
         .env("CLIENTS", "2")
         .env("MESSAGES", "20")
@@ -91,9 +135,9 @@ fn uclient_script() {
 }
 
 /// signaling_backends.sh: every signal arrives, on each backend.
-fn signaling_script() {
+fn signaling_script(tools: &BTreeMap<String, PathBuf>) {
     require("redis-server", "redis-server");
-    let mut c = script("signaling_backends.sh");
+    let mut c = script("signaling_backends.sh", tools);
     c.env("PEERS", "20").env("RATE", "50").env("SECS", "2");
     let text = run(c);
     for backend in ["memory", "redis", "redis-2node"] {
@@ -109,8 +153,8 @@ fn signaling_script() {
 
 /// signaling_vs_matchbox.sh, turnkey's half only (CI has no matchbox):
 /// every signal arrives and the CPU and memory columns are filled.
-fn signaling_vs_matchbox_script() {
-    let mut c = script("signaling_vs_matchbox.sh");
+fn signaling_vs_matchbox_script(tools: &BTreeMap<String, PathBuf>) {
+    let mut c = script("signaling_vs_matchbox.sh", tools);
     c.env("SERVERS", "turnkey")
         .env("PEERS", "20")
         .env("RATE", "50")
@@ -134,8 +178,9 @@ fn signaling_vs_matchbox_script() {
 #[test]
 fn bench_scripts_run_and_report_sane_numbers() {
     require("turnserver", "coturn");
-    loadgen_script();
-    uclient_script();
-    signaling_script();
-    signaling_vs_matchbox_script();
+    let tools = bench_tools();
+    loadgen_script(&tools);
+    uclient_script(&tools);
+    signaling_script(&tools);
+    signaling_vs_matchbox_script(&tools);
 }

@@ -103,3 +103,44 @@ fn top_level_modules_never_import_each_other() {
         visit(m, &graph, &mut Vec::new(), &mut done);
     }
 }
+
+/// The README's first command is `cargo run --release`: the appliance must
+/// be the package's one binary (the benchmark tools are the workspace
+/// member `bench/`), so cargo need not ask which to run and
+/// `cargo install --path .` installs `turnkey` alone.
+#[test]
+fn the_package_has_one_binary_the_appliance() {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "metadata",
+            "--no-deps",
+            "--format-version",
+            "1",
+            "--offline",
+        ])
+        .output()
+        .expect("run cargo metadata");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    let package = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| Path::new(p["manifest_path"].as_str().unwrap()) == root)
+        .expect("the root package");
+    let bins: Vec<&str> = package["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"].as_array().unwrap().iter().any(|k| k == "bin"))
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(bins, ["turnkey"]);
+}
