@@ -14,16 +14,27 @@
 //!   and optionally `room` (the only room the socket may join).
 //!
 //! In every mode each client address may mint `access.mints_per_minute`
-//! credentials (429 beyond), counted by the caller through [`MintBudget`].
+//! credentials (429 beyond), counted through [`MintBudget`]. [`Doorman`]
+//! is the running appliance's one decision: the rules (swapped by reload),
+//! the mint budget (which spans reloads), and the refusal counters; the
+//! HTTP API, `/ws` and socket.io all ask it.
+//!
+//! Cross-origin pages (CORS, [`Access::cors_allows`]): `open` serves any
+//! origin; `origin` only `access.allowed_origins`; `token` the listed
+//! origins, or any origin while none is listed (the token, not the page's
+//! origin, is the proof there, and it is no cookie a foreign page could
+//! ride on).
 
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde::Deserialize;
+use arc_swap::ArcSwap;
 
+use crate::budget::{PerAddress, Rate};
 use crate::config::{AccessConfig, AccessMode, Secret};
-use crate::turn::limits::{PerAddress, Rate};
+use crate::counter::inc;
 
 /// What a request shows about itself.
 #[derive(Debug, Default, Clone, Copy)]
@@ -50,6 +61,7 @@ pub struct Admission {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
+    // The order is the index of `AccessStats::refused`.
     #[error("this origin may not use this server")]
     Origin,
     #[error("an access token is required")]
@@ -61,12 +73,43 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 4] = [
+        Refusal::Origin,
+        Refusal::NoToken,
+        Refusal::BadToken,
+        Refusal::TooMany,
+    ];
+
     pub fn status(self) -> u16 {
         match self {
             Refusal::Origin => 403,
             Refusal::NoToken | Refusal::BadToken => 401,
             Refusal::TooMany => 429,
         }
+    }
+
+    /// The metrics label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::Origin => "origin",
+            Refusal::NoToken => "no_token",
+            Refusal::BadToken => "bad_token",
+            Refusal::TooMany => "too_many",
+        }
+    }
+}
+
+/// A refusal as the HTTP answer every public endpoint gives it: the
+/// status, and the reason in words as JSON.
+impl axum::response::IntoResponse for Refusal {
+    fn into_response(self) -> axum::response::Response {
+        let status = axum::http::StatusCode::from_u16(self.status())
+            .unwrap_or(axum::http::StatusCode::FORBIDDEN);
+        (
+            status,
+            axum::Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response()
     }
 }
 
@@ -78,11 +121,37 @@ pub struct Access {
     pub mints: Rate,
 }
 
-#[derive(Deserialize)]
+/// The claims turnkey reads from a verified token.
 struct Claims {
     sub: String,
-    #[serde(default)]
     room: Option<String>,
+}
+
+impl Claims {
+    /// `sub` a plain user name; `room`, when present, a string: a `room`
+    /// of another type (`null` included) is refused rather than read as
+    /// "no restriction".
+    fn from_json(v: &serde_json::Value) -> Option<Claims> {
+        let sub = v.get("sub")?.as_str()?;
+        // The user goes into TURN usernames: plain characters only.
+        let plain = !sub.is_empty()
+            && sub.len() <= 128
+            && sub
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+        if !plain {
+            return None;
+        }
+        let room = match v.get("room") {
+            None => None,
+            Some(serde_json::Value::String(r)) => Some(r.clone()),
+            Some(_) => return None,
+        };
+        Some(Claims {
+            sub: sub.to_string(),
+            room,
+        })
+    }
 }
 
 impl Access {
@@ -142,26 +211,96 @@ impl Access {
                 Ok(Admission {
                     user: Some(claims.sub),
                     room: claims.room,
-                    cors_origin: c.origin.map(normalise_origin),
+                    cors_origin: c
+                        .origin
+                        .map(normalise_origin)
+                        .filter(|o| self.cors_allows(o)),
                 })
             }
         }
     }
 
+    /// Whether a page on `origin` may read answers cross-origin (CORS):
+    /// see the module doc.
+    pub fn cors_allows(&self, origin: &str) -> bool {
+        let listed = || self.origins.contains(&normalise_origin(origin));
+        match self.mode {
+            AccessMode::Open => true,
+            AccessMode::Origin => listed(),
+            AccessMode::Token => self.origins.is_empty() || listed(),
+        }
+    }
+
+    /// The claims of a token signed with one of the keys, current (`exp`)
+    /// and already valid (`nbf`, RFC 7519 §4.1.5), with no leeway.
     fn verify(&self, token: &str) -> Option<Claims> {
         let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
         v.set_required_spec_claims(&["exp", "sub"]);
+        v.validate_nbf = true;
         v.leeway = 0;
         self.keys.iter().find_map(|k| {
-            let c = jsonwebtoken::decode::<Claims>(token, k, &v).ok()?.claims;
-            // The user goes into TURN usernames: plain characters only.
-            let ok = !c.sub.is_empty()
-                && c.sub.len() <= 128
-                && c.sub
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
-            ok.then_some(c)
+            let c = jsonwebtoken::decode::<serde_json::Value>(token, k, &v).ok()?;
+            Claims::from_json(&c.claims)
         })
+    }
+}
+
+/// Refusals so far, by [`Refusal`] (in the order of [`Refusal::ALL`]).
+#[derive(Debug, Default)]
+pub struct AccessStats {
+    pub refused: [AtomicU64; 4],
+}
+
+impl AccessStats {
+    pub fn refused(&self, r: Refusal) -> u64 {
+        self.refused[r as usize].load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The running appliance's access decision: who may have a credential or
+/// a signaling socket, and which pages may read the answers.
+pub struct Doorman {
+    rules: ArcSwap<Access>,
+    /// Spans reloads.
+    mints: MintBudget,
+    pub stats: Arc<AccessStats>,
+}
+
+impl Doorman {
+    pub fn new(cfg: &AccessConfig) -> Arc<Doorman> {
+        Arc::new(Doorman {
+            rules: ArcSwap::from_pointee(Access::new(cfg)),
+            mints: MintBudget::new(),
+            stats: Arc::default(),
+        })
+    }
+
+    /// New rules (reload); the mint budget carries over.
+    pub fn set_rules(&self, cfg: &AccessConfig) {
+        self.rules.store(Arc::new(Access::new(cfg)));
+    }
+
+    pub fn mode(&self) -> AccessMode {
+        self.rules.load().mode()
+    }
+
+    /// Whether a request from `ip` presenting `c` may have a credential or
+    /// a socket, and on what terms: the access rules, then the address's
+    /// mint budget. Every refusal is counted.
+    pub fn admit(&self, c: &Credentials<'_>, ip: IpAddr) -> Result<Admission, Refusal> {
+        let rules = self.rules.load();
+        let decided = rules
+            .admit(c)
+            .and_then(|a| self.mints.take(ip, rules.mints, Instant::now()).map(|()| a));
+        if let Err(r) = decided {
+            inc(&self.stats.refused[r as usize]);
+        }
+        decided
+    }
+
+    /// See [`Access::cors_allows`].
+    pub fn cors_allows(&self, origin: &str) -> bool {
+        self.rules.load().cors_allows(origin)
     }
 }
 
@@ -208,16 +347,6 @@ impl Default for MintBudget {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// The `token` of a query string (`?token=…`). Tokens are base64url, so
-/// no percent-decoding is needed.
-pub fn query_token(query: Option<&str>) -> Option<String> {
-    query?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == "token")
-        .map(|(_, v)| v.to_string())
 }
 
 /// `Scheme://Host[:port]` as browsers send it: lowercase, no trailing `/`.
@@ -345,6 +474,98 @@ mod tests {
         );
         assert_eq!(a.admit(&tok(&odd_sub)), Err(Refusal::BadToken));
         assert_eq!(a.admit(&tok("not.a.jwt")), Err(Refusal::BadToken));
+    }
+
+    #[test]
+    fn a_token_not_yet_valid_or_with_a_room_that_is_no_string_is_refused() {
+        let a = access(AccessMode::Token);
+        let key = "current-token-secret-0123456789abcdef";
+        let admit = |claims: serde_json::Value| {
+            let t = jwt(key, claims);
+            a.admit(&Credentials {
+                token: Some(&t),
+                ..Credentials::default()
+            })
+        };
+        let now = exp(0);
+        // nbf (RFC 7519 §4.1.5): no leeway.
+        assert_eq!(
+            admit(serde_json::json!({"sub": "u", "exp": now + 600, "nbf": now + 300})),
+            Err(Refusal::BadToken)
+        );
+        assert!(admit(serde_json::json!({"sub": "u", "exp": now + 600, "nbf": now - 1})).is_ok());
+        for room in [
+            serde_json::Value::Null,
+            serde_json::json!(7),
+            serde_json::json!(["a"]),
+            serde_json::json!({"name": "a"}),
+            serde_json::json!(true),
+        ] {
+            assert_eq!(
+                admit(serde_json::json!({"sub": "u", "exp": now + 600, "room": room})),
+                Err(Refusal::BadToken),
+                "room {room}"
+            );
+        }
+        let ok = admit(serde_json::json!({"sub": "u", "exp": now + 600, "room": "standup"}));
+        assert_eq!(ok.unwrap().room.as_deref(), Some("standup"));
+        let ok = admit(serde_json::json!({"sub": "u", "exp": now + 600}));
+        assert_eq!(ok.unwrap().room, None);
+    }
+
+    #[test]
+    fn cors_follows_the_mode() {
+        let any = "https://elsewhere.example";
+        let listed = "https://APP.example";
+        assert!(access(AccessMode::Open).cors_allows(any));
+        let origin = access(AccessMode::Origin);
+        assert!(origin.cors_allows(listed) && !origin.cors_allows(any));
+        assert!(!origin.cors_allows("null"));
+        // Token mode: the listed origins when there are some…
+        let token = access(AccessMode::Token);
+        assert!(token.cors_allows(listed) && !token.cors_allows(any));
+        // …any origin when none is listed.
+        let unlisted = Access::new(&AccessConfig {
+            mode: AccessMode::Token,
+            allowed_origins: vec![],
+            token_secret: vec![Secret::new("current-token-secret-0123456789abcdef")],
+            mints_per_minute: 30,
+        });
+        assert!(unlisted.cors_allows(any));
+    }
+
+    #[test]
+    fn the_doorman_counts_refusals_and_its_budget_spans_reloads() {
+        let cfg = AccessConfig {
+            mode: AccessMode::Origin,
+            allowed_origins: vec!["https://app.example".into()],
+            token_secret: vec![],
+            mints_per_minute: 2,
+        };
+        let d = Doorman::new(&cfg);
+        let ip: IpAddr = "198.51.100.1".parse().unwrap();
+        let from = |o| Credentials {
+            origin: Some(o),
+            ..Credentials::default()
+        };
+        assert_eq!(
+            d.admit(&from("https://evil.example"), ip),
+            Err(Refusal::Origin)
+        );
+        assert!(d.admit(&from("https://app.example"), ip).is_ok());
+        d.set_rules(&cfg);
+        assert!(d.admit(&from("https://app.example"), ip).is_ok());
+        assert_eq!(
+            d.admit(&from("https://app.example"), ip),
+            Err(Refusal::TooMany)
+        );
+        assert_eq!(
+            (
+                d.stats.refused(Refusal::Origin),
+                d.stats.refused(Refusal::TooMany)
+            ),
+            (1, 1)
+        );
     }
 
     #[test]

@@ -187,6 +187,7 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
         control.signaling().clone(),
         stream_stats.clone(),
         public_stats,
+        control.doorman().stats.clone(),
         usize::from(t.relay_port_max - t.relay_port_min) + 1,
     )?);
     let http_state = HttpState {

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::access::{Access, Admission, Credentials, MintBudget, Refusal};
+use crate::access::Doorman;
+use crate::budget::Rate;
 use crate::config::{Config, ConfigError, Secret, SignalingBackend};
 use crate::ice::{IceGrants, IceSettings};
 use crate::public::PublicLimits;
@@ -26,7 +27,6 @@ use crate::reload::{self, Report};
 use crate::signal::{SignalConfig, Signaling};
 use crate::stream::StreamLimits;
 use crate::tls::CertStore;
-use crate::turn::limits::Rate;
 use crate::turn::policy::PeerPolicy;
 use crate::turn::server::{Limits, Rules, Shared};
 
@@ -69,9 +69,8 @@ pub struct Control {
     stream_limits: Arc<ArcSwap<StreamLimits>>,
     public_limits: Arc<ArcSwap<PublicLimits>>,
     certs: Option<Arc<CertStore>>,
-    access: Arc<ArcSwap<Access>>,
-    /// Credentials minted per client address, across reloads.
-    mints: Arc<MintBudget>,
+    /// Who may have a credential or a socket (rules, mint budget).
+    doorman: Arc<Doorman>,
 }
 
 /// The relay's rules from a config.
@@ -178,23 +177,19 @@ impl Control {
             p.rules.clone(),
         ));
         let grants = ice.clone();
-        let access = Arc::new(ArcSwap::from_pointee(Access::new(&p.config.access)));
-        let mints = Arc::new(MintBudget::new());
-        let (rules, budget) = (access.clone(), mints.clone());
+        let doorman = Doorman::new(&p.config.access);
         let ice_fn: crate::signal::IceServersFn =
             Arc::new(move |host: Option<&str>, user: Option<&str>| grants.grant_json(host, user));
-        let admit_fn: crate::signal::AdmitFn =
-            Arc::new(move |c: &Credentials<'_>, ip: IpAddr| admit(&rules, &budget, c, ip));
         let s = &p.config.signaling;
         let sig_cfg = signal_config(&p.config);
         let signaling = match s.backend {
             SignalingBackend::Memory => {
-                Signaling::new(sig_cfg, ice_fn, admit_fn, p.draining.clone())
+                Signaling::new(sig_cfg, ice_fn, doorman.clone(), p.draining.clone())
             }
             SignalingBackend::Redis => Signaling::with_redis(
                 sig_cfg,
                 ice_fn,
-                admit_fn,
+                doorman.clone(),
                 p.draining.clone(),
                 crate::signal::redis::Settings {
                     url: s.redis_url.clone(),
@@ -217,15 +212,14 @@ impl Control {
             signaling,
             ice,
             certs: p.certs,
-            access,
-            mints,
+            doorman,
         }))
     }
 
-    /// Whether a request may have a credential (or a socket), and on what
-    /// terms: the access rules, then the address's mint budget.
-    pub fn admit(&self, c: &Credentials<'_>, ip: IpAddr) -> Result<Admission, Refusal> {
-        admit(&self.access, &self.mints, c, ip)
+    /// Who may have a credential or a socket, and which pages may read
+    /// the answers.
+    pub fn doorman(&self) -> &Arc<Doorman> {
+        &self.doorman
     }
 
     pub fn signaling(&self) -> &Arc<Signaling> {
@@ -279,7 +273,7 @@ impl Control {
         self.ice.set_settings(ice_settings(&next, &self.bound));
         self.stream_limits.store(Arc::new(stream_limits(&next)));
         self.public_limits.store(Arc::new(public_limits(&next)));
-        self.access.store(Arc::new(Access::new(&next.access)));
+        self.doorman.set_rules(&next.access);
         *current = next;
         Ok(report)
     }
@@ -319,18 +313,6 @@ impl Control {
             self.signaling.stats().rooms.load(Ordering::Relaxed),
         )
     }
-}
-
-fn admit(
-    access: &ArcSwap<Access>,
-    mints: &MintBudget,
-    c: &Credentials<'_>,
-    ip: IpAddr,
-) -> Result<Admission, Refusal> {
-    let rules = access.load();
-    let admission = rules.admit(c)?;
-    mints.take(ip, rules.mints, std::time::Instant::now())?;
-    Ok(admission)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,17 +1,16 @@
 //! The HTTP side: health, `/api/ice-servers`, metrics, signaling at `/ws`
 //! and the demo page (embedded in the binary, or from `http.static_dir`).
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, State};
-use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::access::{query_token, Credentials};
+use crate::caller::Caller;
 use crate::control::Control;
 use crate::ice::host_from_headers;
 use crate::metrics::Metrics;
@@ -38,7 +37,10 @@ pub fn router(state: HttpState) -> Router {
             "/selftest",
             get(|| async { axum::response::Redirect::permanent("/selftest.html") }),
         )
-        .route("/api/ice-servers", get(ice_servers));
+        .route(
+            "/api/ice-servers",
+            get(ice_servers).options(ice_servers_preflight),
+        );
     let r = r
         .with_state(state.clone())
         .merge(crate::signal::router(state.control.signaling().clone()));
@@ -96,59 +98,57 @@ async fn readyz(State(s): State<HttpState>) -> Response {
 }
 
 /// `/api/ice-servers`: a fresh credential for whoever the access rules
-/// admit (`access.rs`); CORS headers for an allowed origin.
-async fn ice_servers(
-    State(s): State<HttpState>,
-    headers: HeaderMap,
-    uri: Uri,
-    extensions: axum::http::Extensions,
-) -> Response {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string);
-    let token = bearer.or_else(|| query_token(uri.query()));
-    let get = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
-    let credentials = Credentials {
-        origin: get("origin"),
-        fetch_site: get("sec-fetch-site"),
-        host: get("host"),
-        token: token.as_deref(),
-    };
-    let ip = extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
-    let admission = match s.control.admit(&credentials, ip) {
+/// admit (`access.rs`); CORS headers for an origin the rules allow.
+async fn ice_servers(State(s): State<HttpState>, caller: Caller) -> Response {
+    let admission = match s.control.doorman().admit(&caller.credentials(), caller.ip) {
         Ok(a) => a,
-        Err(refused) => {
-            let status = StatusCode::from_u16(refused.status()).unwrap_or(StatusCode::FORBIDDEN);
-            return (
-                status,
-                Json(serde_json::json!({ "error": refused.to_string() })),
-            )
-                .into_response();
-        }
+        Err(refused) => return refused.into_response(),
     };
-    let host = host_from_headers(&headers);
-    let servers = s
-        .control
-        .ice()
-        .grant(host.as_deref(), admission.user.as_deref());
+    let servers = s.control.ice().grant(
+        caller.host.as_deref().and_then(crate::ice::host_of),
+        admission.user.as_deref(),
+    );
     let mut response = ([(header::CACHE_CONTROL, "no-store")], Json(servers)).into_response();
-    if let Some(origin) = admission
-        .cors_origin
-        .and_then(|o| axum::http::HeaderValue::from_str(&o).ok())
-    {
-        let h = response.headers_mut();
-        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        h.insert(header::VARY, axum::http::HeaderValue::from_static("Origin"));
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
-            axum::http::HeaderValue::from_static("authorization"),
-        );
+    if let Some(origin) = admission.cors_origin {
+        cors_headers(response.headers_mut(), &origin);
     }
     response
+}
+
+/// The CORS preflight of `/api/ice-servers`, so a page on another origin
+/// may send `Authorization: Bearer`: 204 with the CORS headers for an
+/// origin the access rules allow, 403 without them otherwise (the browser
+/// then sends nothing).
+async fn ice_servers_preflight(State(s): State<HttpState>, caller: Caller) -> Response {
+    match caller.origin.as_deref() {
+        Some(origin) if s.control.doorman().cors_allows(origin) => {
+            let mut response = StatusCode::NO_CONTENT.into_response();
+            let h = response.headers_mut();
+            cors_headers(h, &crate::access::normalise_origin(origin));
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("600"),
+            );
+            response
+        }
+        _ => StatusCode::FORBIDDEN.into_response(),
+    }
+}
+
+fn cors_headers(h: &mut HeaderMap, origin: &str) {
+    let Ok(origin) = HeaderValue::from_str(origin) else {
+        return;
+    };
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization"),
+    );
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {

@@ -4,6 +4,8 @@
 pub mod access;
 pub mod admin;
 pub mod app;
+pub mod budget;
+pub mod caller;
 pub mod config;
 pub mod control;
 pub mod counter;

@@ -21,6 +21,7 @@ pub struct Metrics {
     signaling: Arc<crate::signal::Signaling>,
     streams: Arc<crate::stream::StreamStats>,
     public: Arc<crate::public::PublicStats>,
+    access: Arc<crate::access::AccessStats>,
     relay_ports_total: i64,
     counters: Vec<(IntCounterVec, Vec<String>, Source)>,
     gauges: Vec<(IntGaugeVec, Vec<String>, GaugeSource)>,
@@ -46,6 +47,7 @@ impl Metrics {
         signaling: Arc<crate::signal::Signaling>,
         streams: Arc<crate::stream::StreamStats>,
         public: Arc<crate::public::PublicStats>,
+        access: Arc<crate::access::AccessStats>,
         relay_ports_total: usize,
     ) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
@@ -62,6 +64,7 @@ impl Metrics {
             signaling,
             streams,
             public,
+            access,
             relay_ports_total: relay_ports_total as i64,
             counters: Vec::new(),
             gauges: Vec::new(),
@@ -71,6 +74,7 @@ impl Metrics {
         m.signal()?;
         m.stream()?;
         m.public()?;
+        m.access()?;
         Ok(m)
     }
 
@@ -335,6 +339,12 @@ impl Metrics {
             vec![(vec![], g!(socketio_peers))],
         )?;
         self.counter(
+            "turnkey_signaling_socketio_abandoned_total",
+            "socket.io polling sessions closed because the client never came back after the handshake.",
+            &[],
+            vec![(vec![], c!(socketio_abandoned_total))],
+        )?;
+        self.counter(
             "turnkey_signaling_socketio_events_total",
             "Events received from socket.io peers, accepted or refused.",
             &[],
@@ -424,6 +434,24 @@ impl Metrics {
             )],
         )?;
         Ok(())
+    }
+
+    fn access(&mut self) -> Result<(), prometheus::Error> {
+        let series = crate::access::Refusal::ALL
+            .into_iter()
+            .map(|r| {
+                let st = self.access.clone();
+                let src: Source =
+                    Box::new(move |_: &[Arc<TurnStats>], _: &SignalStats| st.refused(r));
+                (vec![r.name()], src)
+            })
+            .collect();
+        self.counter(
+            "turnkey_access_refused_total",
+            "Credentials and signaling sockets (socket.io handshakes included) refused by the access rules or the mint budget.",
+            &["reason"],
+            series,
+        )
     }
 
     fn public(&mut self) -> Result<(), prometheus::Error> {

@@ -6,12 +6,11 @@
 //! pings keep a live one busy). Each request carries the client address
 //! as axum's `ConnectInfo`, for the access rules and per-address budgets.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::budget::{Occupancy, Slot};
 use crate::counter::inc;
-use crate::turn::limits::client_key;
 
 /// The public listeners' limits; swapped by reload, read per connection.
 #[derive(Debug, Clone)]
@@ -51,65 +50,43 @@ pub struct PublicStats {
 /// Open HTTP connections, per client address key and in total, across all
 /// public listeners.
 pub struct Gate {
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-    total: AtomicUsize,
+    places: Arc<Occupancy>,
     limits: Arc<ArcSwap<PublicLimits>>,
     pub stats: Arc<PublicStats>,
 }
 
 /// A connection's place under the caps, given back when dropped.
 pub struct Ticket {
-    gate: Arc<Gate>,
-    ip: IpAddr,
+    _slot: Slot,
+    stats: Arc<PublicStats>,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.gate.total.fetch_sub(1, Ordering::Relaxed);
-        self.gate.stats.open.fetch_sub(1, Ordering::Relaxed);
-        let mut m = self.gate.lock();
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Gate {
     pub fn new(limits: Arc<ArcSwap<PublicLimits>>, stats: Arc<PublicStats>) -> Arc<Gate> {
         Arc::new(Gate {
-            per_ip: Mutex::new(HashMap::new()),
-            total: AtomicUsize::new(0),
+            places: Occupancy::new(),
             limits,
             stats,
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
-        self.per_ip.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// A place for a connection from `ip`, if the caps allow one.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Ticket> {
+    pub fn admit(&self, ip: IpAddr) -> Option<Ticket> {
         let limits = self.limits.load();
-        let key = client_key(ip);
-        let mut m = self.lock();
-        let n = m.entry(key).or_insert(0);
-        if *n >= limits.per_ip || self.total.load(Ordering::Relaxed) >= limits.total {
-            if *n == 0 {
-                m.remove(&key);
-            }
+        let Ok(slot) = self.places.take(ip, limits.per_ip, limits.total) else {
             inc(&self.stats.refused_over_limit);
             return None;
-        }
-        *n += 1;
-        self.total.fetch_add(1, Ordering::Relaxed);
+        };
         self.stats.open.fetch_add(1, Ordering::Relaxed);
         Some(Ticket {
-            gate: self.clone(),
-            ip: key,
+            _slot: slot,
+            stats: self.stats.clone(),
         })
     }
 

@@ -16,12 +16,11 @@
 //! in total, and a bounded queue of answers per connection (a client that
 //! stops reading is cut off).
 
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,13 +34,13 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::{Occupancy, Slot};
 use crate::config::TcpHttp;
 use crate::counter::inc;
 use crate::proxy_protocol::{self, Proxied};
 use crate::public::Gate;
 use crate::relay::{ShardHandle, StreamEvent, StreamLink};
 use crate::turn::allocation::{FiveTuple, Transport};
-use crate::turn::limits::client_key;
 use crate::turn::wire::{kind_of_first_byte, Kind};
 
 /// Answers queued towards one connection before it counts as not reading.
@@ -85,50 +84,12 @@ pub struct Streams {
     /// Connections without an allocation, counted per listener kind (TURN
     /// TCP [0], TLS [1]): a flood of one never starves the other, so
     /// HTTPS and WSS on 443 keep working while 3478/tcp is flooded.
-    unauth: [Unauthenticated; 2],
+    unauth: [Arc<Occupancy>; 2],
     stats: Arc<StreamStats>,
     /// Every connection task, so stop can wait for them.
     tasks: TaskTracker,
     /// Cancelled on stop: listeners and connections end.
     stop: CancellationToken,
-}
-
-/// Connections without an allocation of one listener kind: per client
-/// address key (IPv6 per /64) and in total.
-#[derive(Default)]
-struct Unauthenticated {
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-    total: AtomicUsize,
-}
-
-/// Holds a connection's place under the unauthenticated caps until it
-/// gets an allocation (or ends).
-struct UnauthSlot<'a> {
-    budget: &'a Unauthenticated,
-    ip: IpAddr,
-    held: bool,
-}
-
-impl UnauthSlot<'_> {
-    fn release(&mut self) {
-        if std::mem::take(&mut self.held) {
-            self.budget.total.fetch_sub(1, Ordering::Relaxed);
-            if let Ok(mut m) = self.budget.per_ip.lock() {
-                if let Some(n) = m.get_mut(&self.ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        m.remove(&self.ip);
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl Drop for UnauthSlot<'_> {
-    fn drop(&mut self) {
-        self.release();
-    }
 }
 
 /// What the stream listeners are built from (see `app.rs`).
@@ -154,32 +115,19 @@ impl Streams {
             redirect: p.redirect,
             gate: p.gate,
             tls: p.tls.map(tokio_rustls::TlsAcceptor::from),
-            unauth: Default::default(),
+            unauth: [Occupancy::new(), Occupancy::new()],
             stats: p.stats,
             tasks: p.tasks,
             stop: p.stop,
         })
     }
 
-    fn admit(&self, ip: IpAddr, tls: bool, limits: &StreamLimits) -> Option<UnauthSlot<'_>> {
-        let budget = &self.unauth[usize::from(tls)];
-        let ip = client_key(ip);
-        let mut m = budget.per_ip.lock().ok()?;
-        let n = m.entry(ip).or_insert(0);
-        if *n >= limits.unauth_per_ip || budget.total.load(Ordering::Relaxed) >= limits.unauth_total
-        {
-            if *n == 0 {
-                m.remove(&ip);
-            }
-            return None;
-        }
-        *n += 1;
-        budget.total.fetch_add(1, Ordering::Relaxed);
-        Some(UnauthSlot {
-            budget,
-            ip,
-            held: true,
-        })
+    /// A place under the unauthenticated caps of the listener kind, held
+    /// until the connection gets an allocation (or ends).
+    fn admit(&self, ip: IpAddr, tls: bool, limits: &StreamLimits) -> Option<Slot> {
+        self.unauth[usize::from(tls)]
+            .take(ip, limits.unauth_per_ip, limits.unauth_total)
+            .ok()
     }
 
     /// Accepts connections until stop; each connection is a task of
@@ -227,7 +175,7 @@ impl Streams {
                 }
             }
         }
-        let Some(slot) = self.admit(client.ip(), tls, &limits) else {
+        let Some(slot) = self.admit(client.ip(), tls, &limits).map(Some) else {
             inc(&self.stats.refused_over_limit);
             return;
         };
@@ -270,7 +218,7 @@ impl Streams {
         mut stream: S,
         ft: FiveTuple,
         alpn: Option<&[u8]>,
-        mut slot: UnauthSlot<'_>,
+        mut slot: Option<Slot>,
         limits: &StreamLimits,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -294,7 +242,7 @@ impl Streams {
                         return if turn {
                             self.turn(prefixed, ft, slot, limits).await
                         } else {
-                            slot.release();
+                            drop(slot.take());
                             self.http(prefixed, ft, limits).await
                         };
                     }
@@ -313,7 +261,7 @@ impl Streams {
         if is_turn {
             self.turn(prefixed, ft, slot, limits).await
         } else {
-            slot.release();
+            drop(slot.take());
             self.http(prefixed, ft, limits).await
         }
     }
@@ -344,13 +292,8 @@ impl Streams {
         (n > 0).then(|| &self.shards[(h.finish() as usize) % n])
     }
 
-    async fn turn<S>(
-        &self,
-        stream: S,
-        ft: FiveTuple,
-        mut slot: UnauthSlot<'_>,
-        limits: &StreamLimits,
-    ) where
+    async fn turn<S>(&self, stream: S, ft: FiveTuple, mut slot: Option<Slot>, limits: &StreamLimits)
+    where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let Some(shard) = self.shard_for(&ft).cloned() else {
@@ -404,7 +347,7 @@ impl Streams {
                     },
                     _ = link.authed_now.notified(), if !authed => {
                         authed = true;
-                        slot.release();
+                        drop(slot.take());
                         deadline.as_mut().reset(Instant::now() + limits.idle_timeout);
                         continue;
                     }

@@ -41,9 +41,10 @@ use std::net::IpAddr;
 
 use tokio::sync::{watch, Notify};
 
-use crate::access::{Admission, Credentials, Refusal};
+use crate::access::{Admission, Doorman, Refusal};
+use crate::budget::{Occupancy, PerAddress, Rate, Slot};
+use crate::caller::Caller;
 use crate::counter::inc;
-use crate::turn::limits::{client_key, PerAddress, Rate};
 use backend::{Backend, BackendStats, Inbox, Memory};
 use rooms::{Delivery, IceGrant, RoomError};
 
@@ -51,39 +52,18 @@ pub use ids::{PeerId, RoomName};
 pub use protocol::{ClientMessage, ErrorCode, ServerMessage};
 pub use rooms::Rooms;
 
-/// What a socket's opening request shows about itself, for the access
-/// rules.
-pub(crate) fn credentials<'a>(
-    headers: &'a axum::http::HeaderMap,
-    token: Option<&'a str>,
-) -> Credentials<'a> {
-    let get = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
-    Credentials {
-        origin: get("origin"),
-        fetch_site: get("sec-fetch-site"),
-        host: get("host"),
-        token,
+/// A refused socket's HTTP answer: the status, and the reason as JSON.
+impl axum::response::IntoResponse for EntryRefusal {
+    fn into_response(self) -> axum::response::Response {
+        match self {
+            EntryRefusal::Access(r) => r.into_response(),
+            EntryRefusal::TooManySockets => (
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                axum::Json(serde_json::json!({ "error": self.to_string() })),
+            )
+                .into_response(),
+        }
     }
-}
-
-/// The client address the public listener recorded for a request
-/// (unspecified when served without one, as in unit tests).
-pub(crate) fn client_ip(extensions: &axum::http::Extensions) -> IpAddr {
-    extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
-}
-
-/// The HTTP answer to a refused socket.
-pub(crate) fn refusal_response(r: EntryRefusal) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let status =
-        axum::http::StatusCode::from_u16(r.status()).unwrap_or(axum::http::StatusCode::FORBIDDEN);
-    (
-        status,
-        axum::Json(serde_json::json!({ "error": r.to_string() })),
-    )
-        .into_response()
 }
 
 /// Resolves once shutdown began. (The guard `wait_for` returns is not
@@ -161,11 +141,6 @@ impl SignalConfig {
     }
 }
 
-/// Decides whether a socket may open, and on what terms (the appliance's
-/// access rules and mint budget; see `access.rs`).
-pub type AdmitFn =
-    Arc<dyn Fn(&Credentials<'_>, IpAddr) -> Result<Admission, Refusal> + Send + Sync>;
-
 /// Why a socket may not open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum EntryRefusal {
@@ -186,22 +161,11 @@ impl EntryRefusal {
 
 /// An open socket's admission: the terms the access rules gave it, and
 /// its place under the per-address cap (given back when dropped).
+#[derive(Debug)]
 pub struct Entry {
-    sig: Arc<Signaling>,
     ip: IpAddr,
     pub admission: Admission,
-}
-
-impl Drop for Entry {
-    fn drop(&mut self) {
-        let mut m = self.sig.lock_sockets();
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
-    }
+    _place: Slot,
 }
 
 /// Supplies the `iceServers` list (a JSON array of RTCIceServer-shaped
@@ -220,6 +184,9 @@ pub struct SignalStats {
     pub connected_peers: AtomicU64,
     /// Of those, socket.io connections.
     pub socketio_peers: AtomicU64,
+    /// socket.io polling sessions closed because their client never came
+    /// back after the handshake.
+    pub socketio_abandoned_total: AtomicU64,
     /// Events received from socket.io peers, accepted or refused.
     pub socketio_events_total: AtomicU64,
     /// `message` events delivered to socket.io peers (also counted in
@@ -268,9 +235,11 @@ impl SignalStats {
 pub struct Signaling {
     config: RwLock<SignalConfig>,
     ice: IceServersFn,
-    admit: AdmitFn,
-    /// Open sockets per client address key.
-    sockets: Mutex<HashMap<IpAddr, usize>>,
+    /// Who may open a socket (`access.rs`).
+    doorman: Arc<Doorman>,
+    /// Open sockets (socket.io: sessions, from their handshake) per client
+    /// address key.
+    sockets: Arc<Occupancy>,
     /// Join budgets per client address.
     joins: Mutex<PerAddress>,
     /// Where the rooms live.
@@ -291,12 +260,12 @@ impl Signaling {
     pub fn new(
         cfg: SignalConfig,
         ice: IceServersFn,
-        admit: AdmitFn,
+        doorman: Arc<Doorman>,
         draining: Arc<AtomicBool>,
     ) -> Arc<Self> {
         let memory = Arc::new(Memory::new(cfg.room_capacity, cfg.max_rooms));
         let made: Result<_, std::convert::Infallible> =
-            Self::with_backend(cfg, ice, admit, draining, |_, _| Ok(memory));
+            Self::with_backend(cfg, ice, doorman, draining, |_, _| Ok(memory));
         match made {
             Ok(sig) => sig,
             Err(never) => match never {},
@@ -308,11 +277,11 @@ impl Signaling {
     pub fn with_redis(
         cfg: SignalConfig,
         ice: IceServersFn,
-        admit: AdmitFn,
+        doorman: Arc<Doorman>,
         draining: Arc<AtomicBool>,
         settings: redis::Settings,
     ) -> Result<Arc<Self>, redis::BadRedisUrl> {
-        Self::with_backend(cfg, ice, admit, draining, |stats, inbox| {
+        Self::with_backend(cfg, ice, doorman, draining, |stats, inbox| {
             let r = redis::Redis::start(settings, cfg.room_capacity, cfg.max_rooms, stats, inbox)?;
             Ok(Arc::new(r))
         })
@@ -323,7 +292,7 @@ impl Signaling {
     fn with_backend<E>(
         cfg: SignalConfig,
         ice: IceServersFn,
-        admit: AdmitFn,
+        doorman: Arc<Doorman>,
         draining: Arc<AtomicBool>,
         make: impl FnOnce(Arc<BackendStats>, Inbox) -> Result<Arc<dyn Backend>, E>,
     ) -> Result<Arc<Self>, E> {
@@ -347,8 +316,8 @@ impl Signaling {
             Self {
                 config: RwLock::new(cfg),
                 ice,
-                admit,
-                sockets: Mutex::new(HashMap::new()),
+                doorman,
+                sockets: Occupancy::new(),
                 joins: Mutex::new(PerAddress::new(65_536)),
                 backend,
                 peers: Mutex::new(HashMap::new()),
@@ -375,24 +344,32 @@ impl Signaling {
         self.backend.set_limits(cfg.room_capacity, cfg.max_rooms);
     }
 
-    /// Admits a socket from `ip` presenting `c`, or says why not.
-    pub fn enter(self: &Arc<Self>, c: &Credentials<'_>, ip: IpAddr) -> Result<Entry, EntryRefusal> {
-        let key = client_key(ip);
+    /// Admits a socket from `caller`, or says why not: the per-address
+    /// cap first (a refusal there costs no mint), then the access rules.
+    pub fn enter(&self, caller: &Caller) -> Result<Entry, EntryRefusal> {
         let cap = self.config().max_sockets_per_ip;
-        {
-            let m = self.lock_sockets();
-            if m.get(&key).copied().unwrap_or(0) >= cap {
-                inc(&self.stats.sockets_refused_total);
-                return Err(EntryRefusal::TooManySockets);
-            }
+        if self.sockets.held_by(caller.ip) >= cap {
+            inc(&self.stats.sockets_refused_total);
+            return Err(EntryRefusal::TooManySockets);
         }
-        let admission = (self.admit)(c, ip)?;
-        *self.lock_sockets().entry(key).or_insert(0) += 1;
+        let admission = self.doorman.admit(&caller.credentials(), caller.ip)?;
+        // Taken after the decision; another socket from the address may
+        // have taken the last place meanwhile.
+        let place = self.sockets.take(caller.ip, cap, usize::MAX).map_err(|_| {
+            inc(&self.stats.sockets_refused_total);
+            EntryRefusal::TooManySockets
+        })?;
         Ok(Entry {
-            sig: self.clone(),
-            ip: key,
+            ip: caller.ip,
             admission,
+            _place: place,
         })
+    }
+
+    /// Which pages may read signaling answers cross-origin (socket.io's
+    /// polling transport).
+    pub fn cors_allows(&self, origin: &str) -> bool {
+        self.doorman.cors_allows(origin)
     }
 
     /// Joins `peer` to `room` on the terms of its entry: the room its token
@@ -457,10 +434,6 @@ impl Signaling {
         let out = self.backend.leave(peer).await;
         self.count_rooms();
         out
-    }
-
-    fn lock_sockets(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
-        self.sockets.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// While draining, `join` is answered with the `draining` error; peers

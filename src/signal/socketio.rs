@@ -23,9 +23,27 @@
 //! and `pong_timeout_ms` as they were at start; the size checked per
 //! event follows reloads.
 //!
+//! Admission comes before socketioxide: a handshake (a request without a
+//! session id) is an Engine.IO session that costs memory (about 19 KiB)
+//! for as long as it lives, so [`handshake_gate`] runs the access rules,
+//! the mint budget and the per-address socket cap first. A refused
+//! handshake gets its HTTP refusal (401, 403, 429) and no session; an
+//! admitted one carries its place under the cap in the request's
+//! extensions, which socketioxide keeps with the session, so the place is
+//! held from the moment the session exists (polling or upgraded) until it
+//! ends. A polling session whose client never comes back with its id
+//! within [`FOLLOW_UP`] is closed: socket.io-client polls again at once,
+//! and a flood of abandoned handshakes must not hold places for the whole
+//! heartbeat (ping interval + timeout, 45 s by default).
+//!
+//! A session id is a bearer secret (standard socket.io: whoever has it
+//! speaks for the session, from any address), so it is never logged.
+//!
 //! Polling is cross-origin capable: socket.io-client 2.x sends its XHRs
 //! with credentials, so the CORS layer echoes the request's `Origin` and
-//! allows credentials (a wildcard would be refused by the browser).
+//! allows credentials (a wildcard would be refused by the browser), for
+//! the origins the access rules allow (`access.rs`: any in `open` mode,
+//! the listed ones in `origin` mode).
 
 use std::convert::Infallible;
 use std::future::{pending, ready};
@@ -33,8 +51,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{header, Method};
-use axum::response::IntoResponse;
+use axum::extract::{Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use socketioxide::extract::SocketRef;
@@ -46,8 +66,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
+use crate::budget::Gcra;
+use crate::caller::Caller;
 use crate::counter::inc;
-use crate::turn::limits::Gcra;
 
 use super::protocol::{ParseError, ServerMessage};
 use super::rooms::{Delivery, RoomError};
@@ -67,6 +88,12 @@ const OUTGOING_QUEUE: usize = 64;
 const ENGINE_BUFFER: usize = 128;
 /// Shortest heartbeat honoured, as for `/ws` (see `timers`).
 const MIN_HEARTBEAT: Duration = timers::MIN_INTERVAL;
+/// How long a new polling session may wait for its client's next request
+/// (socket.io-client sends it as soon as the handshake is answered).
+const FOLLOW_UP: Duration = Duration::from_secs(5);
+/// Largest handshake answer read for its session id (an open packet is
+/// about 100 bytes).
+const OPEN_PACKET_LIMIT: usize = 4096;
 
 /// `/socket.io/` and `/socket.io/socket.io.js`.
 pub fn router(sig: Arc<Signaling>) -> Router {
@@ -88,24 +115,137 @@ pub fn router(sig: Arc<Signaling>) -> Router {
         .ws_max_frame_size(limit)
         .max_buffer_size(ENGINE_BUFFER)
         .build_svc();
-    let on_connect = move |socket: SocketRef| {
-        attach(sig.clone(), socket);
-        ready(Ok::<(), Infallible>(()))
+    let handshakes = Arc::new(Handshakes {
+        sig: sig.clone(),
+        pending: std::sync::Mutex::default(),
+    });
+    let on_connect = {
+        let handshakes = handshakes.clone();
+        move |socket: SocketRef| {
+            attach(sig.clone(), handshakes.clone(), socket);
+            ready(Ok::<(), Infallible>(()))
+        }
     };
     // Registered as middleware, which runs before socketioxide sends the
     // CONNECT packet, so no event can arrive before its handler exists.
     io.ns("/", (|| ready(())).with(on_connect));
 
+    let rules = handshakes.sig.clone();
     let cors = CorsLayer::new()
-        .allow_origin(AllowOrigin::mirror_request())
+        .allow_origin(AllowOrigin::predicate(move |origin, _| {
+            origin.to_str().is_ok_and(|o| rules.cors_allows(o))
+        }))
         .allow_credentials(true)
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
         .allow_headers(AllowHeaders::mirror_request())
         .max_age(Duration::from_secs(600));
     Router::new()
         .route_service("/socket.io/", svc)
+        .route_layer(axum::middleware::from_fn_with_state(
+            handshakes,
+            handshake_gate,
+        ))
         .route("/socket.io/socket.io.js", get(client_js))
         .layer(cors)
+}
+
+/// New sessions: their admission, and the polling ones still waiting for
+/// their client's next request.
+struct Handshakes {
+    sig: Arc<Signaling>,
+    /// Session ids answered but not yet seen again, with when they were
+    /// answered.
+    pending: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+}
+
+impl Handshakes {
+    fn pending(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Instant>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn answered(&self, sid: String) {
+        let now = Instant::now();
+        let mut pending = self.pending();
+        // Entries of sessions that ended before their deadline was checked
+        // (closed by the client, say) are dropped once they are long past it.
+        if pending.len() >= 4096 {
+            pending.retain(|_, at| now.duration_since(*at) < FOLLOW_UP * 4);
+        }
+        pending.insert(sid, now);
+    }
+
+    /// Whether `sid` was answered and never seen again (forgets it).
+    fn abandoned(&self, sid: &str) -> bool {
+        self.pending().remove(sid).is_some()
+    }
+}
+
+/// A new session's place under the cap, from the gate to [`attach`]
+/// through the handshake's extensions (which socketioxide keeps with the
+/// session: the place is given back when the session is dropped, attached
+/// or not).
+#[derive(Clone)]
+struct Admitted(Arc<std::sync::Mutex<Option<super::Entry>>>);
+
+/// The session id of an Engine.IO request, if it names one.
+fn session_id(query: Option<&str>) -> Option<&str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "sid")
+        .map(|(_, v)| v)
+}
+
+/// Runs before socketioxide: admits or refuses a handshake, and notes a
+/// polling session's first follow-up (see the module doc).
+async fn handshake_gate(State(h): State<Arc<Handshakes>>, req: Request, next: Next) -> Response {
+    if let Some(sid) = session_id(req.uri().query()) {
+        h.pending().remove(sid);
+        return next.run(req).await;
+    }
+    if req.method() != Method::GET {
+        // Not a handshake: socketioxide answers it (400).
+        return next.run(req).await;
+    }
+    let (mut parts, body) = req.into_parts();
+    let entry = match h.sig.enter(&Caller::of(&parts)) {
+        Ok(e) => e,
+        Err(refused) => {
+            tracing::debug!("socket.io handshake refused: {refused}");
+            return refused.into_response();
+        }
+    };
+    parts
+        .extensions
+        .insert(Admitted(Arc::new(std::sync::Mutex::new(Some(entry)))));
+    let polling = parts
+        .uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "transport=polling"));
+    let response = next.run(Request::from_parts(parts, body)).await;
+    if !polling || response.status() != StatusCode::OK {
+        return response;
+    }
+    // The open packet names the session: `NN:0{"sid":"…",…}`.
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, OPEN_PACKET_LIMIT).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    if let Some(sid) = open_packet_sid(&bytes) {
+        h.answered(sid);
+    }
+    Response::from_parts(parts, axum::body::Body::from(bytes))
+}
+
+/// The `sid` of an Engine.IO open packet.
+fn open_packet_sid(packet: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(packet).ok()?;
+    let json = &text[text.find('{')?..];
+    let end = json.rfind('}')?;
+    let open: serde_json::Value = serde_json::from_str(json.get(..=end)?).ok()?;
+    open.get("sid")?.as_str().map(str::to_string)
 }
 
 async fn client_js() -> impl IntoResponse {
@@ -150,20 +290,18 @@ impl<A: socketioxide::adapter::Adapter> FromMessage<A> for RawEvent {
 }
 
 /// Registers `socket` as a signaling peer and starts its pump.
-fn attach(sig: Arc<Signaling>, socket: SocketRef) {
+fn attach(sig: Arc<Signaling>, handshakes: Arc<Handshakes>, socket: SocketRef) {
     let parts = socket.req_parts();
-    let token = crate::access::query_token(parts.uri.query());
-    let entry = match sig.enter(
-        &super::credentials(&parts.headers, token.as_deref()),
-        super::client_ip(&parts.extensions),
-    ) {
-        Ok(e) => e,
-        Err(refused) => {
-            // Refused before it is connected: the client sees a disconnect.
-            tracing::debug!(sid = %socket.id, "socket.io connection refused: {refused}");
-            let _ = socket.disconnect();
-            return;
-        }
+    let entry = parts
+        .extensions
+        .get::<Admitted>()
+        .and_then(|a| a.0.lock().ok()?.take());
+    let Some(entry) = entry else {
+        // Every handshake passes the gate; a session without its place
+        // was not admitted there.
+        tracing::warn!("socket.io session without an admission: closed");
+        let _ = socket.disconnect();
+        return;
     };
     let host = crate::ice::host_from_headers(&socket.req_parts().headers);
     let (tx, rx) = mpsc::channel(OUTGOING_QUEUE);
@@ -175,7 +313,7 @@ fn attach(sig: Arc<Signaling>, socket: SocketRef) {
         wire: Wire::SocketIo,
     });
     sig.stats.socketio_peers.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(peer = %id, sid = %socket.id, host = host.as_deref(), "socket.io connection opened");
+    tracing::debug!(peer = %id, host = host.as_deref(), "socket.io connection opened");
     let peer = Arc::new(Peer {
         sig,
         id,
@@ -208,7 +346,9 @@ fn attach(sig: Arc<Signaling>, socket: SocketRef) {
         }
     };
     socket.on_disconnect(on_disconnect);
-    tokio::spawn(pump(peer, socket, rx, events, gone));
+    let follow_up = (socket.transport_type() == socketioxide::TransportType::Polling)
+        .then(|| (handshakes, Instant::now() + FOLLOW_UP));
+    tokio::spawn(pump(peer, socket, rx, events, gone, follow_up));
 }
 
 impl Peer {
@@ -297,6 +437,7 @@ async fn pump(
     mut rx: mpsc::Receiver<Outgoing>,
     mut events: mpsc::Receiver<String>,
     gone: CancellationToken,
+    mut follow_up: Option<(Arc<Handshakes>, Instant)>,
 ) {
     let peer = Registered(peer);
     let peer = &peer.0;
@@ -315,6 +456,12 @@ async fn pump(
         let unjoined = async {
             match join_by {
                 Some(at) => tokio::time::sleep_until(at).await,
+                None => pending().await,
+            }
+        };
+        let abandoned = async {
+            match &follow_up {
+                Some((_, at)) => tokio::time::sleep_until(*at).await,
                 None => pending().await,
             }
         };
@@ -350,6 +497,15 @@ async fn pump(
                     (peer.sig.ice)(peer.host.as_deref(), peer.entry.admission.user.as_deref());
                 refresh_at = timers::refresh_after(ttl).map(|after| Instant::now() + after);
                 peer.reply(ServerMessage::IceServers { ice_servers: servers, ttl: ttl.as_secs() });
+            }
+            () = abandoned => {
+                if let Some((handshakes, _)) = follow_up.take() {
+                    if handshakes.abandoned(&socket.id.to_string()) {
+                        inc(&peer.sig.stats.socketio_abandoned_total);
+                        let _ = socket.clone().disconnect();
+                        return;
+                    }
+                }
             }
             () = unjoined => {
                 inc(&peer.sig.stats.join_timeouts_total);

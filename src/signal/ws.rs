@@ -22,8 +22,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures_util::stream::{SplitSink, SplitStream};
@@ -32,8 +31,9 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::budget::Gcra;
+use crate::caller::Caller;
 use crate::counter::inc;
-use crate::turn::limits::Gcra;
 
 use super::protocol::{self, ClientMessage, ErrorCode, ParseError, ServerMessage};
 use super::rooms::{Delivery, RoomError};
@@ -63,21 +63,19 @@ pub fn transport_limit(max_message_bytes: usize) -> usize {
 
 async fn upgrade(
     State(sig): State<Arc<Signaling>>,
-    headers: HeaderMap,
-    uri: axum::http::Uri,
-    extensions: axum::http::Extensions,
+    caller: Caller,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let token = crate::access::query_token(uri.query());
-    let entry = match sig.enter(
-        &super::credentials(&headers, token.as_deref()),
-        super::client_ip(&extensions),
-    ) {
+    let entry = match sig.enter(&caller) {
         Ok(e) => e,
-        Err(refused) => return super::refusal_response(refused),
+        Err(refused) => return refused.into_response(),
     };
     let cfg = sig.config();
-    let host = crate::ice::host_from_headers(&headers);
+    let host = caller
+        .host
+        .as_deref()
+        .and_then(crate::ice::host_of)
+        .map(str::to_string);
     let limit = transport_limit(cfg.max_message_bytes);
     ws.read_buffer_size(SOCKET_BUFFER)
         .write_buffer_size(SOCKET_BUFFER)

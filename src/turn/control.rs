@@ -20,11 +20,11 @@ use turn::proto::PROTO_UDP;
 
 use super::allocation::{Allocation, BindError, ChannelNumber, FiveTuple, RelayId};
 use super::auth::{quota_user, Key};
-use super::limits::client_key;
 use super::reply::{answer, Reject};
 use super::server::{unknown_attributes, Answer, Io, Server, RESERVATION_LIFETIME};
 use super::stats::inc;
 use super::wire;
+use crate::budget::client_key;
 
 /// ADDITIONAL-ADDRESS-FAMILY and ADDRESS-ERROR-CODE (RFC 8656 §18).
 const ATTR_ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;

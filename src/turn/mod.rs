@@ -4,7 +4,6 @@
 pub mod allocation;
 pub mod auth;
 pub mod control;
-pub mod limits;
 pub mod policy;
 pub mod ports;
 pub mod reply;

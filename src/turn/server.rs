@@ -25,11 +25,11 @@ use stun::xoraddr::XorMappedAddress;
 
 use super::allocation::{Allocation, FiveTuple, RelayId, TupleHash};
 use super::auth::{quota_user, CredentialError, Key, Nonces};
-use super::limits::{client_key, Gcra, PerAddress, Rate};
 use super::reply::{answer, AlternateServer, Reject};
 use super::stats::{inc, Direction::*, Framing::*, TurnStats};
 use super::wire;
 pub use super::world::{Clock, CoreConfig, Io, Limits, Rules, Shared};
+use crate::budget::{client_key, Gcra, PerAddress, Rate};
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 pub(super) const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);

@@ -1200,7 +1200,7 @@ fn even_port_reservation_with_a_dual_allocation_is_refused() {
 
 #[test]
 fn unauthenticated_udp_requests_have_a_budget_per_address_and_streams_do_not() {
-    use crate::turn::limits::Rate;
+    use crate::budget::Rate;
     let mut r = rules(8);
     r.limits.unauth_rate = Rate {
         per_sec: 1,

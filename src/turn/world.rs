@@ -14,9 +14,9 @@ use rand::Rng;
 
 use super::allocation::{FiveTuple, RelayId};
 use super::auth::Credentials;
-use super::limits::Rate;
 use super::policy::PeerPolicy;
 use super::ports::PortPool;
+use crate::budget::Rate;
 
 /// What the core asks of the world. The shell implements it over sockets;
 /// tests implement it over vectors.
@@ -104,7 +104,7 @@ pub struct Shared {
     pub(super) ports: [Mutex<PortState>; 2],
     pub(super) ports_range: std::ops::RangeInclusive<u16>,
     pub(super) users: Mutex<HashMap<String, usize>>,
-    /// Allocations per client address key (see `limits::client_key`).
+    /// Allocations per client address key (see `crate::budget::client_key`).
     pub(super) ips: Mutex<HashMap<IpAddr, usize>>,
     pub(super) total: AtomicUsize,
     /// Allocation ids, unique for the process (the admin API names

@@ -1,9 +1,20 @@
-//! Budgets that keep one client from taking the relay: the address
-//! quotas and rate limits count by, and rate limiters for bandwidth and
-//! for requests that carry no valid credential. Plain data, time passed in.
+//! Budgets that keep one client from taking more than its share, for
+//! every listener: the key addresses are counted by ([`client_key`]: IPv4,
+//! or the /64 of IPv6), rates as token buckets ([`Gcra`], [`Rate`],
+//! [`PerAddress`]), and places held at once ([`Occupancy`], whose
+//! [`Slot`] frees itself when dropped, as mini-redis's drop guards do).
+//!
+//! One module for all of them: the TURN core's request and bandwidth
+//! budgets, the public HTTP gate, TURN TCP/TLS admission, the signaling
+//! sockets and the mint budget count the same way, with one rule for a
+//! poisoned lock (the count is plain data that a panic elsewhere cannot
+//! leave half-written, so it is used as it is: no listener refuses every
+//! client after one panic). Plain data, time passed in; no I/O.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// The address quotas and rate limits count a client by: its IPv4
@@ -140,9 +151,123 @@ impl PerAddress {
     }
 }
 
+/// Places held at once, per client address key and in total: open
+/// connections, sockets, connections without an allocation.
+#[derive(Debug, Default)]
+pub struct Occupancy {
+    per_key: Mutex<HashMap<IpAddr, usize>>,
+    total: AtomicUsize,
+}
+
+/// Why a place was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Full {
+    #[error("too many from this address")]
+    Address,
+    #[error("too many in all")]
+    Total,
+}
+
+/// One held place; given back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    owner: Arc<Occupancy>,
+    key: IpAddr,
+}
+
+impl Occupancy {
+    pub fn new() -> Arc<Occupancy> {
+        Arc::new(Occupancy::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+        // The one poisoning rule: see the module doc.
+        self.per_key.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A place for `ip` if its key holds fewer than `per_key` and all hold
+    /// fewer than `total` (`usize::MAX`: no cap).
+    pub fn take(self: &Arc<Self>, ip: IpAddr, per_key: usize, total: usize) -> Result<Slot, Full> {
+        let key = client_key(ip);
+        let mut m = self.lock();
+        let held = m.get(&key).copied().unwrap_or(0);
+        if held >= per_key {
+            return Err(Full::Address);
+        }
+        if self.total.load(Ordering::Relaxed) >= total {
+            return Err(Full::Total);
+        }
+        m.insert(key, held + 1);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Ok(Slot {
+            owner: self.clone(),
+            key,
+        })
+    }
+
+    /// Places held by `ip`'s key.
+    pub fn held_by(&self, ip: IpAddr) -> usize {
+        self.lock().get(&client_key(ip)).copied().unwrap_or(0)
+    }
+
+    /// Places held in all.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self.owner.lock();
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+        self.owner.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn occupancy_caps_per_key_and_in_total_and_slots_free_themselves() {
+        let o = Occupancy::new();
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let a_too: IpAddr = "2001:db8:1:2::99".parse().unwrap();
+        let b: IpAddr = "198.51.100.2".parse().unwrap();
+        let s1 = o.take(a, 2, 3).unwrap();
+        let s2 = o.take(a_too, 2, 3).unwrap();
+        assert_eq!(o.take(a, 2, 3).unwrap_err(), Full::Address, "one /64");
+        let s3 = o.take(b, 2, 3).unwrap();
+        assert_eq!(o.take(b, 2, 3).unwrap_err(), Full::Total);
+        assert_eq!((o.held_by(a), o.total()), (2, 3));
+        drop(s1);
+        assert_eq!((o.held_by(a), o.total()), (1, 2));
+        drop((s2, s3));
+        assert_eq!(o.total(), 0);
+        assert!(o.lock().is_empty(), "no key outlives its last slot");
+    }
+
+    #[test]
+    fn occupancy_survives_a_panic_while_its_lock_is_held() {
+        let o = Occupancy::new();
+        let ip: IpAddr = "198.51.100.1".parse().unwrap();
+        let held = o.take(ip, 4, 4).unwrap();
+        let o2 = o.clone();
+        let _ = std::thread::spawn(move || {
+            let _guard = o2.lock();
+            panic!("poison the lock");
+        })
+        .join();
+        assert!(o.per_key.is_poisoned());
+        let again = o.take(ip, 4, 4).expect("still admits after a panic");
+        drop((held, again));
+        assert_eq!(o.total(), 0);
+    }
 
     #[test]
     fn ipv6_counts_per_64_and_mapped_as_ipv4() {
