@@ -12,43 +12,43 @@
 //! tracked), the relay threads are joined, and the last log line says how
 //! many tasks are still alive (none, unless something leaked).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::config::{Config, Secret};
 use crate::control::{rules_from, Bound, Control, Parts};
 use crate::http::HttpState;
-use crate::ice::unix_now;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::public::{Gate, PublicStats};
-use crate::relay::{Relay, ShardSpec};
+use crate::relay::setup::{Built, RelayFamilies};
+use crate::relay::Relay;
 use crate::stream::{StreamParts, StreamStats, Streams};
-use crate::turn::server::{Clock, CoreConfig, Server, Shared};
-use crate::turn::stats::TurnStats;
-use tower_http::limit::RequestBodyLimitLayer;
+use crate::tls::CertStore;
+use crate::turn::server::Shared;
 
 /// How long stop waits for connection tasks before it gives up on them.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How often the certificate files' modification time is read.
+const CERT_POLL: Duration = Duration::from_millis(200);
 
 /// Runs the appliance until SIGINT/SIGTERM (or the end of a drain).
 pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // Before anything can announce readiness: a SIGHUP or SIGUSR1 arriving
     // earlier would otherwise kill the process (their default action).
     let signals = Signals::install().context("installing signal handlers")?;
-    let running = start(cfg, config_path).await?;
+    let life = Lifecycle::new();
+    let running = start(cfg, config_path, &life).await?;
     control_loop(signals, &running.control).await;
-    running.stop().await;
+    running.stop(&life).await;
     Ok(())
 }
 
@@ -56,21 +56,17 @@ pub async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<
 struct Running {
     control: Arc<Control>,
     relay: Relay,
-    stop: CancellationToken,
-    tasks: TaskTracker,
 }
 
-async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Running> {
-    let t = &cfg.turn;
-    let families = RelayFamilies::from_config(t);
-    let relay_ips = families.relay_ips();
-    let advertised_ip = families
-        .advertised
-        .iter()
-        .flatten()
-        .copied()
-        .next()
-        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+/// Build, then start: the relay (its addresses go into the rules and
+/// `iceServers`), every listener bound before anything is announced, the
+/// control handle, the web app and the stream listeners.
+async fn start(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    life: &Lifecycle,
+) -> anyhow::Result<Running> {
+    let families = RelayFamilies::from_config(&cfg.turn);
     let generated = Secret::new(hex(&rand::rng().random::<[u8; 32]>()));
     if cfg.auth.secrets.is_empty() {
         tracing::info!("no auth.secrets configured: generated a random REST secret for this run");
@@ -78,218 +74,196 @@ async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Runn
     let rules = Arc::new(ArcSwap::from_pointee(rules_from(
         &cfg,
         &generated,
-        relay_ips.clone(),
+        families.relay_ips(),
     )));
-    let draining = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(Shared::new(
-        t.relay_ports(),
-        draining.clone(),
+        cfg.turn.relay_ports(),
+        life.drain.flag(),
         &mut rand::rng(),
     ));
-
-    // The relay shards: one event-loop thread each. By default one per two
-    // cores: the kernel's UDP work (most of a relay's CPU) runs beside
-    // them, and a shard that is kept busy batches more and sleeps less.
-    // On the 2-core bench machine one shard relays uclient's burst for
-    // 0.63x the CPU of two, and more packets/s at 300k offered
-    // (bench/RESULTS.md, issue 13).
-    let threads = match t.threads {
-        0 => default_shards(std::thread::available_parallelism().map_or(1, |n| n.get())),
-        n => n,
-    };
-    let clock = Clock {
-        mono0: Instant::now(),
-        unix0: unix_now(),
-    };
-    let nonce_key: [u8; 32] = rand::rng().random();
-    let mut specs = Vec::new();
-    let mut shard_stats = Vec::new();
-    for index in 0..threads {
-        let stats = Arc::new(TurnStats::default());
-        let core = Server::new(
-            CoreConfig {
-                relay_v4: families.advertised[0],
-                relay_v6: families.advertised[1],
-                nonce_key,
-                nonce_lifetime: t.nonce_lifetime(),
-                shards: threads,
-            },
-            clock,
-            rules.clone(),
-            shared.clone(),
-            stats.clone(),
-            SmallRng::from_os_rng(),
-        );
-        shard_stats.push(stats.clone());
-        specs.push(ShardSpec {
-            index,
-            listen: t.listen.clone(),
-            relay_bind: families.bind,
-            relay_handover: families.handover_addrs(),
-            core,
-            stats,
-        });
-    }
-    let relay = Relay::start(specs).context("starting the TURN listeners")?;
-    if let Some((lo, hi)) = ephemeral_ports() {
-        if lo <= t.relay_port_max && t.relay_port_min <= hi {
-            tracing::warn!(
-                "the relay ports {}-{} overlap the kernel's ephemeral ports {lo}-{hi} \
-                 (net.ipv4.ip_local_port_range): the host's own connections may hold relay \
-                 ports; choose a range above {hi} or reserve it (net.ipv4.ip_local_reserved_ports)",
-                t.relay_port_min,
-                t.relay_port_max
-            );
-        }
-    }
-    let turn_addrs = relay.local_addrs().to_vec();
-
-    // Every TCP listener, bound before anything is announced.
-    let tcp_listeners = bind_all(
-        t.tcp_listen.clone().unwrap_or_else(|| turn_addrs.clone()),
-        "turn.tcp_listen",
-    )
-    .await?;
-    let tls_listeners = bind_all(cfg.tls.listen.clone(), "tls.listen").await?;
-    let http_listener = bind_all(vec![cfg.http.listen], "http.listen").await?;
-    let metrics_listener = bind_all(vec![cfg.metrics.listen], "metrics.listen").await?;
-    let admin_listener = bind_all(cfg.admin.listen.into_iter().collect(), "admin.listen").await?;
-    let admin_addr = local(&admin_listener);
-    let (tcp_addrs, tls_addrs) = (local(&tcp_listeners), local(&tls_listeners));
-    let http_addr = local(&http_listener);
-    let metrics_addr = local(&metrics_listener);
+    let Built {
+        relay,
+        stats,
+        shards,
+    } = Relay::from_config(&cfg.turn, &families, rules.clone(), shared.clone())
+        .context("starting the TURN listeners")?;
+    let listeners = Listeners::bind(&cfg, relay.local_addrs()).await?;
     let certs = match (&cfg.tls.cert_file, &cfg.tls.key_file) {
-        (Some(c), Some(k)) if !tls_listeners.is_empty() => Some(crate::tls::CertStore::open(c, k)?),
+        (Some(c), Some(k)) if !listeners.tls.is_empty() => Some(CertStore::open(c, k)?),
         _ => None,
     };
-
     let control = Control::new(Parts {
         config: cfg.clone(),
         path: config_path,
         generated,
-        relay_ips,
+        relay_ips: families.relay_ips(),
         rules,
         shared,
-        draining,
-        bound: Bound {
-            advertised_ip,
-            turn_port: turn_addrs.first().map_or(3478, SocketAddr::port),
-            tcp_port: tcp_addrs.first().map(SocketAddr::port),
-            tls_port: tls_addrs.first().map(SocketAddr::port),
-        },
+        drain: life.drain.clone(),
+        bound: listeners.bound(families.advertised_ip(), relay.local_addrs()),
         certs: certs.clone(),
     })?;
+    let ports = usize::from(cfg.turn.relay_port_max - cfg.turn.relay_port_min) + 1;
     let stream_stats = Arc::new(StreamStats::default());
     let public_stats = Arc::new(PublicStats::default());
-    let gate = Gate::new(control.public_limits(), public_stats.clone());
     let metrics = Arc::new(Metrics::new(
-        shard_stats,
+        stats,
         control.signaling().clone(),
         stream_stats.clone(),
-        public_stats,
+        public_stats.clone(),
         control.doorman().stats.clone(),
-        usize::from(t.relay_port_max - t.relay_port_min) + 1,
+        ports,
     )?);
     let http_state = HttpState {
         control: control.clone(),
         metrics,
         static_dir: cfg.http.static_dir.clone(),
     };
-
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    // The operator's listeners (metrics, admin) get the same caps and
-    // timeouts as the public ones, through a gate of their own, so a flood
-    // of the public port never starves a scrape, nor the other way round.
-    let operator_gate = Gate::new(control.public_limits(), Arc::new(PublicStats::default()));
-    let metrics_app = crate::http::metrics_router(http_state.clone());
+    let ready = format!(
+        "ready: {} relay={} ports={}-{} shards={shards}",
+        listeners.describe(relay.local_addrs()),
+        families.advertised_ip(),
+        cfg.turn.relay_port_min,
+        cfg.turn.relay_port_max
+    );
+    let public_app = crate::http::router(http_state.clone())
+        .layer(RequestBodyLimitLayer::new(cfg.http.max_body_bytes));
+    let gate = Gate::new(control.public_limits(), public_stats);
+    let streams = Streams::new(StreamParts {
+        shards: relay.handles(),
+        limits: control.stream_limits(),
+        http: public_app.clone(),
+        redirect: crate::http::redirect_router(control.clone()),
+        gate: gate.clone(),
+        tls: certs.as_ref().map(CertStore::server_config).transpose()?,
+        stats: stream_stats,
+        tasks: life.tasks(),
+        stop: life.child(),
+    });
     let admin_app = crate::admin::router(crate::admin::AdminState {
         control: control.clone(),
         shards: relay.handles(),
     });
-    for (l, app) in metrics_listener
-        .into_iter()
-        .map(|l| (l, metrics_app.clone()))
-        .chain(admin_listener.into_iter().map(|l| (l, admin_app.clone())))
-    {
-        tasks.spawn(crate::public::serve_listener(
-            operator_gate.clone(),
-            l,
-            app,
-            tasks.clone(),
-            stop.clone(),
-        ));
-    }
-    let public_app = crate::http::router(http_state.clone())
-        .layer(RequestBodyLimitLayer::new(cfg.http.max_body_bytes));
-    for l in http_listener {
-        tasks.spawn(crate::public::serve_listener(
-            gate.clone(),
-            l,
-            public_app.clone(),
-            tasks.clone(),
-            stop.clone(),
-        ));
-    }
-    let tls_config = match &certs {
-        Some(store) => Some(store.server_config()?),
-        None => None,
-    };
-    let streams = Streams::new(StreamParts {
-        shards: relay.handles(),
-        limits: control.stream_limits(),
-        http: public_app,
-        redirect: crate::http::redirect_router(control.clone()),
+    listeners.serve(
+        life,
+        &control,
         gate,
-        tls: tls_config,
-        stats: stream_stats,
-        tasks: tasks.clone(),
-        stop: stop.clone(),
-    });
-    for (listeners, tls) in [(tcp_listeners, false), (tls_listeners, true)] {
-        for l in listeners {
-            tasks.spawn(streams.clone().serve(l, tls));
-        }
-    }
-
-    tracing::info!(
-        "ready: http={} turn={} tcp={} tls={} metrics={} admin={} relay={advertised_ip} ports={}-{} shards={threads}",
-        addr_list(&http_addr),
-        addr_list(&turn_addrs),
-        addr_list(&tcp_addrs),
-        addr_list(&tls_addrs),
-        addr_list(&metrics_addr),
-        addr_list(&admin_addr),
-        t.relay_port_min,
-        t.relay_port_max
+        public_app,
+        crate::http::metrics_router(http_state),
+        admin_app,
+        &streams,
     );
-    Ok(Running {
-        control,
-        relay,
-        stop,
-        tasks,
-    })
+    if let Some(store) = certs {
+        life.spawn(store.watch(CERT_POLL, life.child()));
+    }
+    tracing::info!("{ready}");
+    Ok(Running { control, relay })
 }
 
 impl Running {
     /// Stops everything and waits for it: no task outlives this.
-    async fn stop(self) {
+    async fn stop(self, life: &Lifecycle) {
         let signaling = self.control.signaling().clone();
         // WebSockets first, with a close frame, so peers know why.
         signaling.shutdown();
-        self.stop.cancel();
-        self.tasks.close();
         let all_ended = async {
-            self.tasks.wait().await;
-            signaling.wait_idle().await;
+            let ended = life.stop(STOP_GRACE).await;
+            ended
+                && tokio::time::timeout(STOP_GRACE, signaling.wait_idle())
+                    .await
+                    .is_ok()
         };
-        if tokio::time::timeout(STOP_GRACE, all_ended).await.is_err() {
+        if !all_ended.await {
             tracing::warn!("some connections did not end within {STOP_GRACE:?}");
         }
         // Stream connections hold shard queues; the shards go last.
         self.relay.stop();
         let alive = alive_tasks().await;
         tracing::info!("stopped: {alive} tasks alive");
+    }
+}
+
+/// Every TCP listener, bound at start (before anything is announced).
+struct Listeners {
+    tcp: Vec<TcpListener>,
+    tls: Vec<TcpListener>,
+    http: Vec<TcpListener>,
+    metrics: Vec<TcpListener>,
+    admin: Vec<TcpListener>,
+}
+
+impl Listeners {
+    async fn bind(cfg: &Config, turn_addrs: &[SocketAddr]) -> anyhow::Result<Listeners> {
+        let tcp = cfg.turn.tcp_listen.clone();
+        Ok(Listeners {
+            tcp: bind_all(
+                tcp.unwrap_or_else(|| turn_addrs.to_vec()),
+                "turn.tcp_listen",
+            )
+            .await?,
+            tls: bind_all(cfg.tls.listen.clone(), "tls.listen").await?,
+            http: bind_all(vec![cfg.http.listen], "http.listen").await?,
+            metrics: bind_all(vec![cfg.metrics.listen], "metrics.listen").await?,
+            admin: bind_all(cfg.admin.listen.into_iter().collect(), "admin.listen").await?,
+        })
+    }
+
+    /// What went into `iceServers`: the ports clients are told.
+    fn bound(&self, advertised_ip: std::net::IpAddr, turn_addrs: &[SocketAddr]) -> Bound {
+        Bound {
+            advertised_ip,
+            turn_port: turn_addrs.first().map_or(3478, SocketAddr::port),
+            tcp_port: local(&self.tcp).first().map(SocketAddr::port),
+            tls_port: local(&self.tls).first().map(SocketAddr::port),
+        }
+    }
+
+    /// For the ready line: every address, by what it serves.
+    fn describe(&self, turn_addrs: &[SocketAddr]) -> String {
+        format!(
+            "http={} turn={} tcp={} tls={} metrics={} admin={}",
+            addr_list(&local(&self.http)),
+            addr_list(turn_addrs),
+            addr_list(&local(&self.tcp)),
+            addr_list(&local(&self.tls)),
+            addr_list(&local(&self.metrics)),
+            addr_list(&local(&self.admin)),
+        )
+    }
+
+    /// Accepts on every listener until stop. The operator's listeners
+    /// (metrics, admin) get the same caps and timeouts as the public ones
+    /// through a gate of their own, so a flood of the public port never
+    /// starves a scrape, nor the other way round.
+    #[allow(clippy::too_many_arguments)]
+    fn serve(
+        self,
+        life: &Lifecycle,
+        control: &Control,
+        gate: Arc<Gate>,
+        public_app: axum::Router,
+        metrics_app: axum::Router,
+        admin_app: axum::Router,
+        streams: &Arc<Streams>,
+    ) {
+        let operator_gate = Gate::new(control.public_limits(), Arc::new(PublicStats::default()));
+        let http = |gate: &Arc<Gate>, l: TcpListener, app: &axum::Router| {
+            crate::public::serve_listener(gate.clone(), l, app.clone(), life.tasks(), life.child())
+        };
+        for l in self.metrics {
+            life.spawn(http(&operator_gate, l, &metrics_app));
+        }
+        for l in self.admin {
+            life.spawn(http(&operator_gate, l, &admin_app));
+        }
+        for l in self.http {
+            life.spawn(http(&gate, l, &public_app));
+        }
+        for (listeners, tls) in [(self.tcp, false), (self.tls, true)] {
+            for l in listeners {
+                life.spawn(streams.clone().serve(l, tls));
+            }
+        }
     }
 }
 
@@ -366,7 +340,6 @@ async fn control_loop(signals: Signals, control: &Control) {
     let drain_over = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(drain_over);
     let mut draining = false;
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
             _ = int.recv() => {
@@ -401,15 +374,6 @@ async fn control_loop(signals: Signals, control: &Control) {
                 tracing::info!(allocations, rooms, "drain grace period over");
                 return;
             }
-            _ = tick.tick() => {
-                if let Some(store) = control.certs() {
-                    match store.reload_if_changed() {
-                        Ok(true) => tracing::info!("TLS certificate files changed: reloaded"),
-                        Ok(false) => {}
-                        Err(e) => tracing::error!("TLS certificate files changed but are unusable, the old certificate stays: {e}"),
-                    }
-                }
-            }
         }
     }
 }
@@ -436,126 +400,6 @@ fn reload(control: &Control) {
     }
 }
 
-/// Relay shards for `turn.threads = 0`: one per two cores, at least one.
-fn default_shards(cores: usize) -> usize {
-    (cores / 2).max(1)
-}
-
-/// Where relays bind and what they advertise, per family (IPv4 [0], IPv6 [1]).
-struct RelayFamilies {
-    bind: [Option<IpAddr>; 2],
-    advertised: [Option<IpAddr>; 2],
-    /// Whether the advertised address is the bind address's own (no
-    /// external IP configured, or the same one).
-    on_host: [bool; 2],
-}
-
-impl RelayFamilies {
-    fn from_config(t: &crate::config::TurnConfig) -> Self {
-        let first = |v6: bool| {
-            t.listen
-                .iter()
-                .find(|a| a.is_ipv6() == v6)
-                .map(SocketAddr::ip)
-        };
-        let bind_v4 = t.relay_ip.or(first(false));
-        let adv_v4 = bind_v4.map(|b| match t.external_ip {
-            Some(ip) => ip,
-            None if !b.is_unspecified() => b,
-            None => default_route_ip().unwrap_or_else(|| {
-                tracing::warn!("no default route; advertising 127.0.0.1 as the relay address (set turn.external_ip)");
-                IpAddr::V4(Ipv4Addr::LOCALHOST)
-            }),
-        });
-        let bind_v6 = t.relay_ip_v6.or(first(true));
-        let adv_v6 = bind_v6.and_then(|b| {
-            let adv = t.external_ip_v6.or((!b.is_unspecified()).then_some(b));
-            if adv.is_none() {
-                tracing::warn!("IPv6 relays need turn.external_ip_v6 (or a concrete turn.relay_ip_v6); IPv6 allocations get 440");
-            }
-            adv
-        });
-        RelayFamilies {
-            bind: [bind_v4, bind_v6.filter(|_| adv_v6.is_some())],
-            advertised: [adv_v4, adv_v6],
-            on_host: [
-                t.external_ip.is_none() || t.external_ip == bind_v4,
-                t.external_ip_v6.is_none() || t.external_ip_v6 == bind_v6,
-            ],
-        }
-    }
-
-    /// The advertised relay addresses that are this host's own (no
-    /// `external_ip` of a NAT in front): relay to relay between them is
-    /// handed over in memory, which is what the kernel would do with it
-    /// anyway. Behind a NAT such a datagram goes to the advertised address
-    /// for real, so a wrong `external_ip` shows (in calls, `turnkey
-    /// probe` and `/selftest`) instead of being papered over.
-    fn handover_addrs(&self) -> [Option<IpAddr>; 2] {
-        [0, 1].map(|i| self.advertised[i].filter(|_| self.on_host[i]))
-    }
-
-    /// Our own relay addresses, which the peer policy always allows (on
-    /// relay ports): the advertised ones, which is what clients of this
-    /// server see as each other's relayed addresses. A bind address behind
-    /// 1:1 NAT is not one; it stays subject to the policy.
-    fn relay_ips(&self) -> Vec<IpAddr> {
-        self.advertised.iter().flatten().copied().collect()
-    }
-}
-
-/// Linux's range for the host's own outgoing ports, if it can be read.
-fn ephemeral_ports() -> Option<(u16, u16)> {
-    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let mut it = text.split_whitespace().map(|n| n.parse::<u16>().ok());
-    Some((it.next()??, it.next()??))
-}
-
-/// The address of the interface that routes to the internet, found by a
-/// UDP connect (which sends nothing).
-fn default_route_ip() -> Option<IpAddr> {
-    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
-    s.connect("192.0.2.1:9").ok()?;
-    let ip = s.local_addr().ok()?.ip();
-    (!ip.is_unspecified()).then_some(ip)
-}
-
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::default_shards;
-
-    #[test]
-    fn relay_handover_only_where_the_advertised_address_is_the_hosts() {
-        use super::RelayFamilies;
-        let ip = |s: &str| s.parse::<std::net::IpAddr>().ok();
-        let mut t = crate::config::TurnConfig {
-            listen: vec!["192.0.2.10:3478".parse().unwrap()],
-            ..Default::default()
-        };
-        let f = RelayFamilies::from_config(&t);
-        assert_eq!(f.handover_addrs()[0], ip("192.0.2.10"));
-        // Behind a NAT: datagrams go to the advertised address for real.
-        t.external_ip = ip("198.51.100.7");
-        let f = RelayFamilies::from_config(&t);
-        assert_eq!(f.advertised[0], ip("198.51.100.7"));
-        assert_eq!(f.handover_addrs()[0], None);
-        t.external_ip = ip("192.0.2.10");
-        assert_eq!(
-            RelayFamilies::from_config(&t).handover_addrs()[0],
-            ip("192.0.2.10")
-        );
-    }
-
-    #[test]
-    fn default_shards_are_one_per_two_cores_and_never_zero() {
-        assert_eq!(
-            [1, 2, 3, 4, 8].map(default_shards),
-            [1, 1, 1, 2, 4],
-            "cores 1, 2, 3, 4, 8"
-        );
-    }
 }

@@ -12,7 +12,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use crate::access::Doorman;
 use crate::budget::Rate;
 use crate::config::{Config, ConfigError, Secret, SignalingBackend};
 use crate::ice::{IceGrants, IceSettings};
+use crate::lifecycle::Drain;
 use crate::public::PublicLimits;
 use crate::reload::{self, Report};
 use crate::signal::{SignalConfig, Signaling};
@@ -49,7 +50,7 @@ pub struct Parts {
     pub relay_ips: Vec<IpAddr>,
     pub rules: Arc<ArcSwap<Rules>>,
     pub shared: Arc<Shared>,
-    pub draining: Arc<AtomicBool>,
+    pub drain: Arc<Drain>,
     pub bound: Bound,
     pub certs: Option<Arc<CertStore>>,
 }
@@ -63,7 +64,7 @@ pub struct Control {
     bound: Bound,
     rules: Arc<ArcSwap<Rules>>,
     shared: Arc<Shared>,
-    draining: Arc<AtomicBool>,
+    drain: Arc<Drain>,
     signaling: Arc<Signaling>,
     ice: Arc<IceGrants>,
     stream_limits: Arc<ArcSwap<StreamLimits>>,
@@ -184,13 +185,13 @@ impl Control {
         let sig_cfg = signal_config(&p.config);
         let signaling = match s.backend {
             SignalingBackend::Memory => {
-                Signaling::new(sig_cfg, ice_fn, doorman.clone(), p.draining.clone())
+                Signaling::new(sig_cfg, ice_fn, doorman.clone(), p.drain.flag())
             }
             SignalingBackend::Redis => Signaling::with_redis(
                 sig_cfg,
                 ice_fn,
                 doorman.clone(),
-                p.draining.clone(),
+                p.drain.flag(),
                 crate::signal::redis::Settings {
                     url: s.redis_url.clone(),
                     prefix: s.redis_prefix.clone(),
@@ -208,7 +209,7 @@ impl Control {
             bound: p.bound,
             rules: p.rules,
             shared: p.shared,
-            draining: p.draining,
+            drain: p.drain,
             signaling,
             ice,
             certs: p.certs,
@@ -279,14 +280,14 @@ impl Control {
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.drain.is_draining()
     }
 
     /// Starts draining: `/readyz` 503, new allocations refused (or sent to
     /// `drain.alternate_server`), new joins refused; live calls go on.
     /// Returns how long the drain may last, or None if it had started.
     pub fn start_drain(&self) -> Option<Duration> {
-        if self.draining.swap(true, Ordering::Relaxed) {
+        if !self.drain.start() {
             return None;
         }
         Some(Duration::from_secs(self.lock_current().drain.grace_secs))

@@ -11,6 +11,7 @@ pub mod control;
 pub mod counter;
 pub mod http;
 pub mod ice;
+pub mod lifecycle;
 pub mod metrics;
 pub mod probe;
 pub mod proxy_protocol;

@@ -22,6 +22,7 @@
 //! refusal, a full buffer) are counted and skipped; they never end a loop.
 
 pub mod batch;
+pub mod setup;
 pub mod shortcut;
 
 use std::collections::HashMap;

@@ -117,6 +117,31 @@ impl CertStore {
     }
 
     /// A rustls server config reading this store on every handshake.
+    /// Watches the files until `stop`: a changed pair is loaded for the
+    /// next handshakes; an unusable one is logged and the old certificate
+    /// stays. (The modification time is read every `every`: a deploy hook
+    /// that copies new files in needs no signal.)
+    pub async fn watch(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            match self.reload_if_changed() {
+                Ok(true) => tracing::info!("TLS certificate files changed: reloaded"),
+                Ok(false) => {}
+                Err(e) => tracing::error!(
+                    "TLS certificate files changed but are unusable, the old certificate stays: {e}"
+                ),
+            }
+        }
+    }
+
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let mut cfg =
             rustls::ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))

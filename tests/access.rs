@@ -231,6 +231,146 @@ async fn token_mode_admits_the_apps_users_to_their_rooms() {
     assert!(user.ends_with(":ben"), "{user}");
 }
 
+/// One reading of "who is calling": `/ws` takes `Authorization: Bearer`
+/// as the API does; a token not valid yet (`nbf`) or with a `room` that is
+/// no string is refused everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_takes_a_bearer_token_and_tokens_are_read_strictly() {
+    let tk = start(
+        "access-bearer",
+        &format!("mode = \"token\"\ntoken_secret = [\"{TOKEN_SECRET}\"]"),
+        "",
+    );
+    let good = jwt(
+        serde_json::json!({"sub": "cleo", "exp": exp(600), "room": "r1"}),
+        TOKEN_SECRET,
+    );
+    let mut req = format!("ws://{}/ws", tk.http)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {good}").parse().unwrap());
+    let (mut s, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("a Bearer token admits /ws");
+    send(&mut s, serde_json::json!({"type": "join", "room": "r1"})).await;
+    let joined = next_of(&mut s, "joined").await;
+    let user = joined["iceServers"][1]["username"].as_str().unwrap();
+    assert!(user.ends_with(":cleo"), "{user}");
+
+    let not_yet = jwt(
+        serde_json::json!({"sub": "cleo", "exp": exp(600), "nbf": exp(300)}),
+        TOKEN_SECRET,
+    );
+    let null_room = jwt(
+        serde_json::json!({"sub": "cleo", "exp": exp(600), "room": null}),
+        TOKEN_SECRET,
+    );
+    for bad in [&not_yet, &null_room] {
+        let (status, _, body) = get_from(
+            "127.0.0.1",
+            tk.http,
+            "/api/ice-servers",
+            &format!("Authorization: Bearer {bad}\r\n"),
+        );
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(
+            ws(&tk, &format!("?token={bad}"), None).await.err(),
+            Some(401)
+        );
+    }
+    assert!(tk.metric(r#"turnkey_access_refused_total{reason="bad_token"}"#) >= 4.0);
+}
+
+/// `/api/ice-servers` answers a CORS preflight for `Authorization` from an
+/// origin the rules allow, and only from one.
+#[test]
+fn the_api_answers_cors_preflights_for_allowed_origins() {
+    let allowed = "https://app.example";
+    // A browser's preflight: (status, head in lowercase).
+    let options = |tk: &Turnkey, origin: &str| {
+        let mut s = std::net::TcpStream::connect(tk.http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "OPTIONS /api/ice-servers HTTP/1.1\r\nHost: {}\r\nOrigin: {origin}\r\n\
+             Access-Control-Request-Method: GET\r\nAccess-Control-Request-Headers: authorization\r\n\
+             Connection: close\r\n\r\n",
+            tk.http
+        )
+        .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        let status: u16 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, text.to_ascii_lowercase())
+    };
+    for (mode, extra) in [
+        ("origin", format!("allowed_origins = [\"{allowed}\"]")),
+        (
+            "token",
+            format!("token_secret = [\"{TOKEN_SECRET}\"]\nallowed_origins = [\"{allowed}\"]"),
+        ),
+    ] {
+        let tk = start(
+            &format!("access-preflight-{mode}"),
+            &format!("mode = \"{mode}\"\n{extra}"),
+            "",
+        );
+        let (status, head) = options(&tk, allowed);
+        assert!(matches!(status, 200 | 204), "{mode}: {head}");
+        assert!(
+            head.contains(&format!("access-control-allow-origin: {allowed}")),
+            "{mode}: {head}"
+        );
+        assert!(
+            head.contains("access-control-allow-headers: authorization"),
+            "{mode}: {head}"
+        );
+        let (status, head) = options(&tk, "https://evil.example");
+        assert!(
+            !head.contains("access-control-allow-origin"),
+            "{mode}: CORS for a foreign origin ({status}): {head}"
+        );
+    }
+}
+
+/// A page on another origin fetches `/api/ice-servers` with a Bearer token
+/// in Chromium (preflight, then the GET), in token mode with no origin
+/// listed (any origin may, the token is the proof).
+#[test]
+fn chromium_on_another_origin_fetches_ice_servers_with_a_bearer_token() {
+    common::require("chromium", "chromium");
+    common::require("node", "nodejs");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    common::ensure_node_modules(&dir);
+    let tk = start(
+        "access-cors-browser",
+        &format!("mode = \"token\"\ntoken_secret = [\"{TOKEN_SECRET}\"]"),
+        "",
+    );
+    let token = jwt(
+        serde_json::json!({"sub": "dana", "exp": exp(600)}),
+        TOKEN_SECRET,
+    );
+    let mut node = Command::new("node");
+    node.arg(dir.join("cors_fetch.mjs"))
+        .arg(tk.url("/api/ice-servers"))
+        .arg(&token)
+        .current_dir(&dir);
+    let (ok, out, err) = common::run_with_timeout(node, Duration::from_secs(70));
+    assert!(ok, "{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+    assert_eq!(v["status"], 200, "{v}");
+    let user = v["body"]["iceServers"][1]["username"]
+        .as_str()
+        .unwrap_or("");
+    assert!(user.ends_with(":dana"), "{v}");
+}
+
 #[test]
 fn open_mode_has_a_mint_budget_per_address() {
     let tk = start("access-open", "mode = \"open\"", "");

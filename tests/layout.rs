@@ -144,3 +144,58 @@ fn the_package_has_one_binary_the_appliance() {
         .collect();
     assert_eq!(bins, ["turnkey"]);
 }
+
+/// The code lines of a source file (comments left out: a doc link is not
+/// an import).
+fn code(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|e| e == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// Budgets are one module outside the core (`src/budget.rs`): the shells
+/// never reach into the TURN core's internals for them.
+#[test]
+fn nothing_outside_the_core_imports_its_limits() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    for f in files.iter().filter(|f| !f.starts_with(src.join("turn"))) {
+        let text = code(f);
+        assert!(
+            !text.contains("turn::limits"),
+            "{} imports turn::limits",
+            f.display()
+        );
+    }
+    assert!(src.join("budget.rs").exists());
+}
+
+/// The composition root reads as a short list of parts: what a part is
+/// made of lives with the part.
+#[test]
+fn the_composition_roots_start_is_short() {
+    let app = code(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src/app.rs"));
+    let start = app
+        .find("async fn start(")
+        .expect("app.rs has a start function");
+    let body = &app[start..];
+    // The function ends at the first line that closes it at column 0.
+    let end = body.find("\n}\n").expect("start ends");
+    let lines = body[..end].lines().count() + 1;
+    assert!(lines < 100, "app.rs::start is {lines} lines");
+}

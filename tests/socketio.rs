@@ -547,49 +547,110 @@ fn the_served_client_is_socketio_client_2_3_0_unchanged() {
 /// without a valid token is disconnected before it is connected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_control_applies_to_socketio() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let secret = "token-secret-for-the-tests-0123456789";
     let tk = turnkey(
         "sio-token",
         &format!("[access]\nmode = \"token\"\ntoken_secret = [\"{secret}\"]\n"),
     );
-    let mut refused = ws_connect(format!(
-        "ws://{}/socket.io/?EIO=3&transport=websocket",
-        tk.http
-    ))
-    .await;
-    assert!(next_text(&mut refused)
-        .await
-        .is_some_and(|p| p.starts_with('0')));
-    loop {
-        match next_text(&mut refused).await.as_deref() {
-            None | Some("41") => break,
-            Some("3") => continue,
-            Some(other) => panic!("served without a token: {other}"),
-        }
+    // Refused at the handshake, before any session exists: an HTTP 401,
+    // on either transport, and counted.
+    let url = format!("ws://{}/socket.io/?EIO=3&transport=websocket", tk.http);
+    match tokio_tungstenite::connect_async(url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("served without a token: {:?}", other.map(|_| ())),
     }
+    let (status, _, body) = http(
+        tk.http,
+        "GET",
+        "/socket.io/?EIO=3&transport=polling&t=x",
+        &[],
+        "",
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(!body.contains("sid"), "{body}");
+    assert!(tk.metric(r#"turnkey_access_refused_total{reason="no_token"}"#) >= 2.0);
+
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &serde_json::json!({"sub": "tutorial-user", "exp": turnkey::ice::unix_now() + 600}),
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap(),
     )
     .unwrap();
-    let mut ws = ws_connect(format!(
+    // The token as `?token=`, and as `Authorization: Bearer` (as the API
+    // takes it).
+    let by_query = ws_connect(format!(
         "ws://{}/socket.io/?EIO=3&transport=websocket&token={token}",
         tk.http
     ))
     .await;
-    assert!(next_text(&mut ws).await.is_some_and(|p| p.starts_with('0')));
-    assert_eq!(next_text(&mut ws).await.as_deref(), Some("40"));
-    let mut sio = Sio {
-        ws,
-        open: Value::Null,
-    };
-    sio.emit(json!(["create or join", "foo"])).await;
-    sio.expect_event("created").await;
-    let ice = sio.expect_event("ice-servers").await;
-    let user = ice[1][1]["username"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(user.ends_with(":tutorial-user"), "{ice}");
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (by_header, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("a Bearer token admits a socket.io handshake");
+    for (how, mut ws) in [("query", by_query), ("bearer", by_header)] {
+        assert!(next_text(&mut ws).await.is_some_and(|p| p.starts_with('0')));
+        assert_eq!(next_text(&mut ws).await.as_deref(), Some("40"));
+        let mut sio = Sio {
+            ws,
+            open: Value::Null,
+        };
+        sio.emit(json!(["create or join", how])).await;
+        sio.expect_event("created").await;
+        let ice = sio.expect_event("ice-servers").await;
+        let user = ice[1][1]["username"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(user.ends_with(":tutorial-user"), "{how}: {ice}");
+    }
+}
+
+/// In origin mode the polling transport answers only the allowed origins
+/// with CORS headers, and a foreign origin's handshake gets no session.
+#[test]
+fn origin_mode_polling_gives_foreign_origins_no_cors_and_no_session() {
+    let allowed = "https://app.example";
+    let tk = turnkey(
+        "sio-origin-cors",
+        &format!("[access]\nmode = \"origin\"\nallowed_origins = [\"{allowed}\"]\n"),
+    );
+    let path = "/socket.io/?EIO=3&transport=polling&t=a";
+    for foreign in ["https://evil.example", "null"] {
+        let (status, head, body) = http(tk.http, "GET", path, &[("Origin", foreign)], "");
+        assert_eq!(status, 403, "{head}{body}");
+        assert!(
+            !head
+                .to_ascii_lowercase()
+                .contains("access-control-allow-origin"),
+            "CORS for {foreign}:\n{head}"
+        );
+        let (_, head, _) = http(
+            tk.http,
+            "OPTIONS",
+            path,
+            &[
+                ("Origin", foreign),
+                ("Access-Control-Request-Method", "GET"),
+            ],
+            "",
+        );
+        assert!(
+            !head
+                .to_ascii_lowercase()
+                .contains("access-control-allow-origin"),
+            "preflight CORS for {foreign}:\n{head}"
+        );
+    }
+    let (status, _, _) = http(tk.http, "GET", path, &[], "");
+    assert_eq!(status, 403, "no Origin at all is refused too");
+    let (status, head, body) = http(tk.http, "GET", path, &[("Origin", allowed)], "");
+    assert_eq!(status, 200, "{head}{body}");
+    assert!(
+        head.contains(&format!("access-control-allow-origin: {allowed}")),
+        "{head}"
+    );
+    assert!(body.contains("\"sid\""), "{body}");
 }
