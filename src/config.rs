@@ -358,7 +358,7 @@ pub struct SignalingConfig {
     /// node).
     pub max_rooms: usize,
     /// Where rooms live: this process's memory, or Redis shared by several
-    /// nodes (`signal/redis.rs`).
+    /// nodes (`signal/redis/`).
     pub backend: SignalingBackend,
     /// The Redis server of the `redis` backend (`redis://[:PASSWORD@]HOST:PORT[/DB]`).
     pub redis_url: String,

@@ -199,3 +199,63 @@ fn the_composition_roots_start_is_short() {
     let lines = body[..end].lines().count() + 1;
     assert!(lines < 100, "app.rs::start is {lines} lines");
 }
+
+/// The code lines of a file under `src/`.
+fn code_of(file: &str) -> String {
+    code(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src").join(file))
+}
+
+/// Whether `code` names the sibling module `module` of `signal`: as
+/// `super::module`, `signal::module`, inside a `super::{…}` group, or as
+/// the start of a path (`module::…`). A path that merely ends in a segment
+/// of that name elsewhere (`axum::extract::ws::Message`) does not count.
+fn names_sibling(code: &str, module: &str) -> bool {
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    code.match_indices(module).any(|(i, _)| {
+        let before = &code[..i];
+        let after = &code[i + module.len()..];
+        if before.ends_with(ident) || after.starts_with(ident) {
+            return false;
+        }
+        if before.ends_with("super::") || before.ends_with("signal::") {
+            return true;
+        }
+        // Inside a `super::{…}` group still open here (groups nest).
+        let in_group = before.rfind("super::{").is_some_and(|g| {
+            let rest = &before[g + "super::{".len()..];
+            rest.matches('}').count() <= rest.matches('{').count()
+        });
+        in_group || (after.starts_with("::") && !before.ends_with("::"))
+    })
+}
+
+#[test]
+fn no_signaling_shell_imports_the_other() {
+    for (file, other) in [("signal/ws.rs", "socketio"), ("signal/socketio.rs", "ws")] {
+        assert!(
+            !names_sibling(&code_of(file), other),
+            "src/{file} names the {other} shell; what both need belongs in signal/peers.rs"
+        );
+    }
+    // The check itself sees the forms an import takes.
+    for bad in [
+        "use super::ws::{Kick, Outgoing};",
+        "use super::{rooms, ws};",
+        "use super::{\n    peers::{Kick, Wire},\n    ws::serve,\n};",
+        "let x = ws::transport_limit(1);",
+        "crate::signal::ws::Wire::Json",
+    ] {
+        assert!(names_sibling(bad, "ws"), "{bad}");
+    }
+    for fine in [
+        "use axum::extract::ws::Message;",
+        "let news = 1;",
+        "use socketioxide::SocketIo;",
+        "use super::{peers::Kick, rooms};\nlet ws = 1;",
+    ] {
+        assert!(
+            !names_sibling(fine, "ws") && !names_sibling(fine, "socketio"),
+            "{fine}"
+        );
+    }
+}

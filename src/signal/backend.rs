@@ -1,7 +1,7 @@
 //! Where the rooms live: the [`Backend`] trait, and [`Memory`], the
 //! single-node backend (the pure registry of `rooms.rs` behind a lock).
 //! The Redis backend, which lets several nodes share rooms, is in
-//! `redis.rs`; both pass the same test suite (`backend_tests.rs`).
+//! `redis/`; both pass the same test suite (`backend_tests.rs`).
 //!
 //! A backend answers with the [`Delivery`]s for peers of this node; what
 //! goes to peers of another node it sends itself, and it arrives there

@@ -9,7 +9,9 @@
 //! per-connection deadlines (plain data too), and `ws` the thin axum shell
 //! that owns sockets and tasks. The socket.io tutorial's peers meet `/ws`
 //! peers in the same registry: [`tutorial`] maps its events (plain data),
-//! `socketio` is their shell at `/socket.io/`. This file is the surface the
+//! `socketio` is their shell at `/socket.io/`. Both shells register their
+//! connections in `peers`, which delivers to either kind; neither shell
+//! imports the other. This file is the surface the
 //! rest of the application uses: [`Signaling`], [`SignalConfig`],
 //! [`SignalStats`] and [`router`].
 //!
@@ -22,6 +24,7 @@ pub mod backend;
 #[cfg(test)]
 mod backend_tests;
 pub mod ids;
+mod peers;
 pub mod protocol;
 pub mod redis;
 #[cfg(test)]
@@ -32,9 +35,8 @@ pub mod timers;
 pub mod tutorial;
 mod ws;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use std::net::IpAddr;
@@ -245,7 +247,7 @@ pub struct Signaling {
     /// Where the rooms live.
     backend: Arc<dyn Backend>,
     /// Outgoing queues of every open connection, joined or not.
-    peers: Mutex<HashMap<PeerId, ws::PeerHandle>>,
+    peers: peers::Peers,
     stats: SignalStats,
     /// The appliance's drain flag: while set, joins are refused.
     draining: Arc<AtomicBool>,
@@ -320,7 +322,7 @@ impl Signaling {
                 sockets: Occupancy::new(),
                 joins: Mutex::new(PerAddress::new(65_536)),
                 backend,
-                peers: Mutex::new(HashMap::new()),
+                peers: peers::Peers::default(),
                 stats,
                 draining,
                 shutdown: watch::Sender::new(false),
@@ -460,7 +462,7 @@ impl Signaling {
         loop {
             // Created before the check so a wake-up in between is not lost.
             let notified = self.idle.notified();
-            if self.lock_peers().is_empty() {
+            if self.peers.is_empty() {
                 return;
             }
             notified.await;
@@ -476,9 +478,5 @@ impl Signaling {
         self.stats
             .rooms
             .store(self.backend.room_count() as u64, Ordering::Relaxed);
-    }
-
-    fn lock_peers(&self) -> MutexGuard<'_, HashMap<PeerId, ws::PeerHandle>> {
-        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -242,6 +242,14 @@ pub fn parse_client(text: &str, max_bytes: usize) -> Result<ClientMessage, Parse
     serde_json::from_value(value).map_err(|e| ParseError::BadMessage(e.to_string()))
 }
 
+/// The largest message the transport accepts for a cap of
+/// `max_message_bytes`: a bit more, so that a message slightly over the cap
+/// is read and answered with `too-large` (by [`parse_client`]) rather than
+/// closing the connection. Both shells configure their transport with it.
+pub fn transport_limit(max_message_bytes: usize) -> usize {
+    max_message_bytes.saturating_add((max_message_bytes / 4).max(1024))
+}
+
 /// Names that are well-typed strings but not valid names get their own
 /// codes: a bad room name is a user typo, a bad peer id is a peer that
 /// cannot exist.
@@ -365,6 +373,13 @@ mod tests {
             })
         );
         assert_eq!(code_of(&"{".repeat(MAX + 1)), ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn transport_limit_leaves_room_for_a_polite_refusal() {
+        assert_eq!(transport_limit(64 * 1024), 80 * 1024);
+        assert_eq!(transport_limit(100), 1124);
+        assert_eq!(transport_limit(usize::MAX), usize::MAX);
     }
 
     #[test]

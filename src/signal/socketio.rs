@@ -70,20 +70,17 @@ use crate::budget::Gcra;
 use crate::caller::Caller;
 use crate::counter::inc;
 
-use super::protocol::{ParseError, ServerMessage};
+use super::peers::{Kick, Outgoing, PeerHandle, Wire, OUTGOING_QUEUE};
+use super::protocol::{transport_limit, ParseError, ServerMessage};
 use super::rooms::{Delivery, RoomError};
 use super::timers;
 use super::tutorial::{self, Args, Emit, Inbound, Renderer};
-use super::ws::{transport_limit, Kick, Outgoing, PeerHandle, Wire};
 use super::{PeerId, RoomName, Signaling};
 
 /// socket.io-client 2.3.0's browser bundle (`dist/socket.io.js` of the npm
 /// package), unchanged; its MIT licence is beside it.
 const CLIENT_JS: &str = include_str!("vendor/socket.io-client-2.3.0/socket.io.js");
 
-/// Same as a `/ws` peer's queue: an offer, an answer and a few dozen
-/// candidates fit comfortably.
-const OUTGOING_QUEUE: usize = 64;
 /// socketioxide's own per-connection packet buffer, behind our queue.
 const ENGINE_BUFFER: usize = 128;
 /// Shortest heartbeat honoured, as for `/ws` (see `timers`).

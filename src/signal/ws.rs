@@ -9,41 +9,37 @@
 //! `try_send` into the queue; a full queue marks the peer as a slow
 //! consumer and it is dropped.
 //!
-//! Message size: the transport accepts frames up to [`transport_limit`], a
+//! Message size: the transport accepts frames up to
+//! [`protocol::transport_limit`], a
 //! bit above `max_message_bytes`, so a message slightly over the cap gets a
 //! polite `too-large` error and the connection lives on. Beyond the
 //! transport limit the WebSocket library refuses the frame before reading
 //! it, the connection is closed without a JSON answer (browsers report
 //! 1006) and the room sees `peer-left`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc::{self, error::TrySendError};
-use tokio::sync::Notify;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::budget::Gcra;
 use crate::caller::Caller;
 use crate::counter::inc;
 
+use super::peers::{Kick, Outgoing, PeerHandle, Wire, OUTGOING_QUEUE};
 use super::protocol::{self, ClientMessage, ErrorCode, ParseError, ServerMessage};
 use super::rooms::{Delivery, RoomError};
 use super::timers::{self, Beat, Heartbeat};
 use super::{PeerId, RoomName, SignalConfig, Signaling};
 
-/// Messages a connection may have queued before it counts as a slow
-/// consumer. Signaling is bursty but small: an offer, an answer and a few
-/// dozen candidates fit comfortably.
-const OUTGOING_QUEUE: usize = 64;
 /// Per-connection read and write buffers. axum's default is 128 KiB each,
 /// which is 256 MiB for 1000 idle peers; signaling messages are small, and
 /// the read buffer still grows on demand for a large message.
@@ -54,11 +50,6 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// `GET /ws` and nothing else; the caller merges it into the app router.
 pub fn router(sig: Arc<Signaling>) -> Router {
     Router::new().route("/ws", get(upgrade)).with_state(sig)
-}
-
-/// The largest message the transport accepts for a given cap.
-pub fn transport_limit(max_message_bytes: usize) -> usize {
-    max_message_bytes.saturating_add((max_message_bytes / 4).max(1024))
 }
 
 async fn upgrade(
@@ -76,125 +67,12 @@ async fn upgrade(
         .as_deref()
         .and_then(crate::ice::host_of)
         .map(str::to_string);
-    let limit = transport_limit(cfg.max_message_bytes);
+    let limit = protocol::transport_limit(cfg.max_message_bytes);
     ws.read_buffer_size(SOCKET_BUFFER)
         .write_buffer_size(SOCKET_BUFFER)
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| serve(sig, socket, host, cfg, entry))
-}
-
-/// What the writer task sends.
-pub(super) enum Outgoing {
-    Text(Utf8Bytes),
-    /// The message itself, for a socket.io peer, whose shell renders it as
-    /// events (`socketio.rs`).
-    Message(ServerMessage),
-    Ping,
-    Close(u16, &'static str),
-}
-
-/// How other tasks reach a connection: its queue, and a way to make it stop.
-pub(super) struct PeerHandle {
-    pub(super) tx: mpsc::Sender<Outgoing>,
-    pub(super) kick: Arc<Kick>,
-    pub(super) wire: Wire,
-}
-
-/// How a peer wants its messages: JSON text (`/ws`) or as they are.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Wire {
-    Json,
-    SocketIo,
-}
-
-/// A one-shot "drop this connection" signal; `Notify` keeps the permit if
-/// the connection is busy, so the kick is never lost.
-#[derive(Default)]
-pub(super) struct Kick {
-    fired: AtomicBool,
-    pub(super) notify: Notify,
-}
-
-impl Signaling {
-    /// Queues each delivery to its recipients without ever waiting. Counts
-    /// what is sent, so statistics match what peers saw.
-    pub(super) fn deliver(&self, deliveries: Vec<Delivery>) {
-        for Delivery { to, msg } in deliveries {
-            match &msg {
-                ServerMessage::Error { code, .. } => self.stats.count_error(*code),
-                ServerMessage::Joined { .. } => inc(&self.stats.joins_total),
-                ServerMessage::Full { .. } => inc(&self.stats.full_total),
-                ServerMessage::IceServers { .. } => inc(&self.stats.ice_refreshes_total),
-                _ => {}
-            }
-            let text = match serde_json::to_string(&msg) {
-                Ok(text) => Utf8Bytes::from(text),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot serialize a signaling message");
-                    continue;
-                }
-            };
-            let relayed = matches!(msg, ServerMessage::Signal { .. });
-            let peers = self.lock_peers();
-            for handle in to.iter().filter_map(|id| peers.get(id)) {
-                let out = match handle.wire {
-                    Wire::Json => Outgoing::Text(text.clone()),
-                    Wire::SocketIo => Outgoing::Message(msg.clone()),
-                };
-                if self.push(&handle.tx, &handle.kick, out) && relayed {
-                    inc(&self.stats.messages_relayed_total);
-                    if handle.wire == Wire::SocketIo {
-                        inc(&self.stats.socketio_messages_relayed_total);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Queues one item; a full queue kicks the connection (once).
-    pub(super) fn push(&self, tx: &mpsc::Sender<Outgoing>, kick: &Kick, out: Outgoing) -> bool {
-        match tx.try_send(out) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                if !kick.fired.swap(true, Ordering::Relaxed) {
-                    inc(&self.stats.slow_consumer_drops_total);
-                    kick.notify.notify_one();
-                }
-                false
-            }
-            Err(TrySendError::Closed(_)) => false,
-        }
-    }
-
-    pub(super) fn register(&self, handle: PeerHandle) -> PeerId {
-        let mut peers = self.lock_peers();
-        let id = loop {
-            let id = PeerId::random();
-            if !peers.contains_key(&id) {
-                break id;
-            }
-        };
-        peers.insert(id, handle);
-        self.stats
-            .connected_peers
-            .store(peers.len() as u64, Ordering::Relaxed);
-        id
-    }
-
-    pub(super) fn unregister(&self, id: PeerId) {
-        let farewell = self.backend.disconnect(id);
-        self.count_rooms();
-        self.deliver(farewell);
-        let mut peers = self.lock_peers();
-        peers.remove(&id);
-        self.stats
-            .connected_peers
-            .store(peers.len() as u64, Ordering::Relaxed);
-        if peers.is_empty() {
-            self.idle.notify_waiters();
-        }
-    }
 }
 
 /// Why a connection's reader loop ended.
@@ -467,16 +345,4 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Recei
         }
     }
     let _ = sink.flush().await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn transport_limit_leaves_room_for_a_polite_refusal() {
-        assert_eq!(transport_limit(64 * 1024), 80 * 1024);
-        assert_eq!(transport_limit(100), 1124);
-        assert_eq!(transport_limit(usize::MAX), usize::MAX);
-    }
 }

@@ -25,15 +25,18 @@
 //! writes its members back (Redis may have lost them) and accepts joins
 //! again. Messages published to a node while it was not subscribed are
 //! lost: signaling peers renegotiate.
+//!
+//! Files: this one is the backend's room operations and its shared state;
+//! `scripts.rs` and the `.lua` files beside it are the atomic steps run in
+//! Redis; `presence.rs` is the refresh and subscription tasks and the
+//! up/down state they drive.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::Script;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -43,13 +46,14 @@ use super::backend::{Backend, BackendStats, Inbox};
 use super::ids::{PeerId, RoomName};
 use super::protocol::ServerMessage;
 use super::rooms::{Delivery, IceGrant, RoomError, Rooms};
-use crate::counter::inc;
+use scripts::{BROADCAST, JOIN, ROUTE};
+
+mod presence;
+mod scripts;
 
 /// How long one Redis request or connection attempt may take; past it the
 /// backend counts as unavailable.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
-/// Pause between attempts to subscribe again.
-const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(250);
 
 /// Where the shared rooms live.
 #[derive(Debug, Clone)]
@@ -65,112 +69,12 @@ pub struct Settings {
 pub struct BadRedisUrl(String);
 
 /// A message for peers of one node, as published on its channel. The Lua
-/// scripts write the same shape (see `FANOUT`).
+/// scripts write the same shape (see `fanout` in `lib.lua`).
 #[derive(Debug, Serialize, Deserialize)]
 struct Envelope {
     to: Vec<PeerId>,
     msg: ServerMessage,
 }
-
-/// Shared by the scripts. `fanout` publishes MSG to every member of ROOM
-/// on another node than SELF (except EXCEPT), one envelope per node. The
-/// envelope is concatenated rather than built with cjson, which would turn
-/// an empty array in MSG into an object; ids are hex and MSG is JSON that
-/// serde wrote, so the result is valid JSON. `sweep` removes the members
-/// whose node's presence key is gone and returns them.
-const LIB: &str = r#"
-local function fanout(room, self, except, msg, prefix)
-  local m = redis.call('HGETALL', room)
-  local by = {}
-  for i = 1, #m, 2 do
-    local p, n = m[i], m[i + 1]
-    if p ~= except and n ~= self then
-      by[n] = by[n] or {}
-      table.insert(by[n], '"' .. p .. '"')
-    end
-  end
-  for n, ids in pairs(by) do
-    redis.call('PUBLISH', prefix .. 'chan:' .. n,
-      '{"to":[' .. table.concat(ids, ',') .. '],"msg":' .. msg .. '}')
-  end
-end
-local function sweep(room, self, prefix)
-  local m = redis.call('HGETALL', room)
-  local dead, alive = {}, {}
-  for i = 1, #m, 2 do
-    local p, n = m[i], m[i + 1]
-    if n ~= self then
-      if alive[n] == nil then
-        alive[n] = redis.call('EXISTS', prefix .. 'node:' .. n)
-      end
-      if alive[n] == 0 then
-        redis.call('HDEL', room, p)
-        table.insert(dead, p)
-      end
-    end
-  end
-  return dead
-end
-"#;
-
-/// KEYS: room. ARGV: peer, node, capacity, room ttl ms, prefix, the
-/// `peer-joined` message. Returns {joined 0/1, members before (peer, node,
-/// …), dead members swept}.
-static JOIN: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{LIB}
-local dead = sweep(KEYS[1], ARGV[2], ARGV[5])
-local m = redis.call('HGETALL', KEYS[1])
-if #m / 2 >= tonumber(ARGV[3]) then return {{0, m, dead}} end
-fanout(KEYS[1], ARGV[2], ARGV[1], ARGV[6], ARGV[5])
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {{1, m, dead}}"
-    ))
-});
-
-/// KEYS: room. ARGV: peer, node, prefix, the `peer-left` message.
-static LEAVE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{LIB}
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-fanout(KEYS[1], ARGV[2], ARGV[1], ARGV[4], ARGV[3])
-return 1"
-    ))
-});
-
-/// KEYS: room. ARGV: recipient, node, prefix, envelope. 0 when the
-/// recipient is not a member on another node.
-static ROUTE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        "local n = redis.call('HGET', KEYS[1], ARGV[1])
-if not n or n == ARGV[2] then return 0 end
-redis.call('PUBLISH', ARGV[3] .. 'chan:' .. n, ARGV[4])
-return 1",
-    )
-});
-
-/// KEYS: room. ARGV: sender, node, prefix, message.
-static BROADCAST: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{LIB}
-fanout(KEYS[1], ARGV[2], ARGV[1], ARGV[4], ARGV[3])
-return 1"
-    ))
-});
-
-/// KEYS: room. ARGV: node, prefix, room ttl ms, this node's members…
-/// Writes them back (Redis may have restarted empty), keeps the room
-/// alive, and returns the members swept.
-static REFRESH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{LIB}
-for i = 4, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], ARGV[1]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return sweep(KEYS[1], ARGV[1], ARGV[2])"
-    ))
-});
 
 /// The Redis backend; see the module docs.
 pub struct Redis {
@@ -264,32 +168,6 @@ impl Inner {
         self.ttl.as_millis() as u64
     }
 
-    /// Refused at once during an outage, rather than after a timeout.
-    fn check_up(&self) -> Result<(), RoomError> {
-        if self.stats.is_up() {
-            Ok(())
-        } else {
-            inc(&self.stats.errors_total);
-            Err(RoomError::BackendUnavailable)
-        }
-    }
-
-    fn mark_down(&self, why: &dyn std::fmt::Display) {
-        inc(&self.stats.errors_total);
-        if self.stats.up.swap(0, Ordering::Relaxed) == 1 {
-            inc(&self.stats.outages_total);
-            tracing::warn!(
-                "signaling backend unavailable: {why}; joins and signals to other nodes are refused until it is back"
-            );
-        }
-    }
-
-    fn mark_up(&self) {
-        if self.stats.up.swap(1, Ordering::Relaxed) == 0 {
-            tracing::info!("signaling backend available");
-        }
-    }
-
     /// Runs one script; a failure marks the backend down.
     async fn run<T: redis::FromRedisValue>(
         &self,
@@ -302,188 +180,6 @@ impl Inner {
                 self.mark_down(&e);
                 Err(RoomError::BackendUnavailable)
             }
-        }
-    }
-
-    /// Tells Redis (and so the other nodes) that `peer` left `room`; queued
-    /// for the next refresh if Redis cannot hear it now.
-    async fn remote_leave(&self, peer: PeerId, room: RoomName) {
-        let _shared = self.writes.read().await;
-        let done = self.stats.is_up()
-            && self
-                .run::<i64>(
-                    LEAVE
-                        .key(self.room_key(&room))
-                        .arg(peer.to_string())
-                        .arg(&self.node)
-                        .arg(&self.prefix)
-                        .arg(to_json(&ServerMessage::PeerLeft { id: peer })),
-                )
-                .await
-                .is_ok();
-        if !done {
-            self.lock_pending().push((peer, room));
-        }
-    }
-
-    fn lock_pending(&self) -> MutexGuard<'_, Vec<(PeerId, RoomName)>> {
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Announces members of `room` swept for a dead node: to this node's
-    /// members at once, to the other nodes' through Redis.
-    async fn farewell(&self, room: &RoomName, dead: Vec<PeerId>) {
-        for id in dead {
-            let local = self.lock_local().members(room).to_vec();
-            if !local.is_empty() {
-                (self.inbox)(vec![Delivery {
-                    to: local,
-                    msg: ServerMessage::PeerLeft { id },
-                }]);
-            }
-            let _ = self
-                .run::<i64>(
-                    BROADCAST
-                        .key(self.room_key(room))
-                        .arg(id.to_string())
-                        .arg(&self.node)
-                        .arg(&self.prefix)
-                        .arg(to_json(&ServerMessage::PeerLeft { id })),
-                )
-                .await;
-        }
-    }
-
-    /// Presence, the subscription, queued leaves, and this node's rooms
-    /// (written back, kept alive, swept).
-    async fn refresh(&self) -> Result<(), String> {
-        let mut conn = self.conn.clone();
-        let presence_ms = self.ttl.as_millis() as u64 * 3 / 4;
-        redis::cmd("SET")
-            .arg(format!("{}node:{}", self.prefix, self.node))
-            .arg(1)
-            .arg("PX")
-            .arg(presence_ms)
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(self.channel())
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
-        if subscribers == 0 || !self.subscribed.load(Ordering::Relaxed) {
-            if self.subscribed.load(Ordering::Relaxed) {
-                self.resubscribe.notify_one();
-            }
-            return Err("not subscribed to this node's channel".into());
-        }
-        let pending = std::mem::take(&mut *self.lock_pending());
-        for (i, (peer, room)) in pending.iter().enumerate() {
-            let sent = LEAVE
-                .key(self.room_key(room))
-                .arg(peer.to_string())
-                .arg(&self.node)
-                .arg(&self.prefix)
-                .arg(to_json(&ServerMessage::PeerLeft { id: *peer }))
-                .invoke_async::<i64>(&mut conn)
-                .await;
-            if let Err(e) = sent {
-                self.lock_pending().extend(pending.into_iter().skip(i));
-                return Err(e.to_string());
-            }
-        }
-        let mut swept = Vec::new();
-        {
-            let _exclusive = self.writes.write().await;
-            let rooms: Vec<(RoomName, Vec<PeerId>)> = self
-                .lock_local()
-                .rooms()
-                .map(|(r, m)| (r.clone(), m.to_vec()))
-                .collect();
-            for (room, members) in rooms {
-                let mut call = REFRESH.key(self.room_key(&room));
-                call.arg(&self.node)
-                    .arg(&self.prefix)
-                    .arg(self.room_ttl_ms());
-                for m in &members {
-                    call.arg(m.to_string());
-                }
-                let dead: Vec<String> = call
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if !dead.is_empty() {
-                    swept.push((room, ids(&dead)));
-                }
-            }
-        }
-        for (room, dead) in swept {
-            self.farewell(&room, dead).await;
-        }
-        Ok(())
-    }
-
-    async fn refresh_loop(self: Arc<Self>) {
-        let period = self.ttl / 4;
-        let mut every = tokio::time::interval(period);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = every.tick() => {}
-                () = self.refresh_now.notified() => {}
-                () = self.stop.cancelled() => return,
-            }
-            match tokio::time::timeout(period.max(REDIS_TIMEOUT), self.refresh()).await {
-                Ok(Ok(())) => self.mark_up(),
-                Ok(Err(e)) => self.mark_down(&e),
-                Err(_) => self.mark_down(&"refresh timed out"),
-            }
-        }
-    }
-
-    /// Keeps this node subscribed to its channel and hands what arrives
-    /// to the inbox.
-    async fn subscribe_loop(self: Arc<Self>) {
-        loop {
-            let attempt = async {
-                let mut ps = self.client.get_async_pubsub().await?;
-                ps.subscribe(self.channel()).await?;
-                Ok::<_, redis::RedisError>(ps)
-            };
-            match tokio::time::timeout(REDIS_TIMEOUT, attempt).await {
-                Ok(Ok(ps)) => {
-                    self.subscribed.store(true, Ordering::Relaxed);
-                    self.refresh_now.notify_one();
-                    let mut messages = ps.into_on_message();
-                    loop {
-                        tokio::select! {
-                            m = messages.next() => match m {
-                                Some(m) => self.receive(m.get_payload_bytes()),
-                                None => break,
-                            },
-                            () = self.resubscribe.notified() => break,
-                            () = self.stop.cancelled() => return,
-                        }
-                    }
-                    self.subscribed.store(false, Ordering::Relaxed);
-                    self.mark_down(&"lost the subscription to this node's channel");
-                }
-                Ok(Err(e)) => self.mark_down(&e),
-                Err(_) => self.mark_down(&"timed out subscribing"),
-            }
-            tokio::select! {
-                () = tokio::time::sleep(RESUBSCRIBE_AFTER) => {}
-                () = self.stop.cancelled() => return,
-            }
-        }
-    }
-
-    fn receive(&self, payload: &[u8]) {
-        match serde_json::from_slice::<Envelope>(payload) {
-            Ok(Envelope { to, msg }) => (self.inbox)(vec![Delivery { to, msg }]),
-            Err(e) => tracing::warn!(error = %e, "unreadable message on this node's channel"),
         }
     }
 }
