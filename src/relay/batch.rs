@@ -8,6 +8,13 @@
 //! bare forwarder in `bench/`, which measures this machine's ceiling with
 //! the same calls) decides what to read and when to flush. Errors are
 //! returned or counted by the caller, never fatal.
+//!
+//! The batched calls exist on Linux, Android and FreeBSD. Elsewhere, and
+//! where a sandbox refuses them (a seccomp filter answering `ENOSYS`), the
+//! same types read and send one datagram per `recvfrom`/`sendto`: slower,
+//! same results. A batch or queue that meets `ENOSYS` remembers it and
+//! takes that path from then on, so the choice is one flag tested per
+//! call, never a failed system call per packet.
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -29,6 +36,8 @@ pub struct RecvBatch {
     addrs: [libc::sockaddr_storage; BATCH],
     lens: [usize; BATCH],
     count: usize,
+    /// `recvmmsg` is missing: read with one `recvfrom` per datagram.
+    one_by_one: bool,
 }
 
 impl Default for RecvBatch {
@@ -45,12 +54,42 @@ impl RecvBatch {
             addrs: unsafe { zeroed() },
             lens: [0; BATCH],
             count: 0,
+            one_by_one: false,
+        }
+    }
+
+    /// A batch that reads one datagram per system call, as it does where
+    /// `recvmmsg` is missing.
+    #[cfg(test)]
+    fn one_by_one() -> Self {
+        RecvBatch {
+            one_by_one: true,
+            ..Self::new()
         }
     }
 
     /// Reads what `fd` has, up to [`BATCH`] datagrams; how many. `WouldBlock`
     /// when there was nothing.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.count = 0;
+        let n = self.recv_some(fd)?;
+        self.count = n;
+        Ok(n)
+    }
+
+    fn recv_some(&mut self, fd: RawFd) -> io::Result<usize> {
+        if !self.one_by_one {
+            match self.recvmmsg(fd) {
+                Err(e) if is_missing(&e) => self.one_by_one = true,
+                r => return r,
+            }
+        }
+        self.recvfrom_each(fd)
+    }
+
+    /// One `recvmmsg`: fills `lens` and `addrs`, returns how many.
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+    fn recvmmsg(&mut self, fd: RawFd) -> io::Result<usize> {
         // SAFETY: iovec/mmsghdr are plain data; all-zero is valid.
         let mut iov: [libc::iovec; BATCH] = unsafe { zeroed() };
         let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
@@ -64,16 +103,16 @@ impl RecvBatch {
             h.msg_hdr.msg_iov = v;
             h.msg_hdr.msg_iovlen = 1;
         }
-        self.count = 0;
         // SAFETY: every header points into buffers owned by self or by this
-        // frame, all outliving the call.
+        // frame, all outliving the call. (`as _`: the length and flags are
+        // `c_uint`, `size_t` or `c_int` depending on the libc.)
         let n = unsafe {
             libc::recvmmsg(
                 fd,
                 hdrs.as_mut_ptr(),
-                BATCH as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
+                BATCH as _,
+                libc::MSG_DONTWAIT as _,
+                std::ptr::null_mut::<libc::timespec>(),
             )
         };
         if n < 0 {
@@ -83,7 +122,36 @@ impl RecvBatch {
         for (len, h) in self.lens.iter_mut().zip(&hdrs[..n]) {
             *len = (h.msg_len as usize).min(SLOT);
         }
-        self.count = n;
+        Ok(n)
+    }
+
+    /// Without the call, the answer of a kernel without it.
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+    fn recvmmsg(&mut self, _fd: RawFd) -> io::Result<usize> {
+        Err(io::Error::from_raw_os_error(libc::ENOSYS))
+    }
+
+    /// What `recvmmsg` does, one `recvfrom` per datagram.
+    fn recvfrom_each(&mut self, fd: RawFd) -> io::Result<usize> {
+        let mut n = 0;
+        let mut skipped = 0;
+        while n < BATCH {
+            let slot = &mut self.bufs[n * SLOT..(n + 1) * SLOT];
+            match recvfrom(fd, slot, &mut self.addrs[n]) {
+                Ok(len) => {
+                    self.lens[n] = len.min(SLOT);
+                    n += 1;
+                }
+                Err(e) if n == 0 => return Err(e),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // An error notice (say ICMP unreachable) after some
+                // datagrams: reading goes on, so that a short batch still
+                // means an empty socket to the caller; a bounded number,
+                // so a socket that keeps failing cannot hold the loop.
+                Err(_) if skipped < BATCH => skipped += 1,
+                Err(_) => break,
+            }
+        }
         Ok(n)
     }
 
@@ -114,6 +182,8 @@ struct Queued {
 pub struct SendQueue {
     arena: Vec<u8>,
     queued: Vec<Queued>,
+    /// `sendmmsg` is missing: send with one `sendto` per datagram.
+    one_by_one: bool,
 }
 
 impl Default for SendQueue {
@@ -127,6 +197,17 @@ impl SendQueue {
         SendQueue {
             arena: Vec::with_capacity(ARENA),
             queued: Vec::with_capacity(BATCH),
+            one_by_one: false,
+        }
+    }
+
+    /// A queue that sends one datagram per system call, as it does where
+    /// `sendmmsg` is missing.
+    #[cfg(test)]
+    fn one_by_one() -> Self {
+        SendQueue {
+            one_by_one: true,
+            ..Self::new()
         }
     }
 
@@ -185,7 +266,7 @@ impl SendQueue {
         let mut failed = 0;
         let mut next = start;
         while next < end {
-            match self.sendmmsg(fd, next, end) {
+            match self.send_some(fd, next, end) {
                 Ok(sent) => next += sent.max(1),
                 // The first datagram of the rest was refused: skip it.
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -198,6 +279,20 @@ impl SendQueue {
         failed
     }
 
+    /// Sends the first of `queued[start..end]`, and as many after it as
+    /// one call takes; how many.
+    fn send_some(&mut self, fd: RawFd, start: usize, end: usize) -> io::Result<usize> {
+        if !self.one_by_one {
+            match self.sendmmsg(fd, start, end) {
+                Err(e) if is_missing(&e) => self.one_by_one = true,
+                r => return r,
+            }
+        }
+        let q = &self.queued[start];
+        sendto(fd, &self.arena[q.at..q.at + q.len], q.to).map(|()| 1)
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
     fn sendmmsg(&mut self, fd: RawFd, start: usize, end: usize) -> io::Result<usize> {
         let n = (end - start).min(BATCH);
         // SAFETY: plain data; all-zero is valid.
@@ -216,12 +311,68 @@ impl SendQueue {
             h.msg_iovlen = 1;
         }
         // SAFETY: every header points into buffers that outlive the call.
-        let sent = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as libc::c_uint, 0) };
+        let sent = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as _, 0) };
         if sent < 0 {
             Err(io::Error::last_os_error())
         } else {
             Ok(sent as usize)
         }
+    }
+
+    /// Without the call, the answer of a kernel without it.
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+    fn sendmmsg(&mut self, _fd: RawFd, _start: usize, _end: usize) -> io::Result<usize> {
+        Err(io::Error::from_raw_os_error(libc::ENOSYS))
+    }
+}
+
+/// Whether `e` says the system call does not exist (an old kernel, or a
+/// sandbox that refuses it that way).
+fn is_missing(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOSYS)
+}
+
+/// One datagram from `fd` into `buf`, its sender into `from`; its length.
+fn recvfrom(fd: RawFd, buf: &mut [u8], from: &mut libc::sockaddr_storage) -> io::Result<usize> {
+    let mut from_len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: buf and from are valid for writes of the lengths given.
+    let n = unsafe {
+        libc::recvfrom(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+            (from as *mut libc::sockaddr_storage).cast(),
+            &mut from_len,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// One datagram through `fd` to `to`.
+fn sendto(fd: RawFd, data: &[u8], to: SocketAddr) -> io::Result<()> {
+    // SAFETY: plain data; all-zero is valid.
+    let mut addr: libc::sockaddr_storage = unsafe { zeroed() };
+    let addr_len = from_std(to, &mut addr);
+    // SAFETY: data and addr are valid for reads of the lengths given.
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            0,
+            (&addr as *const libc::sockaddr_storage).cast(),
+            addr_len,
+        )
+    };
+    if sent < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
@@ -282,48 +433,208 @@ mod tests {
     use std::net::UdpSocket;
     use std::os::fd::AsRawFd;
 
-    #[test]
-    fn a_queue_sends_in_order_and_a_batch_reads_them_back() {
-        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let to = rx.local_addr().unwrap();
-        let mut q = SendQueue::new();
-        for i in 0..(BATCH as u8 + 3) {
-            assert_eq!(q.push(tx.as_raw_fd(), to, &[i; 3]), 0);
-        }
-        assert_eq!(q.flush(), 0);
-        assert!(q.is_empty());
-        let mut b = RecvBatch::new();
+    /// A send queue and a receive batch, both ways: batched and one
+    /// datagram per call.
+    fn both_paths() -> [(&'static str, SendQueue, RecvBatch); 2] {
+        [
+            ("batched", SendQueue::new(), RecvBatch::new()),
+            (
+                "one by one",
+                SendQueue::one_by_one(),
+                RecvBatch::one_by_one(),
+            ),
+        ]
+    }
+
+    /// Everything `b` reads from `rx` until it would block.
+    fn read_all(b: &mut RecvBatch, rx: &UdpSocket) -> Vec<(SocketAddr, Vec<u8>)> {
         let mut seen = Vec::new();
-        while seen.len() < BATCH + 3 {
-            let n = b.recv(rx.as_raw_fd()).unwrap();
-            for i in 0..n {
-                let (from, data) = b.get(i).unwrap();
-                assert_eq!(from, tx.local_addr().unwrap());
-                seen.push(data[0]);
+        loop {
+            match b.recv(rx.as_raw_fd()) {
+                Ok(n) => seen.extend((0..n).map(|i| {
+                    let (from, data) = b.get(i).unwrap();
+                    (from, data.to_vec())
+                })),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return seen,
+                Err(e) => panic!("recv: {e}"),
             }
         }
-        assert_eq!(seen, (0..BATCH as u8 + 3).collect::<Vec<_>>());
-        let e = b.recv(rx.as_raw_fd()).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn a_queue_sends_in_order_and_a_batch_reads_them_back() {
+        for (path, mut q, mut b) in both_paths() {
+            let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let to = rx.local_addr().unwrap();
+            for i in 0..(BATCH as u8 + 3) {
+                assert_eq!(q.push(tx.as_raw_fd(), to, &[i; 3]), 0, "{path}");
+            }
+            assert_eq!(q.flush(), 0, "{path}");
+            assert!(q.is_empty());
+            // A full batch, then the rest.
+            assert_eq!(b.recv(rx.as_raw_fd()).unwrap(), BATCH, "{path}");
+            assert_eq!(b.get(BATCH - 1).unwrap().1, [BATCH as u8 - 1; 3]);
+            assert!(b.get(BATCH).is_none());
+            let rest = read_all(&mut b, &rx);
+            assert!(rest
+                .iter()
+                .all(|(from, _)| *from == tx.local_addr().unwrap()));
+            let rest: Vec<u8> = rest.iter().map(|(_, data)| data[0]).collect();
+            assert_eq!(
+                rest,
+                (BATCH as u8..BATCH as u8 + 3).collect::<Vec<_>>(),
+                "{path}"
+            );
+            // Nothing left: the error of an empty socket, and nothing to get.
+            let e = b.recv(rx.as_raw_fd()).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{path}");
+            assert!(b.get(0).is_none());
+            // Each took the path it was given (no silent fallback here).
+            assert_eq!(
+                (q.one_by_one, b.one_by_one),
+                (path != "batched", path != "batched")
+            );
+        }
     }
 
     #[test]
     fn a_refused_datagram_is_counted_and_the_rest_still_go() {
-        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let to = rx.local_addr().unwrap();
-        let mut q = SendQueue::new();
-        q.push(tx.as_raw_fd(), to, b"a");
-        // IPv6 destination on an IPv4 socket: refused by the kernel.
-        q.push(tx.as_raw_fd(), "[::1]:9".parse().unwrap(), b"x");
-        q.push(tx.as_raw_fd(), to, b"b");
-        assert_eq!(q.flush(), 1);
-        let mut buf = [0u8; 4];
-        assert_eq!(rx.recv(&mut buf).unwrap(), 1);
-        assert_eq!(&buf[..1], b"a");
-        assert_eq!(rx.recv(&mut buf).unwrap(), 1);
-        assert_eq!(&buf[..1], b"b");
+        for (path, mut q, _) in both_paths() {
+            let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let to = rx.local_addr().unwrap();
+            q.push(tx.as_raw_fd(), to, b"a");
+            // IPv6 destination on an IPv4 socket: refused by the kernel.
+            q.push(tx.as_raw_fd(), "[::1]:9".parse().unwrap(), b"x");
+            q.push(tx.as_raw_fd(), to, b"b");
+            assert_eq!(q.flush(), 1, "{path}");
+            let mut buf = [0u8; 4];
+            assert_eq!(rx.recv(&mut buf).unwrap(), 1);
+            assert_eq!(&buf[..1], b"a", "{path}");
+            assert_eq!(rx.recv(&mut buf).unwrap(), 1);
+            assert_eq!(&buf[..1], b"b", "{path}");
+        }
+    }
+
+    #[test]
+    fn datagrams_of_any_size_from_several_senders_keep_their_length_and_sender() {
+        // Up to the largest UDP payload over IPv4.
+        let sizes = [1, 20, 1200, 1500, 9000, 65_507];
+        for (path, mut q, mut b) in both_paths() {
+            let rx = [
+                UdpSocket::bind("127.0.0.1:0").unwrap(),
+                UdpSocket::bind("127.0.0.1:0").unwrap(),
+            ];
+            let tx = [
+                UdpSocket::bind("127.0.0.1:0").unwrap(),
+                UdpSocket::bind("127.0.0.1:0").unwrap(),
+            ];
+            for r in &rx {
+                // Room for all the large datagrams at once.
+                socket2::SockRef::from(r)
+                    .set_recv_buffer_size(1 << 20)
+                    .unwrap();
+            }
+            // Every sender to every receiver, each size, through one queue.
+            let mut sent = [Vec::new(), Vec::new()];
+            for (k, &len) in sizes.iter().enumerate() {
+                for (t, tx) in tx.iter().enumerate() {
+                    for (r, rx) in rx.iter().enumerate() {
+                        let data: Vec<u8> = (0..len).map(|i| (i + k + t + r) as u8).collect();
+                        q.push(tx.as_raw_fd(), rx.local_addr().unwrap(), &data);
+                        sent[r].push((tx.local_addr().unwrap(), data));
+                    }
+                }
+            }
+            assert_eq!(q.flush(), 0, "{path}");
+            for (r, rx) in rx.iter().enumerate() {
+                let mut got = read_all(&mut b, rx);
+                // Each sender's datagrams arrive in order; senders interleave.
+                got.sort_by_key(|(from, _)| *from);
+                sent[r].sort_by_key(|(from, _)| *from);
+                assert_eq!(got.len(), sent[r].len(), "{path}");
+                for ((from, data), (want_from, want)) in got.iter().zip(&sent[r]) {
+                    assert_eq!(from, want_from, "{path}");
+                    assert_eq!(data.len(), want.len(), "{path}");
+                    assert!(data == want, "{path}: {} bytes differ", want.len());
+                }
+            }
+        }
+    }
+
+    /// A sandbox that refuses `recvmmsg` and `sendmmsg` with `ENOSYS` (as
+    /// some seccomp filters do) still gets every datagram through: the
+    /// first refusal switches the batch and the queue to one datagram per
+    /// call. The filter is installed on a thread of its own, as filters
+    /// are per thread.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[test]
+    fn a_sandbox_without_the_batched_calls_falls_back_to_one_by_one() {
+        std::thread::spawn(|| {
+            refuse_mmsg_on_this_thread();
+            let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let to = rx.local_addr().unwrap();
+            let (mut q, mut b) = (SendQueue::new(), RecvBatch::new());
+            let sizes = [5usize, 1500, 3];
+            for len in sizes {
+                q.push(tx.as_raw_fd(), to, &vec![len as u8; len]);
+            }
+            assert_eq!(q.flush(), 0);
+            assert!(q.one_by_one, "the queue noticed sendmmsg is missing");
+            let got = read_all(&mut b, &rx);
+            assert!(b.one_by_one, "the batch noticed recvmmsg is missing");
+            let got: Vec<usize> = got.iter().map(|(_, d)| d.len()).collect();
+            assert_eq!(got, sizes);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Installs a seccomp filter on the calling thread that answers
+    /// `recvmmsg` and `sendmmsg` with `ENOSYS` and allows everything else.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    fn refuse_mmsg_on_this_thread() {
+        const NR: u32 = 0; // offset of seccomp_data.nr
+        let enosys = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+        let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+            code: code as u16,
+            jt,
+            jf,
+            k,
+        };
+        let mut prog = [
+            op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, NR),
+            op(
+                libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+                2,
+                0,
+                libc::SYS_recvmmsg as u32,
+            ),
+            op(
+                libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+                1,
+                0,
+                libc::SYS_sendmmsg as u32,
+            ),
+            op(libc::BPF_RET | libc::BPF_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+            op(libc::BPF_RET | libc::BPF_K, 0, 0, enosys),
+        ];
+        let fprog = libc::sock_fprog {
+            len: prog.len() as u16,
+            filter: prog.as_mut_ptr(),
+        };
+        // SAFETY: prctl with the documented arguments; fprog outlives the call.
+        unsafe {
+            assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+            let rc = libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &fprog as *const libc::sock_fprog,
+            );
+            assert_eq!(rc, 0, "seccomp: {}", io::Error::last_os_error());
+        }
     }
 
     #[test]

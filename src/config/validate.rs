@@ -1,0 +1,375 @@
+//! What the types of [`Config`] cannot say: ranges, relations between
+//! keys, files that must exist. One function per section, called in order
+//! by [`Config::validate`]; a problem names its key (`section.key`) and
+//! what is wrong with it.
+
+use super::{
+    AccessConfig, AccessMode, AdminConfig, AuthConfig, Config, ConfigError, HttpConfig, LogConfig,
+    MetricsConfig, SignalingConfig, TlsConfig, TurnConfig,
+};
+
+fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// Checks what types alone cannot: ranges, relations between keys, files.
+    /// One function per section, in this order; the first problem found is
+    /// the one reported.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_turn(&self.turn)?;
+        validate_http(&self.http, &self.signaling)?;
+        validate_auth(&self.auth)?;
+        validate_signaling(&self.signaling)?;
+        validate_tls(&self.tls)?;
+        validate_metrics(&self.metrics, &self.http)?;
+        validate_access(&self.access)?;
+        validate_admin(&self.admin, &self.http)?;
+        validate_log(&self.log)
+    }
+}
+
+fn validate_turn(t: &TurnConfig) -> Result<(), ConfigError> {
+    if t.listen.is_empty() {
+        return Err(invalid("turn.listen", "needs at least one address"));
+    }
+    if t.relay_port_min == 0 {
+        return Err(invalid("turn.relay_port_min", "must be at least 1"));
+    }
+    if t.relay_port_min > t.relay_port_max {
+        return Err(invalid(
+            "turn.relay_port_min",
+            format!(
+                "port range is reversed: relay_port_min {} > relay_port_max {}",
+                t.relay_port_min, t.relay_port_max
+            ),
+        ));
+    }
+    if t.realm.is_empty() || t.realm.len() > 127 || t.realm.contains('"') {
+        return Err(invalid(
+            "turn.realm",
+            "must be 1–127 characters without quotes",
+        ));
+    }
+    if t.default_lifetime_secs == 0 || t.default_lifetime_secs > t.max_lifetime_secs {
+        return Err(invalid(
+            "turn.default_lifetime_secs",
+            "must be between 1 and turn.max_lifetime_secs",
+        ));
+    }
+    if t.nonce_lifetime_secs == 0 {
+        return Err(invalid("turn.nonce_lifetime_secs", "must be at least 1"));
+    }
+    if t.max_permissions == 0 {
+        return Err(invalid("turn.max_permissions", "must be at least 1"));
+    }
+    if t.max_channels == 0 || t.max_channels > 0x1000 {
+        return Err(invalid("turn.max_channels", "must be between 1 and 4096"));
+    }
+    if let Some(ip) = t.external_ip {
+        if ip.is_unspecified() {
+            return Err(invalid(
+                "turn.external_ip",
+                "must be a concrete address, not 0.0.0.0 or ::",
+            ));
+        }
+    }
+    for (key, ip) in [
+        ("turn.relay_ip_v6", t.relay_ip_v6),
+        ("turn.external_ip_v6", t.external_ip_v6),
+    ] {
+        if ip.is_some_and(|ip| !ip.is_ipv6()) {
+            return Err(invalid(key, "must be an IPv6 address"));
+        }
+    }
+    for (key, ip) in [
+        ("turn.relay_ip", t.relay_ip),
+        ("turn.external_ip", t.external_ip),
+    ] {
+        if ip.is_some_and(|ip| !ip.is_ipv4()) {
+            return Err(invalid(
+                key,
+                "must be an IPv4 address (use the _v6 key for IPv6)",
+            ));
+        }
+    }
+    if t.tcp_unauth_timeout_secs == 0 {
+        return Err(invalid(
+            "turn.tcp_unauth_timeout_secs",
+            "must be at least 1 second",
+        ));
+    }
+    // A live allocation is refreshed at least every max_lifetime_secs,
+    // so an idle timeout below it could cut a quiet but live one.
+    if t.tcp_idle_timeout_secs < t.max_lifetime_secs {
+        return Err(invalid(
+            "turn.tcp_idle_timeout_secs",
+            "must be at least turn.max_lifetime_secs (a quiet allocation refreshes that rarely)",
+        ));
+    }
+    for (key, n) in [
+        ("turn.tcp_unauth_per_ip", t.tcp_unauth_per_ip),
+        ("turn.tcp_unauth_total", t.tcp_unauth_total),
+    ] {
+        if n == 0 {
+            return Err(invalid(key, "must be at least 1"));
+        }
+    }
+    Ok(())
+}
+
+/// `signaling` because WebSocket pings are what keeps a quiet call's
+/// socket busy, so the idle timeout must outlast their interval.
+fn validate_http(h: &HttpConfig, signaling: &SignalingConfig) -> Result<(), ConfigError> {
+    if let Some(dir) = &h.static_dir {
+        if !dir.is_dir() {
+            return Err(invalid(
+                "http.static_dir",
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+    }
+    for (key, n) in [
+        ("http.header_timeout_secs", h.header_timeout_secs as usize),
+        ("http.idle_timeout_secs", h.idle_timeout_secs as usize),
+        ("http.max_body_bytes", h.max_body_bytes),
+        ("http.max_connections_per_ip", h.max_connections_per_ip),
+        ("http.max_connections", h.max_connections),
+    ] {
+        if n == 0 {
+            return Err(invalid(key, "must be at least 1"));
+        }
+    }
+    if h.idle_timeout_secs * 1000 <= signaling.ping_interval_ms {
+        return Err(invalid(
+            "http.idle_timeout_secs",
+            "must be longer than signaling.ping_interval_ms",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_auth(a: &AuthConfig) -> Result<(), ConfigError> {
+    if a.rest_ttl_secs < 60 {
+        return Err(invalid("auth.rest_ttl_secs", "must be at least 60"));
+    }
+    for (i, s) in a.secrets.iter().enumerate() {
+        if s.expose().len() < 16 {
+            return Err(invalid(
+                &format!("auth.secrets[{i}]"),
+                "is shorter than 16 characters",
+            ));
+        }
+    }
+    for (name, pw) in &a.users {
+        if name.is_empty() || name.contains(':') {
+            return Err(invalid(
+                &format!("auth.users.{name}"),
+                "user names must be non-empty and contain no ':' (reserved for REST credentials)",
+            ));
+        }
+        if pw.expose().chars().count() < 12 {
+            return Err(invalid(
+                &format!("auth.users.{name}"),
+                "password shorter than 12 characters",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_signaling(s: &SignalingConfig) -> Result<(), ConfigError> {
+    if s.room_capacity < 2 {
+        return Err(invalid("signaling.room_capacity", "must be at least 2"));
+    }
+    if !(s.redis_url.starts_with("redis://") && s.redis_url.len() > "redis://".len()) {
+        return Err(invalid(
+            "signaling.redis_url",
+            "must be a redis://HOST:PORT URL",
+        ));
+    }
+    let prefix_ok = |b: u8| b.is_ascii_graphic() && b != b'*' && b != b'?';
+    if s.redis_prefix.len() > 64 || !s.redis_prefix.bytes().all(prefix_ok) {
+        return Err(invalid(
+            "signaling.redis_prefix",
+            "must be at most 64 printable characters without spaces, * or ?",
+        ));
+    }
+    if !(2..=3600).contains(&s.presence_ttl_secs) {
+        return Err(invalid(
+            "signaling.presence_ttl_secs",
+            "must be 2 to 3600 seconds",
+        ));
+    }
+    if s.max_message_bytes < 1024 {
+        return Err(invalid(
+            "signaling.max_message_bytes",
+            "must be at least 1024",
+        ));
+    }
+    if s.ping_interval_ms == 0 || s.pong_timeout_ms <= s.ping_interval_ms {
+        return Err(invalid(
+            "signaling.pong_timeout_ms",
+            "must be greater than signaling.ping_interval_ms (> 0)",
+        ));
+    }
+    for (key, n) in [
+        ("signaling.join_timeout_secs", s.join_timeout_secs as usize),
+        ("signaling.max_sockets_per_ip", s.max_sockets_per_ip),
+        ("signaling.max_rooms", s.max_rooms),
+    ] {
+        if n == 0 {
+            return Err(invalid(key, "must be at least 1"));
+        }
+    }
+    Ok(())
+}
+
+fn validate_tls(tls: &TlsConfig) -> Result<(), ConfigError> {
+    if !tls.listen.is_empty() {
+        for (key, file) in [
+            ("tls.cert_file", &tls.cert_file),
+            ("tls.key_file", &tls.key_file),
+        ] {
+            match file {
+                None => return Err(invalid(key, "is required when tls.listen is set")),
+                Some(f) if !f.is_file() => {
+                    return Err(invalid(
+                        key,
+                        format!("{} does not exist or is not a file", f.display()),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    if tls.handshake_timeout_ms == 0 {
+        return Err(invalid("tls.handshake_timeout_ms", "must be at least 1"));
+    }
+    Ok(())
+}
+
+fn validate_metrics(m: &MetricsConfig, http: &HttpConfig) -> Result<(), ConfigError> {
+    if m.listen == http.listen && m.listen.port() != 0 {
+        return Err(invalid(
+            "metrics.listen",
+            "is the same as http.listen: /metrics is never served on a public listener",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_access(a: &AccessConfig) -> Result<(), ConfigError> {
+    for (i, o) in a.allowed_origins.iter().enumerate() {
+        if !valid_origin(o) {
+            return Err(invalid(
+                &format!("access.allowed_origins[{i}]"),
+                format!("{o:?} is not scheme://host[:port]"),
+            ));
+        }
+    }
+    match a.mode {
+        AccessMode::Origin if a.allowed_origins.is_empty() => {
+            return Err(invalid(
+                "access.allowed_origins",
+                "is empty, so mode = \"origin\" would refuse everyone",
+            ))
+        }
+        AccessMode::Token if a.token_secret.is_empty() => {
+            return Err(invalid(
+                "access.token_secret",
+                "is required with mode = \"token\"",
+            ))
+        }
+        _ => {}
+    }
+    for (i, s) in a.token_secret.iter().enumerate() {
+        if s.expose().len() < 32 {
+            return Err(invalid(
+                &format!("access.token_secret[{i}]"),
+                "is shorter than 32 characters",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_admin(a: &AdminConfig, http: &HttpConfig) -> Result<(), ConfigError> {
+    let Some(addr) = a.listen else {
+        return Ok(());
+    };
+    match &a.token {
+        None => {
+            return Err(invalid(
+                "admin.token",
+                "is required when admin.listen is set",
+            ))
+        }
+        Some(t) if t.expose().len() < 16 => {
+            return Err(invalid("admin.token", "is shorter than 16 characters"))
+        }
+        Some(_) => {}
+    }
+    if addr == http.listen && addr.port() != 0 {
+        return Err(invalid(
+            "admin.listen",
+            "must not be http.listen (a public listener)",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_log(l: &LogConfig) -> Result<(), ConfigError> {
+    if l.level.trim().is_empty() {
+        return Err(invalid("log.level", "is empty"));
+    }
+    Ok(())
+}
+
+/// Whether `o` is an origin as browsers send it: `http(s)://host[:port]`,
+/// no path.
+fn valid_origin(o: &str) -> bool {
+    let Some((scheme, rest)) = o.split_once("://") else {
+        return false;
+    };
+    // A port follows the last ':' outside an IPv6 literal's brackets.
+    let (host, port) = match rest.rfind(':') {
+        Some(i) if !rest[i..].contains(']') => (&rest[..i], Some(&rest[i + 1..])),
+        _ => (rest, None),
+    };
+    (scheme == "http" || scheme == "https")
+        && !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-[]:".contains(&b))
+        && port.is_none_or(|p| p.parse::<u16>().is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_are_scheme_host_and_port() {
+        for ok in [
+            "https://app.example",
+            "http://localhost:8080",
+            "http://[::1]:8080",
+            "https://[2001:db8::1]",
+        ] {
+            assert!(valid_origin(ok), "{ok}");
+        }
+        for bad in [
+            "app.example",
+            "https://app.example/path",
+            "ftp://app.example",
+            "https://",
+            "https://a:b",
+        ] {
+            assert!(!valid_origin(bad), "{bad}");
+        }
+    }
+}
