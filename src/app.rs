@@ -100,6 +100,7 @@ async fn start(
         rules,
         shared,
         drain: life.drain.clone(),
+        stop: life.child(),
         bound: listeners.bound(families.advertised_ip(), relay.local_addrs()),
         certs: certs.clone(),
     })?;

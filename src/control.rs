@@ -51,6 +51,9 @@ pub struct Parts {
     pub rules: Arc<ArcSwap<Rules>>,
     pub shared: Arc<Shared>,
     pub drain: Arc<Drain>,
+    /// A child of the appliance's stop token, for signaling and its
+    /// backend.
+    pub stop: tokio_util::sync::CancellationToken,
     pub bound: Bound,
     pub certs: Option<Arc<CertStore>>,
 }
@@ -184,14 +187,19 @@ impl Control {
         let s = &p.config.signaling;
         let sig_cfg = signal_config(&p.config);
         let signaling = match s.backend {
-            SignalingBackend::Memory => {
-                Signaling::new(sig_cfg, ice_fn, doorman.clone(), p.drain.flag())
-            }
+            SignalingBackend::Memory => Signaling::new(
+                sig_cfg,
+                ice_fn,
+                doorman.clone(),
+                p.drain.clone(),
+                p.stop.clone(),
+            ),
             SignalingBackend::Redis => Signaling::with_redis(
                 sig_cfg,
                 ice_fn,
                 doorman.clone(),
-                p.drain.flag(),
+                p.drain.clone(),
+                p.stop.clone(),
                 crate::signal::redis::Settings {
                     url: s.redis_url.clone(),
                     prefix: s.redis_prefix.clone(),
@@ -301,10 +309,7 @@ impl Control {
 
     /// Resolves once [`Self::is_drained`] holds.
     pub async fn drained(&self) {
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        while !self.is_drained() {
-            tick.tick().await;
-        }
+        self.drain.until(|| self.is_drained()).await;
     }
 
     /// Allocations and rooms still open, for the log.

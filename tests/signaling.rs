@@ -43,14 +43,21 @@ fn stub_ice(ttl: Duration) -> IceServersFn {
 }
 
 async fn start_with(cfg: SignalConfig, ttl: Duration) -> Server {
-    let draining = Arc::new(AtomicBool::new(false));
+    let drain = Arc::new(turnkey::lifecycle::Drain::default());
+    let draining = drain.flag();
     // Everyone admitted, no mint budget: access rules are tested against
     // the binary.
     let open = turnkey::access::Doorman::new(&turnkey::config::AccessConfig {
         mints_per_minute: 0,
         ..Default::default()
     });
-    let sig = Signaling::new(cfg, stub_ice(ttl), open, draining.clone());
+    let sig = Signaling::new(
+        cfg,
+        stub_ice(ttl),
+        open,
+        drain,
+        tokio_util::sync::CancellationToken::new(),
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     // As in production: signaling is many small writes, which Nagle's

@@ -42,7 +42,15 @@ fn redis_node(url: &str, ttl: Duration, mail: &Mail) -> (Arc<dyn Backend>, Arc<B
         prefix: "test:".into(),
         presence_ttl: ttl,
     };
-    let r = Redis::start(settings, 2, 100, stats.clone(), inbox).expect("valid url");
+    let r = Redis::start(
+        settings,
+        2,
+        100,
+        stats.clone(),
+        inbox,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .expect("valid url");
     (Arc::new(r), stats)
 }
 

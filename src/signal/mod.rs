@@ -35,18 +35,20 @@ pub mod timers;
 pub mod tutorial;
 mod ws;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use std::net::IpAddr;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::access::{Admission, Doorman, Refusal};
 use crate::budget::{Occupancy, PerAddress, Rate, Slot};
 use crate::caller::Caller;
 use crate::counter::inc;
+use crate::lifecycle::Drain;
 use backend::{Backend, BackendStats, Inbox, Memory};
 use rooms::{Delivery, IceGrant, RoomError};
 
@@ -66,12 +68,6 @@ impl axum::response::IntoResponse for EntryRefusal {
                 .into_response(),
         }
     }
-}
-
-/// Resolves once shutdown began. (The guard `wait_for` returns is not
-/// `Send`; this drops it before a `select!` branch awaits.)
-pub(crate) async fn closing(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|closing| *closing).await;
 }
 
 /// `GET /ws`, the socket.io endpoint and its client script; the caller
@@ -250,9 +246,10 @@ pub struct Signaling {
     peers: peers::Peers,
     stats: SignalStats,
     /// The appliance's drain flag: while set, joins are refused.
-    draining: Arc<AtomicBool>,
-    /// Flips to `true` once, on shutdown; every connection watches it.
-    shutdown: watch::Sender<bool>,
+    drain: Arc<Drain>,
+    /// A child of the appliance's stop token, cancelled at shutdown (or
+    /// with the appliance): every connection and the backend's tasks end.
+    stop: CancellationToken,
     /// Woken when the last connection goes away.
     idle: Notify,
 }
@@ -263,11 +260,12 @@ impl Signaling {
         cfg: SignalConfig,
         ice: IceServersFn,
         doorman: Arc<Doorman>,
-        draining: Arc<AtomicBool>,
+        drain: Arc<Drain>,
+        stop: CancellationToken,
     ) -> Arc<Self> {
         let memory = Arc::new(Memory::new(cfg.room_capacity, cfg.max_rooms));
         let made: Result<_, std::convert::Infallible> =
-            Self::with_backend(cfg, ice, doorman, draining, |_, _| Ok(memory));
+            Self::with_backend(cfg, ice, doorman, drain, stop, |_, _, _| Ok(memory));
         match made {
             Ok(sig) => sig,
             Err(never) => match never {},
@@ -280,11 +278,19 @@ impl Signaling {
         cfg: SignalConfig,
         ice: IceServersFn,
         doorman: Arc<Doorman>,
-        draining: Arc<AtomicBool>,
+        drain: Arc<Drain>,
+        stop: CancellationToken,
         settings: redis::Settings,
     ) -> Result<Arc<Self>, redis::BadRedisUrl> {
-        Self::with_backend(cfg, ice, doorman, draining, |stats, inbox| {
-            let r = redis::Redis::start(settings, cfg.room_capacity, cfg.max_rooms, stats, inbox)?;
+        Self::with_backend(cfg, ice, doorman, drain, stop, |stats, inbox, stop| {
+            let r = redis::Redis::start(
+                settings,
+                cfg.room_capacity,
+                cfg.max_rooms,
+                stats,
+                inbox,
+                stop,
+            )?;
             Ok(Arc::new(r))
         })
     }
@@ -295,8 +301,9 @@ impl Signaling {
         cfg: SignalConfig,
         ice: IceServersFn,
         doorman: Arc<Doorman>,
-        draining: Arc<AtomicBool>,
-        make: impl FnOnce(Arc<BackendStats>, Inbox) -> Result<Arc<dyn Backend>, E>,
+        drain: Arc<Drain>,
+        stop: CancellationToken,
+        make: impl FnOnce(Arc<BackendStats>, Inbox, CancellationToken) -> Result<Arc<dyn Backend>, E>,
     ) -> Result<Arc<Self>, E> {
         let stats = SignalStats::default();
         let backend_stats = stats.backend.clone();
@@ -308,7 +315,7 @@ impl Signaling {
                     sig.deliver(d);
                 }
             });
-            let backend = match make(backend_stats, inbox) {
+            let backend = match make(backend_stats, inbox, stop.child_token()) {
                 Ok(b) => b,
                 Err(e) => {
                     made = Some(e);
@@ -324,8 +331,8 @@ impl Signaling {
                 backend,
                 peers: peers::Peers::default(),
                 stats,
-                draining,
-                shutdown: watch::Sender::new(false),
+                drain,
+                stop,
                 idle: Notify::new(),
             }
         });
@@ -441,14 +448,14 @@ impl Signaling {
     /// While draining, `join` is answered with the `draining` error; peers
     /// already in rooms keep signaling.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.drain.is_draining()
     }
 
     /// Drains and closes every connection with 1001 "going away"; new
     /// connections are closed the same way. Final: there is no undo.
     pub fn shutdown(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-        self.shutdown.send_replace(true);
+        self.drain.start();
+        self.stop.cancel();
         self.backend.shutdown();
     }
 
@@ -474,9 +481,12 @@ impl Signaling {
     }
 
     /// Refreshes the rooms gauge (rooms with a member on this node).
+    /// Refreshes the rooms gauge; a room fewer may be what a drain waits
+    /// for.
     fn count_rooms(&self) {
         self.stats
             .rooms
             .store(self.backend.room_count() as u64, Ordering::Relaxed);
+        self.drain.progressed();
     }
 }

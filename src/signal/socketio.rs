@@ -438,7 +438,7 @@ async fn pump(
 ) {
     let peer = Registered(peer);
     let peer = &peer.0;
-    let mut shutdown = peer.sig.shutdown.subscribe();
+    let shutdown = peer.sig.stop.clone();
     let mut renderer = Renderer::default();
     let mut refresh_at: Option<Instant> = None;
     // A socket must join a room in time (and again after it left).
@@ -515,7 +515,7 @@ async fn pump(
                 let _ = socket.clone().disconnect();
                 return;
             }
-            () = super::closing(&mut shutdown) => {
+            () = shutdown.cancelled() => {
                 let _ = socket.clone().disconnect();
                 return;
             }

@@ -126,7 +126,7 @@ async fn serve(
         wire: Wire::Json,
     });
     tracing::debug!(peer = %id, host = host.as_deref(), "signaling connection opened");
-    let shutdown = sig.shutdown.subscribe();
+    let shutdown = sig.stop.clone();
     let now = Instant::now();
     let mut conn = Conn {
         sig,
@@ -167,14 +167,14 @@ impl Conn {
     async fn read_loop(
         &mut self,
         mut stream: SplitStream<WebSocket>,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        shutdown: tokio_util::sync::CancellationToken,
     ) -> End {
         // The kick, shutdown and timer futures live across iterations: made
         // anew per message, each `Notified` took a lock on drop (4 % of
         // the server's samples in issue 13's profile).
         let kick = self.kick.clone();
         let kicked = kick.notify.notified();
-        let closing = super::closing(&mut shutdown);
+        let closing = shutdown.cancelled();
         tokio::pin!(kicked, closing);
         let timer = tokio::time::sleep_until(self.next_wakeup());
         tokio::pin!(timer);

@@ -115,6 +115,7 @@ impl Redis {
         max_rooms: usize,
         stats: Arc<BackendStats>,
         inbox: Inbox,
+        stop: CancellationToken,
     ) -> Result<Redis, BadRedisUrl> {
         let client = redis::Client::open(s.url.as_str()).map_err(|e| BadRedisUrl(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
@@ -142,7 +143,7 @@ impl Redis {
             pending: Mutex::new(Vec::new()),
             writes: tokio::sync::RwLock::new(()),
             inbox,
-            stop: CancellationToken::new(),
+            stop,
         });
         tracing::info!(node = %inner.node, "signaling rooms in Redis");
         tokio::spawn(inner.clone().subscribe_loop());
