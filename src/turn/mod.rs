@@ -3,6 +3,7 @@
 
 pub mod allocation;
 pub mod auth;
+pub mod events;
 pub mod limits;
 pub mod policy;
 pub mod ports;
