@@ -138,7 +138,7 @@ impl Metrics {
         )?;
         self.counter(
             "turnkey_turn_allocations_total",
-            "TURN allocations by what happened to them: created, expired (lifetime ran out), deleted (refresh 0 or connection closed).",
+            "TURN allocations by what happened to them: created, expired (lifetime or maximum age ran out), deleted (refresh 0, connection closed, ended by the operator or revoked by reload).",
             &["event"],
             vec![
                 (vec!["created"], c!(allocations_created)),

@@ -22,6 +22,7 @@
 //! refusal, a full buffer) are counted and skipped; they never end a loop.
 
 pub mod batch;
+pub mod lifecycle;
 pub mod setup;
 pub mod shortcut;
 
@@ -40,6 +41,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::mpsc;
 
 use crate::turn::allocation::{FiveTuple, RelayId, Transport};
+use crate::turn::events::Event;
 use crate::turn::server::{AllocationInfo, EndWhich, Io, Server};
 use crate::turn::stats::{inc, TurnStats};
 use batch::{RecvBatch, SendQueue, BATCH};
@@ -418,6 +420,10 @@ impl Io for ShardIo {
 
     fn unreserve_relay(&mut self, relay: RelayId) {
         self.lock_reserved().remove(&relay);
+    }
+
+    fn event(&mut self, event: Event) {
+        lifecycle::record(&self.stats, &event);
     }
 }
 

@@ -134,6 +134,10 @@ impl ChannelNumber {
             .contains(&n)
             .then_some(ChannelNumber(n))
     }
+
+    pub fn get(self) -> u16 {
+        self.0
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -147,6 +151,20 @@ struct Channel {
     number: ChannelNumber,
     peer: SocketAddr,
     expires: Instant,
+}
+
+/// What a successful ChannelBind changed, beyond refreshing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    pub new_channel: bool,
+    pub new_permission: bool,
+}
+
+/// A permission or a channel that `prune` dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lapsed {
+    Permission(IpAddr),
+    Channel(ChannelNumber, SocketAddr),
 }
 
 /// Why a ChannelBind cannot be honoured.
@@ -172,8 +190,11 @@ pub struct Allocation {
     /// The Allocate's transaction id, so a retransmission gets the same answer.
     pub txid: [u8; 12],
     pub dont_fragment: bool,
-    /// Relayed application bytes: client → peer [0], peer → client [1].
+    /// Relayed application bytes and packets: client → peer [0], peer →
+    /// client [1]. Side by side, so the fast path's two additions touch
+    /// one cache line.
     pub bytes: [u64; 2],
+    pub packets: [u64; 2],
     /// Bandwidth budgets, same order.
     pub budget: [Gcra; 2],
     permissions: Vec<Permission>,
@@ -204,6 +225,7 @@ impl Allocation {
             txid,
             dont_fragment,
             bytes: [0; 2],
+            packets: [0; 2],
             budget: [Gcra::new(); 2],
             permissions: Vec::new(),
             channels: Vec::new(),
@@ -247,12 +269,29 @@ impl Allocation {
     }
 
     /// Installs or refreshes a permission; the caller has checked room.
-    pub fn permit(&mut self, ip: IpAddr, now: Instant) {
+    /// True when it is new.
+    pub fn permit(&mut self, ip: IpAddr, now: Instant) -> bool {
         let expires = now + PERMISSION_LIFETIME;
         match self.permissions.iter_mut().find(|p| p.ip == ip) {
-            Some(p) => p.expires = expires,
-            None => self.permissions.push(Permission { ip, expires }),
+            Some(p) => {
+                p.expires = expires;
+                false
+            }
+            None => {
+                self.permissions.push(Permission { ip, expires });
+                true
+            }
         }
+    }
+
+    /// Every permission's peer address, expired or not (until pruned).
+    pub fn permissions(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.permissions.iter().map(|p| p.ip)
+    }
+
+    /// Every channel, expired or not (until pruned).
+    pub fn channels(&self) -> impl Iterator<Item = (ChannelNumber, SocketAddr)> + '_ {
+        self.channels.iter().map(|c| (c.number, c.peer))
     }
 
     /// Binds or refreshes a channel and the peer's permission (RFC 8656 §12.2).
@@ -263,7 +302,7 @@ impl Allocation {
         now: Instant,
         max_channels: usize,
         max_permissions: usize,
-    ) -> Result<(), BindError> {
+    ) -> Result<Bound, BindError> {
         let by_number = self.channels.iter().position(|c| c.number == number);
         let by_peer = self.channels.iter().position(|c| c.peer == peer);
         let idx = match (by_number, by_peer) {
@@ -286,8 +325,11 @@ impl Allocation {
                 expires,
             }),
         }
-        self.permit(peer.ip(), now);
-        Ok(())
+        let new_permission = self.permit(peer.ip(), now);
+        Ok(Bound {
+            new_channel: idx.is_none(),
+            new_permission,
+        })
     }
 
     /// The peer a live channel is bound to (client → peer direction).
@@ -308,10 +350,23 @@ impl Allocation {
             .map(|c| c.number.0)
     }
 
-    /// Drops expired permissions and channels.
-    pub fn prune(&mut self, now: Instant) {
-        self.permissions.retain(|p| p.expires > now);
-        self.channels.retain(|c| c.expires > now);
+    /// Drops expired channels, then expired permissions, telling
+    /// `lapsed` of each.
+    pub fn prune(&mut self, now: Instant, mut lapsed: impl FnMut(Lapsed)) {
+        self.channels.retain(|c| {
+            let live = c.expires > now;
+            if !live {
+                lapsed(Lapsed::Channel(c.number, c.peer));
+            }
+            live
+        });
+        self.permissions.retain(|p| {
+            let live = p.expires > now;
+            if !live {
+                lapsed(Lapsed::Permission(p.ip));
+            }
+            live
+        });
     }
 }
 
@@ -344,13 +399,15 @@ mod tests {
         let mut a = alloc(t0);
         let ip: IpAddr = "198.51.100.1".parse().unwrap();
         assert!(!a.has_permission(ip, t0));
-        a.permit(ip, t0);
+        assert!(a.permit(ip, t0), "new");
         assert!(a.has_permission(ip, t0 + Duration::from_secs(299)));
         assert!(!a.has_permission(ip, t0 + Duration::from_secs(300)));
-        a.permit(ip, t0 + Duration::from_secs(200));
+        assert!(!a.permit(ip, t0 + Duration::from_secs(200)), "refreshed");
         assert!(a.has_permission(ip, t0 + Duration::from_secs(499)));
-        a.prune(t0 + Duration::from_secs(500));
+        let mut gone = Vec::new();
+        a.prune(t0 + Duration::from_secs(500), |l| gone.push(l));
         assert_eq!(a.permission_count(), 0);
+        assert_eq!(gone, vec![Lapsed::Permission(ip)]);
     }
 
     #[test]
@@ -372,12 +429,18 @@ mod tests {
         let p2: SocketAddr = "198.51.100.1:1001".parse().unwrap();
         let c1 = ChannelNumber::new(0x4000).unwrap();
         let c2 = ChannelNumber::new(0x4001).unwrap();
-        assert_eq!(a.bind_channel(c1, p1, t0, 8, 8), Ok(()));
+        let bound = |new_channel, new_permission| {
+            Ok(Bound {
+                new_channel,
+                new_permission,
+            })
+        };
+        assert_eq!(a.bind_channel(c1, p1, t0, 8, 8), bound(true, true));
         assert!(a.has_permission(p1.ip(), t0));
         // Same pair refreshes.
         assert_eq!(
             a.bind_channel(c1, p1, t0 + Duration::from_secs(500), 8, 8),
-            Ok(())
+            bound(false, false)
         );
         assert_eq!(
             a.channel_peer(0x4000, t0 + Duration::from_secs(1099)),
@@ -387,7 +450,8 @@ mod tests {
         assert_eq!(a.bind_channel(c1, p2, t0, 8, 8), Err(BindError::Conflict));
         assert_eq!(a.bind_channel(c2, p1, t0, 8, 8), Err(BindError::Conflict));
         assert_eq!(a.bind_channel(c2, p2, t0, 1, 8), Err(BindError::Full));
-        assert_eq!(a.bind_channel(c2, p2, t0, 8, 8), Ok(()));
+        // Another port of the same host: its permission is already there.
+        assert_eq!(a.bind_channel(c2, p2, t0, 8, 8), bound(true, false));
         assert_eq!(a.channel_for(p2, t0), Some(0x4001));
         assert_eq!(a.channel_for(p2, t0 + Duration::from_secs(600)), None);
     }

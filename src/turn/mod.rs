@@ -3,10 +3,11 @@
 
 pub mod allocation;
 pub mod auth;
-pub mod control;
+pub mod events;
 pub mod policy;
 pub mod ports;
 pub mod reply;
+pub mod requests;
 pub mod server;
 pub mod stats;
 pub mod wire;

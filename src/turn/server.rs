@@ -23,8 +23,10 @@ use stun::textattrs::TextAttribute;
 use stun::uattrs::UnknownAttributes;
 use stun::xoraddr::XorMappedAddress;
 
-use super::allocation::{Allocation, FiveTuple, RelayId, TupleHash};
+use super::allocation::{Allocation, FiveTuple, Lapsed, RelayId, TupleHash};
 use super::auth::{quota_user, CredentialError, Key, Nonces};
+use super::events::{EndReason, Event, Lapse, Usage};
+use crate::budget::{client_key, Gcra, PerAddress, Rate};
 use super::reply::{answer, AlternateServer, Reject};
 use super::stats::{inc, Direction::*, Framing::*, TurnStats};
 use super::wire;
@@ -157,6 +159,7 @@ impl Bandwidth {
             return false;
         }
         a.bytes[d] += len64;
+        a.packets[d] += 1;
         true
     }
 }
@@ -392,20 +395,22 @@ impl Server {
         self.unauth.sweep(now);
         self.bindings.sweep(now);
         let max_age = rules.limits.max_allocation_age;
-        let expired: Vec<u32> = self
+        let expired: Vec<(u32, EndReason)> = self
             .by_client
             .values()
-            .copied()
-            .filter(|&id| {
-                self.alloc(id).is_some_and(|a| {
-                    a.expires <= now
-                        || max_age.is_some_and(|m| now.saturating_duration_since(a.created) >= m)
-                })
+            .filter_map(|&id| {
+                let a = self.alloc(id)?;
+                if a.expires <= now {
+                    Some((id, EndReason::Expired))
+                } else if max_age.is_some_and(|m| now.saturating_duration_since(a.created) >= m) {
+                    Some((id, EndReason::MaxAge))
+                } else {
+                    None
+                }
             })
             .collect();
-        for id in expired {
-            self.delete(id, "expired", now, io);
-            inc(&self.stats.allocations_expired);
+        for (id, reason) in expired {
+            self.delete(id, reason, now, io);
         }
         // A reload that removed a static user or a REST secret ends the
         // allocations made with it, when the operator asks for that.
@@ -422,14 +427,16 @@ impl Server {
                     })
                     .collect();
                 for id in revoked {
-                    self.delete(id, "revoked by reload", now, io);
-                    inc(&self.stats.allocations_deleted);
+                    self.delete(id, EndReason::Revoked, now, io);
                 }
             }
         }
         self.return_cooled_ports(now);
         for a in self.allocs.iter_mut().flatten() {
-            a.prune(now);
+            let allocation = a.id;
+            a.prune(now, |lapsed| {
+                io.event(lapse_event(allocation, lapsed, Lapse::Expired))
+            });
         }
         if self.shared.reservations.load(Ordering::Relaxed) > 0 {
             for v6 in [false, true] {
@@ -476,9 +483,10 @@ impl Server {
         self.stats.relay_ports_used.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Ends an allocation: its relay ports go back, its counts drop, and a
-    /// TCP/TLS client's connection closes. `why` is for the log line.
-    pub(super) fn delete(&mut self, id: u32, why: &str, now: Instant, io: &mut impl Io) {
+    /// Ends an allocation: its relay ports go back, its counts drop, the
+    /// shell hears of its channels, permissions and end (in that order,
+    /// see `events.rs`), and a TCP/TLS client's connection closes.
+    pub(super) fn delete(&mut self, id: u32, reason: EndReason, now: Instant, io: &mut impl Io) {
         let Some(a) = self.allocs.get_mut(id as usize).and_then(Option::take) else {
             return;
         };
@@ -497,45 +505,54 @@ impl Server {
             client_key(a.five_tuple.client.ip()),
             -1,
         );
-        self.stats
-            .allocations_active
-            .fetch_sub(1, Ordering::Relaxed);
-        tracing::info!(
-            id = a.id,
-            user = %a.username,
-            client = %a.five_tuple.client,
-            transport = transport_name(a.five_tuple.transport),
-            relayed = ?a.relayed.iter().flatten().collect::<Vec<_>>(),
-            secs = now.saturating_duration_since(a.created).as_secs(),
-            bytes_to_peer = a.bytes[0],
-            bytes_to_client = a.bytes[1],
-            "allocation ended: {why}"
-        );
+        for (number, peer) in a.channels() {
+            io.event(lapse_event(
+                a.id,
+                Lapsed::Channel(number, peer),
+                Lapse::AllocationEnded,
+            ));
+        }
+        for peer in a.permissions() {
+            io.event(lapse_event(
+                a.id,
+                Lapsed::Permission(peer),
+                Lapse::AllocationEnded,
+            ));
+        }
+        let a = *a;
+        io.event(Event::AllocationEnded {
+            id: a.id,
+            client: a.five_tuple,
+            relayed: a.relayed,
+            username: a.username,
+            reason,
+            duration: now.saturating_duration_since(a.created),
+            usage: Usage {
+                bytes_to_peer: a.bytes[0],
+                bytes_to_client: a.bytes[1],
+                packets_to_peer: a.packets[0],
+                packets_to_client: a.packets[1],
+            },
+        });
         if a.five_tuple.transport.is_stream() {
             io.close_client(&a.five_tuple);
         }
     }
 
-    /// Records a new allocation in the shared counts and the log.
-    pub(super) fn count_new(&mut self, a: &Allocation) {
+    /// Records a new allocation in the shared counts and tells the shell.
+    pub(super) fn count_new(&mut self, a: &Allocation, io: &mut impl Io) {
         self.shared.total.fetch_add(1, Ordering::Relaxed);
         self.shared.count_holder(
             quota_user(&a.username),
             client_key(a.five_tuple.client.ip()),
             1,
         );
-        inc(&self.stats.allocations_created);
-        self.stats
-            .allocations_active
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            id = a.id,
-            user = %a.username,
-            client = %a.five_tuple.client,
-            transport = transport_name(a.five_tuple.transport),
-            relayed = ?a.relayed.iter().flatten().collect::<Vec<_>>(),
-            "allocation started"
-        );
+        io.event(Event::AllocationStarted {
+            id: a.id,
+            client: a.five_tuple,
+            relayed: a.relayed,
+            username: a.username.clone(),
+        });
     }
 
     /// Every allocation of this shard, for the admin API.
@@ -573,8 +590,7 @@ impl Server {
             })
             .collect();
         for &id in &ids {
-            self.delete(id, "ended by the operator", now, io);
-            inc(&self.stats.allocations_deleted);
+            self.delete(id, EndReason::Operator, now, io);
         }
         ids.len()
     }
@@ -582,8 +598,7 @@ impl Server {
     /// Ends the allocation of a stream connection that closed.
     pub fn connection_closed(&mut self, now: Instant, ft: &FiveTuple, io: &mut impl Io) {
         if let Some(&id) = self.by_client.get(ft) {
-            self.delete(id, "connection closed", now, io);
-            inc(&self.stats.allocations_deleted);
+            self.delete(id, EndReason::ConnectionClosed, now, io);
         }
     }
 
@@ -624,8 +639,8 @@ impl Server {
             METHOD_BINDING => self.binding(&m, &ft),
             METHOD_ALLOCATE => self.allocate(now, &ft, &mut m, io),
             METHOD_REFRESH => self.refresh(now, &ft, &mut m, io),
-            METHOD_CREATE_PERMISSION => self.create_permission(now, &ft, &mut m),
-            METHOD_CHANNEL_BIND => self.channel_bind(now, &ft, &mut m),
+            METHOD_CREATE_PERMISSION => self.create_permission(now, &ft, &mut m, io),
+            METHOD_CHANNEL_BIND => self.channel_bind(now, &ft, &mut m, io),
             _ => Err((Reject::BadRequest, None)),
         };
         let bytes = match result {
@@ -780,6 +795,23 @@ impl Server {
         }
         unknown_attributes(m).map_err(|r| (r, Some(key)))?;
         Ok((id, key))
+    }
+}
+
+/// The event for a permission or channel that went away.
+pub(super) fn lapse_event(allocation: u64, lapsed: Lapsed, reason: Lapse) -> Event {
+    match lapsed {
+        Lapsed::Permission(peer) => Event::PermissionRemoved {
+            allocation,
+            peer,
+            reason,
+        },
+        Lapsed::Channel(number, peer) => Event::ChannelUnbound {
+            allocation,
+            number,
+            peer,
+            reason,
+        },
     }
 }
 

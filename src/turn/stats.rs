@@ -12,6 +12,8 @@ pub const DENIAL_SLOTS: usize = 24;
 
 #[derive(Default)]
 pub struct TurnStats {
+    /// Allocation lifecycles: counted by the shell from the core's
+    /// events (`relay/lifecycle.rs`), never by the core itself.
     pub allocations_active: AtomicI64,
     pub allocations_created: AtomicU64,
     pub allocations_expired: AtomicU64,

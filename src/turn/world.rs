@@ -14,6 +14,8 @@ use rand::Rng;
 
 use super::allocation::{FiveTuple, RelayId};
 use super::auth::Credentials;
+use super::events::Event;
+use crate::budget::Rate;
 use super::policy::PeerPolicy;
 use super::ports::PortPool;
 use crate::budget::Rate;
@@ -35,6 +37,10 @@ pub trait Io {
     /// until `open_relay` claims it or `unreserve_relay` drops it.
     fn reserve_relay(&mut self, relay: RelayId) -> bool;
     fn unreserve_relay(&mut self, relay: RelayId);
+    /// Something happened to an allocation, a permission or a channel
+    /// (`events.rs`). Called on the control path only, never per relayed
+    /// packet; a shell that does not listen keeps this default.
+    fn event(&mut self, _event: Event) {}
 }
 
 /// Settings that reload may replace; every shard reads the same copy.

@@ -20,6 +20,8 @@ use turn::proto::PROTO_UDP;
 
 use super::allocation::{Allocation, BindError, ChannelNumber, FiveTuple, RelayId};
 use super::auth::{quota_user, Key};
+use super::events::{EndReason, Event};
+use crate::budget::client_key;
 use super::reply::{answer, Reject};
 use super::server::{unknown_attributes, Answer, Io, Server, RESERVATION_LIFETIME};
 use super::stats::inc;
@@ -250,7 +252,7 @@ impl Server {
             m.transaction_id.0,
             dont_fragment,
         );
-        self.count_new(&a);
+        self.count_new(&a, io);
         self.insert(a);
         Ok(self.allocate_success(m, ft, relayed, lifetime, token_out, fam.dual_refused, &key))
     }
@@ -397,8 +399,7 @@ impl Server {
             rules.default_lifetime
         };
         if desired.is_zero() {
-            self.delete(id, "deleted by the client", now, io);
-            super::stats::inc(&self.stats.allocations_deleted);
+            self.delete(id, EndReason::ClientDeleted, now, io);
         } else if let Some(a) = self.alloc_mut(id) {
             a.expires = now + desired;
         }
@@ -415,6 +416,7 @@ impl Server {
         now: Instant,
         ft: &FiveTuple,
         m: &mut Message,
+        io: &mut impl Io,
     ) -> Answer {
         let (id, key) = self.existing(now, ft, m)?;
         let fail = |r| Err((r, Some(key)));
@@ -442,12 +444,23 @@ impl Server {
             return fail(Reject::InsufficientCapacity);
         }
         for ip in ips {
-            a.permit(ip, now);
+            if a.permit(ip, now) {
+                io.event(Event::PermissionInstalled {
+                    allocation: a.id,
+                    peer: ip,
+                });
+            }
         }
         Ok(answer(m, CLASS_SUCCESS_RESPONSE, Vec::new(), Some(&key)))
     }
 
-    pub(super) fn channel_bind(&mut self, now: Instant, ft: &FiveTuple, m: &mut Message) -> Answer {
+    pub(super) fn channel_bind(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        m: &mut Message,
+        io: &mut impl Io,
+    ) -> Answer {
         let (id, key) = self.existing(now, ft, m)?;
         let fail = |r| Err((r, Some(key)));
         let mut n = ProtoChannelNumber::default();
@@ -469,7 +482,23 @@ impl Server {
             return fail(Reject::AllocationMismatch);
         };
         match a.bind_channel(number, peer, now, rules.max_channels, rules.max_permissions) {
-            Ok(()) => Ok(answer(m, CLASS_SUCCESS_RESPONSE, Vec::new(), Some(&key))),
+            Ok(bound) => {
+                let allocation = a.id;
+                if bound.new_permission {
+                    io.event(Event::PermissionInstalled {
+                        allocation,
+                        peer: peer.ip(),
+                    });
+                }
+                if bound.new_channel {
+                    io.event(Event::ChannelBound {
+                        allocation,
+                        number,
+                        peer,
+                    });
+                }
+                Ok(answer(m, CLASS_SUCCESS_RESPONSE, Vec::new(), Some(&key)))
+            }
             Err(BindError::Conflict) => fail(Reject::BadRequest),
             Err(BindError::Full) => fail(Reject::InsufficientCapacity),
         }
