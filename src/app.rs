@@ -85,7 +85,7 @@ async fn start(
         relay,
         stats,
         shards,
-    } = Relay::from_config(&cfg.turn, &families, rules.clone(), shared.clone())
+    } = Relay::from_config(&cfg.turn, &families, rules.clone(), shared.clone(), life)
         .context("starting the TURN listeners")?;
     let listeners = Listeners::bind(&cfg, relay.local_addrs()).await?;
     let certs = match (&cfg.tls.cert_file, &cfg.tls.key_file) {

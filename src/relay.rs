@@ -22,7 +22,7 @@
 //! refusal, a full buffer) are counted and skipped; they never end a loop.
 
 pub mod batch;
-pub mod lifecycle;
+pub mod events;
 pub mod setup;
 pub mod shortcut;
 
@@ -39,7 +39,9 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
+use crate::lifecycle::Drain;
 use crate::turn::allocation::{FiveTuple, RelayId, Transport};
 use crate::turn::events::Event;
 use crate::turn::server::{AllocationInfo, EndWhich, Io, Server};
@@ -136,7 +138,7 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn start(specs: Vec<ShardSpec>) -> io::Result<Relay> {
+    pub fn start(specs: Vec<ShardSpec>, drain: Arc<Drain>) -> io::Result<Relay> {
         let stop = Arc::new(AtomicBool::new(false));
         let directory = Arc::new(Directory::new(
             specs.first().map_or([None, None], |s| s.relay_handover),
@@ -184,6 +186,7 @@ impl Relay {
                 directory: directory.clone(),
                 outbox: (0..mailboxes.len()).map(|_| Parcel::default()).collect(),
                 mailboxes: mailboxes.clone(),
+                drain: drain.clone(),
             };
             let stop = stop.clone();
             let core = spec.core;
@@ -212,6 +215,24 @@ impl Relay {
         self.handles.clone()
     }
 
+    /// Stops the shards when `token` is cancelled (a child of the
+    /// appliance's stop token). The shard loops read a plain flag, not the
+    /// token: a token's state is behind a lock, a flag is one load per
+    /// loop turn.
+    pub fn stop_when(&self, token: CancellationToken) -> impl std::future::Future<Output = ()> {
+        let flag = self.stop.clone();
+        let wakers: Vec<_> = self.handles.iter().map(|h| h.waker.clone()).collect();
+        async move {
+            token.cancelled().await;
+            flag.store(true, Ordering::SeqCst);
+            for w in wakers {
+                let _ = w.wake();
+            }
+        }
+    }
+
+    /// Stops the shards (if the stop token has not already) and joins
+    /// their threads.
     pub fn stop(self) {
         self.stop.store(true, Ordering::SeqCst);
         for h in &self.handles {
@@ -304,6 +325,7 @@ struct ShardIo {
     directory: Arc<Directory>,
     mailboxes: Arc<[Mailbox]>,
     outbox: Vec<Parcel>,
+    drain: Arc<Drain>,
 }
 
 impl Io for ShardIo {
@@ -423,7 +445,11 @@ impl Io for ShardIo {
     }
 
     fn event(&mut self, event: Event) {
-        lifecycle::record(&self.stats, &event);
+        events::record(&self.stats, &event);
+        if matches!(event, Event::AllocationEnded { .. }) {
+            // One allocation fewer may be what a drain waits for.
+            self.drain.progressed();
+        }
     }
 }
 

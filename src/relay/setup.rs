@@ -16,6 +16,7 @@ use rand::{Rng, SeedableRng};
 use super::{Relay, ShardSpec};
 use crate::config::TurnConfig;
 use crate::ice::unix_now;
+use crate::lifecycle::Lifecycle;
 use crate::turn::server::{Clock, CoreConfig, Rules, Server, Shared};
 use crate::turn::stats::TurnStats;
 
@@ -102,12 +103,14 @@ pub struct Built {
 impl Relay {
     /// The shards `turn.threads` asks for (0: one per two cores), each a
     /// core over the shared allocation table, started on the listeners of
-    /// `turn.listen`.
+    /// `turn.listen`; they stop with `life` and tell its drain when an
+    /// allocation ends.
     pub fn from_config(
         t: &TurnConfig,
         families: &RelayFamilies,
         rules: Arc<ArcSwap<Rules>>,
         shared: Arc<Shared>,
+        life: &Lifecycle,
     ) -> io::Result<Built> {
         // By default one shard per two cores: the kernel's UDP work (most
         // of a relay's CPU) runs beside them, and a shard that is kept
@@ -151,7 +154,8 @@ impl Relay {
                 stats: shard_stats,
             });
         }
-        let relay = Relay::start(specs)?;
+        let relay = Relay::start(specs, life.drain.clone())?;
+        life.spawn(relay.stop_when(life.child()));
         warn_if_ephemeral(t);
         Ok(Built {
             relay,

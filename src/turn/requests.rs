@@ -21,7 +21,6 @@ use turn::proto::PROTO_UDP;
 use super::allocation::{Allocation, BindError, ChannelNumber, FiveTuple, RelayId};
 use super::auth::{quota_user, Key};
 use super::events::{EndReason, Event};
-use crate::budget::client_key;
 use super::reply::{answer, Reject};
 use super::server::{unknown_attributes, Answer, Io, Server, RESERVATION_LIFETIME};
 use super::stats::inc;

@@ -26,7 +26,6 @@ use stun::xoraddr::XorMappedAddress;
 use super::allocation::{Allocation, FiveTuple, Lapsed, RelayId, TupleHash};
 use super::auth::{quota_user, CredentialError, Key, Nonces};
 use super::events::{EndReason, Event, Lapse, Usage};
-use crate::budget::{client_key, Gcra, PerAddress, Rate};
 use super::reply::{answer, AlternateServer, Reject};
 use super::stats::{inc, Direction::*, Framing::*, TurnStats};
 use super::wire;

@@ -15,7 +15,6 @@ use rand::Rng;
 use super::allocation::{FiveTuple, RelayId};
 use super::auth::Credentials;
 use super::events::Event;
-use crate::budget::Rate;
 use super::policy::PeerPolicy;
 use super::ports::PortPool;
 use crate::budget::Rate;
