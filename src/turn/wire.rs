@@ -4,7 +4,8 @@
 //! `Message`; the packets that carry media do not, because decoding a
 //! `Message` allocates a vector per attribute. These functions read and
 //! write ChannelData, Send and Data indications directly in caller-owned
-//! buffers.
+//! buffers, and find where each message ends in a TCP/TLS byte stream
+//! (RFC 8656 §3.2), for the server, the probe and the tests alike.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
