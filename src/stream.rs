@@ -8,8 +8,9 @@
 //! ChannelData, and HTTP methods start with letters). So one port can serve
 //! the page, WSS signaling and `turns:` at once.
 //!
-//! TURN connections are framed here (STUN by its length field, ChannelData
-//! padded to 4 bytes) and fed to their shard's core like datagrams; the
+//! TURN connections are cut into messages here (`turn::wire::
+//! stream_frame_len`: STUN by its length field, ChannelData padded to 4
+//! bytes) and fed to their shard's core like datagrams; the
 //! allocation lives as long as the connection. Limits keep a flood cheap:
 //! a TLS handshake deadline, a deadline for getting an allocation, an idle
 //! timeout, caps on connections without an allocation per source IP and
@@ -41,11 +42,10 @@ use crate::proxy_protocol::{self, Proxied};
 use crate::public::Gate;
 use crate::relay::{ShardHandle, StreamEvent, StreamLink};
 use crate::turn::allocation::{FiveTuple, Transport};
-use crate::turn::wire::{kind_of_first_byte, Kind};
+use crate::turn::wire::{kind_of_first_byte, stream_frame_len, Kind};
 
 /// Answers queued towards one connection before it counts as not reading.
 const OUT_QUEUE: usize = 256;
-const MAX_FRAME: usize = 20 + 65535;
 
 #[derive(Debug, Clone)]
 pub struct StreamLimits {
@@ -357,7 +357,7 @@ impl Streams {
                     }
                 }
                 loop {
-                    match frame_len(&buf) {
+                    match stream_frame_len(&buf) {
                         Ok(Some(len)) => {
                             let msg = buf.split_to(len).freeze();
                             if !shard.send(StreamEvent::Data { ft, msg }).await {
@@ -365,7 +365,7 @@ impl Streams {
                             }
                         }
                         Ok(None) => break,
-                        Err(BadFrame) => {
+                        Err(_) => {
                             inc(&stats.protocol_errors);
                             return;
                         }
@@ -386,29 +386,6 @@ impl Streams {
         shard.send(StreamEvent::Closed { ft }).await;
         self.stats.open_turn.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// A stream that is not STUN/ChannelData framing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("not STUN or ChannelData framing")]
-pub struct BadFrame;
-
-/// The length of the first complete message in `buf`, None if more bytes
-/// are needed.
-pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, BadFrame> {
-    let (Some(&first), Some(len)) = (buf.first(), buf.get(2..4)) else {
-        return Ok(None);
-    };
-    let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
-    let total = match kind_of_first_byte(first) {
-        Kind::Stun if len % 4 == 0 => 20 + len,
-        Kind::ChannelData => (4 + len + 3) & !3,
-        _ => return Err(BadFrame),
-    };
-    if total > MAX_FRAME + 3 {
-        return Err(BadFrame);
-    }
-    Ok((buf.len() >= total).then_some(total))
 }
 
 async fn read_proxy_header(tcp: &mut TcpStream) -> std::io::Result<Proxied> {
@@ -458,34 +435,5 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frames_stun_and_padded_channel_data() {
-        let mut stun = vec![0x00, 0x01, 0x00, 0x08];
-        stun.extend_from_slice(&[0; 16 + 8]);
-        assert_eq!(frame_len(&stun), Ok(Some(28)));
-        assert_eq!(frame_len(&stun[..27]), Ok(None));
-        assert_eq!(
-            frame_len(&[0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0]),
-            Ok(None)
-        );
-        assert_eq!(
-            frame_len(&[0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0, 0]),
-            Ok(Some(12))
-        );
-        assert_eq!(frame_len(&[0x40, 0x00, 0x00, 0x00]), Ok(Some(4)));
-        assert_eq!(
-            frame_len(&[0x00, 0x01, 0x00, 0x05]),
-            Err(BadFrame),
-            "STUN length not a multiple of 4"
-        );
-        assert_eq!(frame_len(&[0x80, 0, 0, 0]), Err(BadFrame));
-        assert_eq!(frame_len(&[0x40]), Ok(None));
     }
 }

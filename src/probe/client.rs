@@ -344,8 +344,8 @@ pub fn datagram_frame(b: &[u8]) -> Option<Frame> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the server sent bytes that are neither STUN nor ChannelData (first byte {0:#04x})")]
-pub struct FramingError(pub u8);
+#[error("the server sent {0}")]
+pub struct FramingError(#[from] pub wire::FrameError);
 
 /// Splits a TURN byte stream into frames (RFC 8656 §3.2).
 #[derive(Default)]
@@ -360,18 +360,9 @@ impl StreamFramer {
 
     /// The next complete frame, if the buffer holds one.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FramingError> {
-        let (Some(&first), Some(len)) = (self.buf.first(), self.buf.get(2..4)) else {
+        let Some(total) = wire::stream_frame_len(&self.buf)? else {
             return Ok(None);
         };
-        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
-        let total = match first {
-            0..=3 => wire::HEADER_LEN + len,
-            0x40..=0x7F => (wire::CHANNEL_HEADER_LEN + len + 3) & !3,
-            other => return Err(FramingError(other)),
-        };
-        if self.buf.len() < total {
-            return Ok(None);
-        }
         let frame: Vec<u8> = self.buf.drain(..total).collect();
         Ok(datagram_frame(&frame))
     }
@@ -629,7 +620,10 @@ mod tests {
             ]
         );
         f.push(b"<html>");
-        assert_eq!(f.next_frame(), Err(FramingError(b'<')));
+        assert_eq!(
+            f.next_frame(),
+            Err(FramingError(wire::FrameError::NotTurn(b'<')))
+        );
         // Datagrams are not padded.
         assert_eq!(channel_data(PROBE_CHANNEL, &ping[..17], false).len(), 21);
         assert_eq!(

@@ -4,7 +4,8 @@
 //! `Message`; the packets that carry media do not, because decoding a
 //! `Message` allocates a vector per attribute. These functions read and
 //! write ChannelData, Send and Data indications directly in caller-owned
-//! buffers.
+//! buffers, and find where each message ends in a TCP/TLS byte stream
+//! (RFC 8656 §3.2), for the server, the probe and the tests alike.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -56,6 +57,36 @@ pub fn classify(b: &[u8]) -> Kind {
         Some(Kind::ChannelData) if b.len() >= CHANNEL_HEADER_LEN => Kind::ChannelData,
         _ => Kind::Other,
     }
+}
+
+/// Why a TURN byte stream cannot be split into messages: once framing is
+/// lost it cannot be found again, so the connection is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("bytes that are neither STUN nor ChannelData (first byte {0:#04x})")]
+    NotTurn(u8),
+    #[error("a STUN message whose length ({0}) is not a multiple of 4")]
+    UnalignedStun(u16),
+}
+
+/// The length of the first message of a TURN byte stream (RFC 8656 §3.2:
+/// TCP and TLS carry STUN messages, a 20-byte header plus the length in
+/// it, and ChannelData, a 4-byte header plus the length in it, padded to
+/// a multiple of 4); None until `buf` holds all of it.
+///
+/// Both length fields are 16 bits, so a frame is never longer than
+/// 20 + 65532 bytes: a reader's buffer needs no other cap.
+pub fn stream_frame_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
+    let (Some(&first), Some(len)) = (buf.first(), be16(buf, 2)) else {
+        return Ok(None);
+    };
+    let total = match kind_of_first_byte(first) {
+        Kind::Stun if len % 4 == 0 => HEADER_LEN + usize::from(len),
+        Kind::Stun => return Err(FrameError::UnalignedStun(len)),
+        Kind::ChannelData => (CHANNEL_HEADER_LEN + usize::from(len) + 3) & !3,
+        Kind::Other => return Err(FrameError::NotTurn(first)),
+    };
+    Ok((buf.len() >= total).then_some(total))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -250,6 +281,29 @@ mod tests {
     }
 
     #[test]
+    fn stream_frames_are_stun_by_length_and_channel_data_padded() {
+        let mut stun = vec![0x00, 0x01, 0x00, 0x08];
+        stun.extend_from_slice(&[0; 16 + 8]);
+        assert_eq!(stream_frame_len(&stun), Ok(Some(28)));
+        assert_eq!(stream_frame_len(&stun[..27]), Ok(None));
+        // Trailing bytes are the next frame's.
+        stun.push(0x40);
+        assert_eq!(stream_frame_len(&stun), Ok(Some(28)));
+        let chan = [0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0, 0];
+        assert_eq!(stream_frame_len(&chan[..11]), Ok(None));
+        assert_eq!(stream_frame_len(&chan), Ok(Some(12)));
+        assert_eq!(stream_frame_len(&[0x40, 0x00, 0x00, 0x00]), Ok(Some(4)));
+        assert_eq!(
+            stream_frame_len(&[0x00, 0x01, 0x00, 0x05]),
+            Err(FrameError::UnalignedStun(5))
+        );
+        assert_eq!(stream_frame_len(b"<html>"), Err(FrameError::NotTurn(b'<')));
+        // Nothing is decided before the length field is there.
+        assert_eq!(stream_frame_len(&[0x80]), Ok(None));
+        assert_eq!(stream_frame_len(&[]), Ok(None));
+    }
+
+    #[test]
     fn channel_data_roundtrip_and_padding() {
         let mut buf = [0xAAu8; 64];
         let n = write_channel_data(&mut buf, 0x4001, b"hello", false).unwrap();
@@ -337,6 +391,47 @@ mod tests {
                 let mut d = Data::default();
                 d.get_from(&m).unwrap();
                 assert_eq!(d.0, payload);
+            }
+        }
+    }
+
+    mod framing {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any bytes: no panic, and a frame is whole, within the
+            /// largest the length fields allow, and a STUN one is aligned.
+            #[test]
+            fn never_panics_and_frames_fit(buf in proptest::collection::vec(any::<u8>(), 0..80)) {
+                match stream_frame_len(&buf) {
+                    Ok(Some(n)) => {
+                        prop_assert!(n <= buf.len());
+                        prop_assert!((CHANNEL_HEADER_LEN..=HEADER_LEN + 65532).contains(&n));
+                        prop_assert_eq!(n % 4, 0);
+                    }
+                    Ok(None) => {}
+                    Err(FrameError::NotTurn(b)) => {
+                        prop_assert_eq!(kind_of_first_byte(b), Kind::Other)
+                    }
+                    Err(FrameError::UnalignedStun(len)) => prop_assert!(len % 4 != 0),
+                }
+            }
+
+            /// A frame followed by anything is found, and only once whole.
+            #[test]
+            fn finds_a_written_channel_data_frame(
+                data in proptest::collection::vec(any::<u8>(), 0..300),
+                rest in proptest::collection::vec(any::<u8>(), 0..8),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let mut buf = vec![0u8; CHANNEL_HEADER_LEN + data.len() + 3];
+                let n = write_channel_data(&mut buf, CHANNEL_MIN, &data, true).unwrap();
+                buf.truncate(n);
+                let short = cut.index(n);
+                prop_assert_eq!(stream_frame_len(&buf[..short]), Ok(None));
+                buf.extend_from_slice(&rest);
+                prop_assert_eq!(stream_frame_len(&buf), Ok(Some(n)));
             }
         }
     }

@@ -18,6 +18,7 @@ use turn::proto::peeraddr::PeerAddress;
 use turn::proto::relayaddr::RelayedAddress;
 use turn::proto::reqtrans::RequestedTransport;
 use turn::proto::PROTO_UDP;
+use turnkey::turn::wire;
 
 use super::raw::{build_message, Auth};
 
@@ -194,27 +195,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamTurn<S> {
     pub async fn read_frame(&mut self, within: Duration) -> Option<Frame> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            if self.buf.len() >= 4 {
-                let len = u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize;
-                let channel = (0x40..=0x7F).contains(&self.buf[0]);
-                let total = if channel {
-                    (4 + len + 3) & !3
-                } else {
-                    20 + len
-                };
-                if self.buf.len() >= total {
-                    let f: Vec<u8> = self.buf.drain(..total).collect();
-                    if channel {
-                        return Some(Frame::Channel(
-                            u16::from_be_bytes([f[0], f[1]]),
-                            f[4..4 + len].to_vec(),
-                        ));
-                    }
-                    let mut m = Message::new();
-                    m.raw = f;
-                    m.decode().ok()?;
-                    return Some(Frame::Stun(m));
+            // A stream the server broke the framing of ends the read.
+            if let Some(total) = wire::stream_frame_len(&self.buf).ok()? {
+                let f: Vec<u8> = self.buf.drain(..total).collect();
+                let channel = f.first().map(|&b| wire::kind_of_first_byte(b));
+                if channel == Some(wire::Kind::ChannelData) {
+                    let (n, d) = wire::parse_channel_data(&f).ok()?;
+                    return Some(Frame::Channel(n, d.to_vec()));
                 }
+                let mut m = Message::new();
+                m.raw = f;
+                m.decode().ok()?;
+                return Some(Frame::Stun(m));
             }
             let mut chunk = [0u8; 4096];
             let n = tokio::time::timeout_at(deadline, self.s.read(&mut chunk))
