@@ -182,10 +182,15 @@ start_turnkey() {
 }
 
 start_baseline() {
-  # An older turnkey may predate the per-address limits: it gets the same
-  # file without those keys (it has no such limits to lift).
-  grep -v -E '^(ip_quota|unauth_requests_per_sec|binding_requests_per_sec) =' \
-    "$WORK/turnkey.toml" >"$WORK/baseline.toml"
+  # The same file when the baseline knows every key; an older turnkey that
+  # predates the per-address limits refuses them, and gets the file
+  # without those keys (it has no such limits to lift).
+  if "$BASELINE" check-config "$WORK/turnkey.toml" >/dev/null 2>&1; then
+    cp "$WORK/turnkey.toml" "$WORK/baseline.toml"
+  else
+    grep -v -E '^(ip_quota|unauth_requests_per_sec|binding_requests_per_sec) =' \
+      "$WORK/turnkey.toml" >"$WORK/baseline.toml"
+  fi
   "$BASELINE" --config "$WORK/baseline.toml" >>"$WORK/baseline.log" 2>&1 &
   SERVER_PID=$!
 }
