@@ -288,6 +288,15 @@ async fn flood_and_call(
     loop {
         let now = rss(tk);
         if now - before < 16.0 * MIB {
+            println!(
+                "{handshakes} handshakes ({} admitted, {} refused) in {FLOOD_FOR:?}: \
+                 RSS {:.1} MiB before, peak {:+.1} MiB, after {:+.1} MiB; {counted} refusals counted",
+                counts.ok.load(Ordering::Relaxed),
+                counts.refused.load(Ordering::Relaxed),
+                before / MIB,
+                (peak - before) / MIB,
+                (now - before) / MIB,
+            );
             break;
         }
         assert!(
