@@ -20,6 +20,14 @@
 #       (EVEN-PORT with a reservation, then RESERVATION-TOKEN);
 #   -n  messages per session; -l  bytes per message.
 #
+# MODE=peer measures the other path real calls take: a client relayed to
+# a peer that is not a client of the server (the other browser's own
+# address, another TURN server). uclient then runs without -y and sends
+# to coturn's echo peer, turnutils_peer, on PEER_ADDR:PEER_PORT (another
+# loopback address than the servers'), which sends every message back:
+# client → relay → peer → relay → client, every message through a relay
+# socket both ways (the relay-to-relay handover never applies).
+#
 # Usage: bench/relay_vs_coturn.sh            (from anywhere)
 #        A=turnkey B=uncounted bench/relay_vs_coturn.sh
 #                 the cost of turnkey's metrics: the same turnkey with its
@@ -44,6 +52,13 @@
 #   INTERVAL=0     uclient -z: milliseconds between a session's packets (0 = flat out)
 #   RUN_TIMEOUT=90 seconds before one uclient run is cut off
 #   SKIP_BUILD=1   use the existing target/release/turnkey
+#   MODE=client    client: uclient -y, client to client; peer: client to an
+#                  outside echo peer (turnutils_peer), see above
+#   PEER_ADDR=127.0.0.2 PEER_PORT=13480  the echo peer (MODE=peer)
+#   TURNSERVER, UCLIENT, PEER  coturn's binaries (default: the ones on PATH,
+#                  Debian's; e.g. a coturn built from a release tarball)
+#   COTURN_ARGS    extra turnserver options (coturn 4.17's server with an
+#                  older uclient needs --rfc5766-channel-numbers)
 #
 # Needs: cargo, coturn (turnserver, turnutils_uclient, turnutils_stunclient).
 # Sends traffic only to 127.0.0.1.
@@ -60,6 +75,18 @@ INTERVAL=${INTERVAL:-0}
 RUN_TIMEOUT=${RUN_TIMEOUT:-90}
 A=${A:-turnkey}
 B=${B:-coturn}
+MODE=${MODE:-client}
+PEER_ADDR=${PEER_ADDR:-127.0.0.2}
+PEER_PORT=${PEER_PORT:-13480}
+TURNSERVER=${TURNSERVER:-turnserver}
+UCLIENT=${UCLIENT:-turnutils_uclient}
+PEER=${PEER:-turnutils_peer}
+read -r -a COTURN_EXTRA <<<"${COTURN_ARGS:-}"
+case $MODE in
+  client) TARGET_ARGS=(-y) ;;
+  peer) TARGET_ARGS=(-e "$PEER_ADDR" -r "$PEER_PORT") ;;
+  *) echo "MODE is client or peer, not $MODE" >&2; exit 2 ;;
+esac
 SCRAPE=${SCRAPE:-1}
 
 TK_PORT=13578
@@ -81,7 +108,7 @@ if [ "$EPH_HI" -ge "$RELAY_MIN" ] && [ "$EPH_LO" -le "$RELAY_MAX" ]; then
   echo "warning: relay ports $RELAY_MIN-$RELAY_MAX overlap the ephemeral range $EPH_LO-$EPH_HI" >&2
 fi
 
-for tool in turnserver turnutils_uclient turnutils_stunclient timeout; do
+for tool in "$TURNSERVER" "$UCLIENT" "$PEER" turnutils_stunclient timeout; do
   command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install coturn)" >&2; exit 1; }
 done
 
@@ -89,6 +116,7 @@ WORK=$(mktemp -d /tmp/turnkey-bench.XXXXXX)
 SERVER_PID=""
 SAMPLER_PID=""
 SCRAPER_PID=""
+PEER_PID=""
 UCLIENT_PIDS=()
 
 stop_sampler() {
@@ -123,6 +151,7 @@ cleanup() {
   stop_sampler
   stop_scraper
   stop_server
+  if [ -n "$PEER_PID" ]; then kill "$PEER_PID" 2>/dev/null || true; fi
   echo "logs and raw results: $WORK" >&2
 }
 trap cleanup EXIT
@@ -171,6 +200,9 @@ user_quota = 0
 ip_quota = 100000
 unauth_requests_per_sec = 100000
 binding_requests_per_sec = 100000
+# MODE=peer: the echo peer sits on a loopback address, which the peer
+# policy refuses unless allowed (coturn: --allow-loopback-peers).
+allowed_peer_ranges = ["$PEER_ADDR/32"]
 
 [auth.users]
 $USER_NAME = "$PASSWORD"
@@ -227,11 +259,11 @@ start_coturn() {
   if [ "$THREADS" -gt 0 ]; then threads=(--relay-threads="$THREADS"); fi
   # coturn refuses loopback peers unless told; turnkey always allows its
   # own relay addresses (uclient -y relays client to client through them).
-  turnserver -n --no-cli --no-tls --no-dtls \
+  "$TURNSERVER" -n --no-cli --no-tls --no-dtls \
     -L 127.0.0.1 -p "$CT_PORT" --relay-ip=127.0.0.1 \
     --min-port="$RELAY_MIN" --max-port="$RELAY_MAX" \
     -r turnkey -a -u "$USER_NAME:$PASSWORD" \
-    --allow-loopback-peers "${threads[@]}" \
+    --allow-loopback-peers "${threads[@]}" "${COTURN_EXTRA[@]}" \
     --log-file="$WORK/coturn.log" --simple-log --no-stdout-log \
     >>"$WORK/coturn.out" 2>&1 &
   SERVER_PID=$!
@@ -323,7 +355,7 @@ measure() {
   t0=$(date +%s.%N)
   for i in $(seq "$PARALLEL"); do
     /usr/bin/time -o "$WORK/time-$name-$RUN-$i.txt" -f "%U %S" \
-      timeout "$RUN_TIMEOUT" turnutils_uclient -y -z "$INTERVAL" -m "$CLIENTS" -n "$MESSAGES" \
+      timeout "$RUN_TIMEOUT" "$UCLIENT" "${TARGET_ARGS[@]}" -z "$INTERVAL" -m "$CLIENTS" -n "$MESSAGES" \
       -l "$LENGTH" -u "$USER_NAME" -w "$PASSWORD" -p "$port" 127.0.0.1 \
       >"$WORK/uclient-$name-$RUN-$i.txt" 2>&1 &
     UCLIENT_PIDS+=($!)
@@ -366,7 +398,11 @@ measure() {
 }
 
 echo "$(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) before the first run" >&2
-echo "$PARALLEL × uclient -y -z $INTERVAL -m $CLIENTS -n $MESSAGES -l $LENGTH; threads=$THREADS; $REPS rounds" >&2
+if [ "$MODE" = peer ]; then
+  "$PEER" -L "$PEER_ADDR" -p "$PEER_PORT" >"$WORK/peer.log" 2>&1 &
+  PEER_PID=$!
+fi
+echo "mode $MODE: $PARALLEL × uclient ${TARGET_ARGS[*]} -z $INTERVAL -m $CLIENTS -n $MESSAGES -l $LENGTH; threads=$THREADS; $REPS rounds" >&2
 printf 'server\trun\tsent\treceived\tlost\twall_s\tcpu_s\tpeak_rss_kb\tmsgs_per_s_transmit\tdrops_listener\tdrops_relays\tdrops_client\tloadavg_1m\tfailed_uclients\tuclient_cpu_s\n' >"$WORK/runs.tsv"
 for RUN in $(seq "$REPS"); do
   if [ $((RUN % 2)) -eq 1 ]; then

@@ -132,6 +132,35 @@ fn uclient_script(tools: &BTreeMap<String, PathBuf>) {
         cells.len() >= 2 && cells[0] >= 70.0 && cells[1] >= 70.0,
         "{row}\n{text}"
     );
+
+    // The client → outside peer path (coturn's echo peer on 127.0.0.2):
+    // every message comes back through both servers.
+    let mut c = script("relay_vs_coturn.sh", tools);
+    c.env("MODE", "peer")
+        .env("PARALLEL", "1")
+        .env("CLIENTS", "2")
+        .env("MESSAGES", "20")
+        .env("LENGTH", "100")
+        .env("SCRAPE", "0");
+    let text = run(c);
+    let cells = |name: &str| -> Vec<f64> {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no {name} row:\n{text}"));
+        row.split('|')
+            .filter_map(|c| c.trim().parse().ok())
+            .collect()
+    };
+    let (sent, received) = (cells("messages sent"), cells("messages received"));
+    assert!(
+        sent.len() >= 2 && sent[0] >= 40.0 && sent[1] >= 40.0,
+        "peer mode sent too little:\n{text}"
+    );
+    assert!(
+        received[0] >= 0.9 * sent[0] && received[1] >= 0.9 * sent[1],
+        "peer mode lost messages:\n{text}"
+    );
 }
 
 /// signaling_backends.sh: every signal arrives, on each backend.
