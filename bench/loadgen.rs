@@ -15,6 +15,14 @@
 //!
 //! `--bare` speaks to `turnkey-forwarder` instead (the same path with no
 //! TURN: see `bench/forwarder.rs`), for this machine's ceiling.
+//!
+//! `--peers IP` measures the other path real calls take: a client relayed
+//! to a peer that is not a client of the server (the other browser's own
+//! address). Each pair is then one allocation and one plain UDP socket on
+//! `IP` (loopback; the server must allow it as a peer): the allocation
+//! sends ChannelData to the peer, the peer sends plain datagrams to the
+//! allocation's relayed address, so every packet crosses one relay socket,
+//! each way, and the relay-to-relay handover never applies.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -52,6 +60,10 @@ struct Args {
     /// Speak the bare forwarder's protocol instead of TURN.
     #[arg(long)]
     bare: bool,
+    /// Pair each allocation with a plain UDP peer on this address instead
+    /// of another allocation (client → outside peer, both ways).
+    #[arg(long, value_name = "IP", conflicts_with = "bare")]
+    peers: Option<std::net::IpAddr>,
 }
 
 const MAGIC: &[u8; 4] = b"TKLG";
@@ -59,12 +71,16 @@ const CHANNEL: u16 = 0x4000;
 /// How long stragglers may take after the last send.
 const DRAIN: Duration = Duration::from_secs(1);
 
-/// One allocation as the generator sees it.
+/// One sender and receiver as the generator sees it: an allocation's
+/// client socket, or (`--peers`) a plain peer.
 struct Flow {
     sock: mio::net::UdpSocket,
+    /// Where it sends: the server, or (a peer) its allocation's relayed
+    /// address.
+    dest: SocketAddr,
     /// The first word of every packet: the channel (TURN) or the partner's
-    /// relay port (bare).
-    header: u16,
+    /// relay port (bare); `None` for a peer, which sends bare payloads.
+    header: Option<u16>,
     sent: u64,
 }
 
@@ -72,6 +88,12 @@ fn main() -> Result<()> {
     let args = Args::parse();
     if args.size < 24 || args.size > 65000 {
         bail!("--size must be 24..65000");
+    }
+    if let Some(ip) = args.peers {
+        let mut ready = with_peers(&args, ip)?;
+        let report = run(&args, &mut ready)?;
+        println!("{report}");
+        return Ok(());
     }
     let mut flows = Vec::new();
     let mut relayed = Vec::new();
@@ -104,13 +126,53 @@ fn main() -> Result<()> {
         sock.set_nonblocking(true)?;
         ready.push(Flow {
             sock: mio::net::UdpSocket::from_std(sock),
-            header: if args.bare { partner.port() } else { CHANNEL },
+            dest: args.server,
+            header: Some(if args.bare { partner.port() } else { CHANNEL }),
             sent: 0,
         });
     }
     let report = run(&args, &mut ready)?;
     println!("{report}");
     Ok(())
+}
+
+/// `pairs` allocations, each with a channel to a plain UDP peer of its own
+/// on `ip`; the peers send to the relayed addresses.
+fn with_peers(args: &Args, ip: std::net::IpAddr) -> Result<Vec<Flow>> {
+    let mut ready = Vec::new();
+    for _ in 0..args.pairs {
+        let sock = UdpSocket::bind("127.0.0.1:0")?;
+        sock.connect(args.server)?;
+        sock.set_read_timeout(Some(Duration::from_millis(300)))?;
+        let mut client = Client::new(Some(TurnCredential {
+            username: args.user.clone(),
+            password: args.password.clone(),
+        }));
+        let relayed = match transact(&sock, &mut client, Request::Allocate)? {
+            Answer::Allocated { relayed, .. } => relayed,
+            _ => bail!("Allocate answered without a relayed address"),
+        };
+        let peer = UdpSocket::bind(SocketAddr::new(ip, 0))
+            .with_context(|| format!("binding a peer on {ip}"))?;
+        let peer_addr = peer.local_addr()?;
+        transact(&sock, &mut client, Request::CreatePermission(peer_addr))?;
+        transact(&sock, &mut client, Request::ChannelBind(CHANNEL, peer_addr))?;
+        sock.set_nonblocking(true)?;
+        peer.set_nonblocking(true)?;
+        ready.push(Flow {
+            sock: mio::net::UdpSocket::from_std(sock),
+            dest: args.server,
+            header: Some(CHANNEL),
+            sent: 0,
+        });
+        ready.push(Flow {
+            sock: mio::net::UdpSocket::from_std(peer),
+            dest: relayed,
+            header: None,
+            sent: 0,
+        });
+    }
+    Ok(ready)
 }
 
 /// Sends a request until it is answered (re-signing after a challenge).
@@ -198,8 +260,15 @@ fn run(args: &Args, flows: &mut [Flow]) -> Result<String> {
                     break;
                 }
                 late_ns = late_ns.max((now - due).as_nanos() as u64);
-                stamp(&mut payload, f.header, i as u32, f.sent, start);
-                send_errors += out.push(f.sock.as_raw_fd(), args.server, &payload);
+                stamp(&mut payload, f.header.unwrap_or(0), i as u32, f.sent, start);
+                // A peer sends the application data alone, as any UDP
+                // endpoint of a call does.
+                let data = if f.header.is_some() {
+                    &payload[..]
+                } else {
+                    &payload[4..]
+                };
+                send_errors += out.push(f.sock.as_raw_fd(), f.dest, data);
                 f.sent += 1;
             }
         }
@@ -272,16 +341,20 @@ fn stamp(p: &mut [u8], header: u16, flow: u32, seq: u64, start: Instant) {
     p[20..28].copy_from_slice(&t.to_be_bytes());
 }
 
-/// Reads everything a flow's socket has and tallies our packets.
+/// Reads everything a flow's socket has and tallies our packets: framed
+/// (ChannelData, or the forwarder's header) on a client socket, bare on a
+/// peer's.
 fn receive(f: &Flow, rx: &mut RecvBatch, start: Instant, tally: &mut Tally) {
+    let at = if f.header.is_some() { 4 } else { 0 };
     while let Ok(n) = rx.recv(f.sock.as_raw_fd()) {
         let now = start.elapsed().as_nanos() as u64;
         for (_, d) in (0..n).filter_map(|i| rx.get(i)) {
-            if d.len() < 28 || &d[4..8] != MAGIC {
+            let Some(d) = d.get(at..) else { continue };
+            if d.len() < 24 || &d[0..4] != MAGIC {
                 continue;
             }
             let mut t = [0u8; 8];
-            t.copy_from_slice(&d[20..28]);
+            t.copy_from_slice(&d[16..24]);
             tally.received += 1;
             tally
                 .latencies_ns

@@ -28,11 +28,16 @@
 #   TURNKEY, BASELINE, LOADGEN, FORWARDER  paths of the binaries
 #                      (default: the release builds of this tree)
 #   OUT=FILE           also write the runs as TSV to FILE
+#   PEERS=127.0.0.2    client to outside peer instead: PAIRS allocations, each
+#                      with a plain UDP peer of the generator's on this address
+#                      (ChannelData out, plain datagrams back: every packet
+#                      crosses one relay socket); turnkey, coturn, baseline only
 # Needs: cargo, coturn (turnserver, turnutils_stunclient).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SERVERS=${SERVERS:-turnkey coturn bare}
+PEERS=${PEERS:-}
 PAIRS=${PAIRS:-50}
 RATE=${RATE:-500}
 SIZE=${SIZE:-200}
@@ -93,6 +98,9 @@ user_quota = 0
 ip_quota = 100000
 unauth_requests_per_sec = 100000
 binding_requests_per_sec = 100000
+# PEERS: the generator's peers sit on a loopback address, which the peer
+# policy refuses unless allowed (coturn: --allow-loopback-peers).
+allowed_peer_ranges = ["${PEERS:-127.0.0.2}/32"]
 
 [auth.users]
 $USER_NAME = "$PASSWORD"
@@ -157,6 +165,10 @@ measure() {
   start "$name"
   wait_ready "$name" "$port"
   case $name in bare | direct) bare=(--bare) ;; esac
+  if [ -n "$PEERS" ]; then
+    [ ${#bare[@]} -eq 0 ] || { echo "PEERS: the forwarder ($name) relays client to client only" >&2; exit 2; }
+    bare=(--peers "$PEERS")
+  fi
   c0=$(cpu_ticks "$SERVER_PID")
   line=$("$LOADGEN" "${bare[@]}" --server "127.0.0.1:$port" --user "$USER_NAME" --password "$PASSWORD" \
     --pairs "$pairs" --rate "$RATE" --size "$SIZE" --secs "$SECS")

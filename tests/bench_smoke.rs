@@ -74,15 +74,24 @@ fn run(mut c: Command) -> String {
     text
 }
 
-/// loadgen_vs_coturn.sh: every server delivers (nearly) all it was sent.
+/// loadgen_vs_coturn.sh: every server delivers (nearly) all it was sent,
+/// client to client, and (`PEERS`) client to the generator's own peers.
 fn loadgen_script(tools: &BTreeMap<String, PathBuf>) {
+    loadgen_run(tools, "turnkey coturn bare direct", None);
+    loadgen_run(tools, "turnkey coturn", Some("127.0.0.2"));
+}
+
+fn loadgen_run(tools: &BTreeMap<String, PathBuf>, servers: &str, peers: Option<&str>) {
     let tsv = common::test_dir("bench-smoke").join("runs.tsv");
     let mut c = script("loadgen_vs_coturn.sh", tools);
-    c.env("SERVERS", "turnkey coturn bare direct")
+    c.env("SERVERS", servers)
         .env("PAIRS", "2")
         .env("RATE", "100")
         .env("SECS", "1")
         .env("OUT", &tsv);
+    if let Some(ip) = peers {
+        c.env("PEERS", ip);
+    }
     let text = run(c);
     let runs = std::fs::read_to_string(&tsv).expect("runs.tsv");
     let mut seen = Vec::new();
@@ -90,7 +99,8 @@ fn loadgen_script(tools: &BTreeMap<String, PathBuf>) {
         let f: Vec<&str> = line.split('\t').collect();
         let num = |i: usize| -> f64 { f[i].parse().unwrap_or(-1.0) };
         let (server, sent, received, p99) = (f[0], num(3), num(4), num(8));
-        // 4 allocations × 100 packets/s × 1 s.
+        // 4 senders (allocations, or 2 allocations and their 2 peers)
+        // × 100 packets/s × 1 s.
         assert_eq!(sent, 400.0, "{server} sent:\n{text}");
         assert!(
             received >= 0.9 * sent,
@@ -102,7 +112,7 @@ fn loadgen_script(tools: &BTreeMap<String, PathBuf>) {
         );
         seen.push(server.to_string());
     }
-    assert_eq!(seen, ["turnkey", "coturn", "bare", "direct"], "{text}");
+    assert_eq!(seen.join(" "), servers, "{text}");
     assert!(
         text.contains("| turnkey | 2 |"),
         "no summary table:\n{text}"
