@@ -25,6 +25,9 @@
 #   THREADS=0          relay threads of turnkey and coturn (0 = their defaults:
 #                      turnkey one per two cores, coturn one per core)
 #   SKIP_BUILD=1       use the binaries as they are
+#   TURNSERVER, COTURN_ARGS  coturn's server binary (default: Debian's, on
+#                      PATH; e.g. one built from a release tarball) and extra
+#                      options for it
 #   TURNKEY, BASELINE, LOADGEN, FORWARDER  paths of the binaries
 #                      (default: the release builds of this tree)
 #   OUT=FILE           also write the runs as TSV to FILE
@@ -38,6 +41,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SERVERS=${SERVERS:-turnkey coturn bare}
 PEERS=${PEERS:-}
+TURNSERVER=${TURNSERVER:-turnserver}
+read -r -a COTURN_EXTRA <<<"${COTURN_ARGS:-}"
 PAIRS=${PAIRS:-50}
 RATE=${RATE:-500}
 SIZE=${SIZE:-200}
@@ -59,7 +64,7 @@ BASELINE=${BASELINE:-}
 LOADGEN=${LOADGEN:-$TARGET/turnkey-loadgen}
 FORWARDER=${FORWARDER:-$TARGET/turnkey-forwarder}
 
-for tool in turnserver turnutils_stunclient timeout; do
+for tool in "$TURNSERVER" turnutils_stunclient timeout; do
   command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install coturn)" >&2; exit 1; }
 done
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
@@ -115,11 +120,11 @@ start() {
     coturn)
       local threads=()
       if [ "$THREADS" -gt 0 ]; then threads=(--relay-threads="$THREADS"); fi
-      turnserver -n --no-cli --no-tls --no-dtls \
+      "$TURNSERVER" -n --no-cli --no-tls --no-dtls \
         -L 127.0.0.1 -p "$CT_PORT" --relay-ip=127.0.0.1 \
         --min-port="$RELAY_MIN" --max-port="$RELAY_MAX" \
         -r turnkey -a -u "$USER_NAME:$PASSWORD" \
-        --allow-loopback-peers "${threads[@]}" \
+        --allow-loopback-peers "${threads[@]}" "${COTURN_EXTRA[@]}" \
         --log-file="$WORK/coturn.log" --simple-log --no-stdout-log \
         >>"$WORK/coturn.out" 2>&1 &
       ;;
