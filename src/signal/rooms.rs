@@ -146,6 +146,7 @@ impl Rooms {
             peers: before.clone(),
             ice_servers: grant.servers,
             ttl: grant.ttl.as_secs(),
+            resume: None,
         };
         let mut out = vec![Delivery::one(peer, joined)];
         if !before.is_empty() {
@@ -260,6 +261,7 @@ mod tests {
             peers: peers.to_vec(),
             ice_servers: grant().servers,
             ttl: 600,
+            resume: None,
         };
         Delivery { to: vec![id], msg }
     }
