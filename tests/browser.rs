@@ -116,6 +116,44 @@ fn two_browsers_call_through_the_relay() {
     );
 }
 
+/// Issue 27: one page's signaling socket is reset (through a proxy
+/// `resume.mjs` controls) and refused for 5 s; the page resumes its session
+/// without reloading and the call decodes again within 10 s.
+#[test]
+fn a_call_survives_its_signaling_socket_dying() {
+    require("chromium", "chromium");
+    require("node", "nodejs");
+    require("npm", "npm");
+    let dir = harness_dir();
+    common::ensure_node_modules(&dir);
+
+    let t = Turnkey::start("browser-resume", &base_config(&auth_section()));
+    let mut node = Command::new("node");
+    node.arg(dir.join("resume.mjs"))
+        .arg(t.url(""))
+        .current_dir(&dir);
+    let (ok, stdout, stderr) = common::run_with_timeout(node, HARNESS_TIMEOUT);
+    eprintln!("{stdout}{stderr}");
+    assert!(
+        ok,
+        "the browser harness failed (see its output above); turnkey's log:\n{}",
+        t.log.lock().unwrap().join("\n")
+    );
+    let summary: Value = stdout
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("a JSON summary line from resume.mjs");
+    assert_eq!(summary["ok"], true, "{summary}");
+    assert!(
+        t.metric("turnkey_signaling_resumes_total{outcome=\"resumed\"}") >= 1.0,
+        "turnkey counted no resume"
+    );
+    assert_eq!(
+        t.metric("turnkey_signaling_resumes_total{outcome=\"expired\"}"),
+        0.0
+    );
+}
+
 #[test]
 fn metric_sum_matches_labels_in_any_order() {
     let text = "\
