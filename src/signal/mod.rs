@@ -7,8 +7,9 @@
 //! rooms live (this process, or Redis shared by several nodes: `redis`),
 //! [`timers`] the
 //! per-connection deadlines (plain data too), [`resume`] the tokens and
-//! buffers that let a lost `/ws` peer come back (plain data; `peers` keeps
-//! them), and `ws` the thin axum shell that owns sockets and tasks. The socket.io tutorial's peers meet `/ws`
+//! buffers that let a lost `/ws` peer come back (plain data; `sessions`
+//! parks, expires, resumes and hands over), and `ws` the thin axum shell
+//! that owns sockets and tasks. The socket.io tutorial's peers meet `/ws`
 //! peers in the same registry: [`tutorial`] maps its events (plain data),
 //! `socketio` is their shell at `/socket.io/`. Both shells register their
 //! connections in `peers`, which delivers to either kind; neither shell
@@ -32,6 +33,7 @@ pub mod redis;
 mod redis_server;
 pub mod resume;
 pub mod rooms;
+mod sessions;
 mod socketio;
 pub mod timers;
 pub mod tutorial;
@@ -51,7 +53,7 @@ use crate::budget::{Occupancy, PerAddress, Rate, Slot};
 use crate::caller::Caller;
 use crate::counter::inc;
 use crate::lifecycle::Drain;
-use backend::{Backend, BackendStats, Inbox, Memory};
+use backend::{Arrival, Backend, BackendStats, Inbox, Memory};
 use rooms::{Delivery, IceGrant, RoomError};
 
 pub use ids::{PeerId, RoomName};
@@ -328,9 +330,13 @@ impl Signaling {
         let mut made = None;
         let sig = Arc::new_cyclic(|me: &std::sync::Weak<Signaling>| {
             let me = me.clone();
-            let inbox: Inbox = Arc::new(move |d| {
+            let inbox: Inbox = Arc::new(move |arrival| {
                 if let Some(sig) = me.upgrade() {
-                    sig.deliver(d);
+                    match arrival {
+                        Arrival::Deliveries(d) => sig.deliver(d),
+                        Arrival::HandOver { peer, to } => sig.hand_over(peer, to),
+                        Arrival::HandedOver { peer, messages } => sig.handed_over(peer, messages),
+                    }
                 }
             });
             let backend = match make(backend_stats, inbox, stop.child_token()) {

@@ -48,6 +48,19 @@ impl Secret {
         std::hint::black_box(diff) == 0
     }
 
+    /// What other nodes are told of the secret (through Redis): its
+    /// SHA-1, enough to check a token, useless to make one.
+    pub fn digest(&self) -> String {
+        use sha1::Digest;
+        let hash = sha1::Sha1::digest(self.0);
+        let mut hex = String::with_capacity(40);
+        for b in hash {
+            hex.push(char::from(HEX[usize::from(b >> 4)]));
+            hex.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        hex
+    }
+
     /// The token a client presents to resume `peer`'s session.
     pub fn token_for(&self, peer: PeerId) -> String {
         let mut token = format!("{peer}.");
@@ -140,6 +153,9 @@ mod tests {
         assert_eq!(peer, P);
         assert!(back.matches(&secret));
         assert!(!Secret::random().matches(&secret));
+        assert_eq!(back.digest(), secret.digest());
+        assert_eq!(secret.digest().len(), 40);
+        assert_ne!(Secret::random().digest(), secret.digest());
     }
 
     #[test]

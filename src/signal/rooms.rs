@@ -158,6 +158,17 @@ impl Rooms {
         Ok(out)
     }
 
+    /// Puts `peer` into `room` without a word to anyone: it was a member
+    /// all along, on another node (a resumed session moving here). No
+    /// capacity check, for the same reason.
+    pub fn adopt(&mut self, peer: PeerId, room: RoomName) {
+        if self.member_of.contains_key(&peer) {
+            return;
+        }
+        self.rooms.entry(room.clone()).or_default().push(peer);
+        self.member_of.insert(peer, room);
+    }
+
     /// Takes `peer` out of its room; the remaining members get `peer-left`.
     /// The leaving peer itself gets no message.
     pub fn leave(&mut self, peer: PeerId) -> Result<Vec<Delivery>, RoomError> {
@@ -397,6 +408,16 @@ mod tests {
         assert_eq!((rooms.room_count(), rooms.peer_count()), (0, 0));
         assert_eq!(rooms.leave(B), Err(RoomError::NotJoined));
         assert_eq!(rooms.disconnect(B), vec![]);
+    }
+
+    #[test]
+    fn an_adopted_member_is_announced_to_nobody_and_reachable() {
+        let mut rooms = Rooms::new(1);
+        rooms.join(A, room("r"), grant(), false).unwrap();
+        rooms.adopt(B, room("r"));
+        rooms.adopt(B, room("other"));
+        assert_eq!(rooms.members(&room("r")), &[A, B]);
+        assert!(rooms.route(A, B, json!(1)).is_ok());
     }
 
     #[test]

@@ -39,9 +39,10 @@ use crate::budget::Gcra;
 use crate::caller::Caller;
 use crate::counter::inc;
 
-use super::peers::{Kick, Outgoing, PeerHandle, ResumeRefused, Resumed, Wire, OUTGOING_QUEUE};
+use super::peers::{Kick, Outgoing, PeerHandle, Wire, OUTGOING_QUEUE};
 use super::protocol::{self, ClientMessage, ErrorCode, ParseError, ServerMessage};
 use super::rooms::{Delivery, RoomError};
+use super::sessions::{ResumeRefused, Resumed};
 use super::timers::{self, Beat, Heartbeat};
 use super::{PeerId, RoomName, SignalConfig, Signaling};
 
@@ -306,7 +307,7 @@ impl Conn {
         let id = self.id;
         let fresh = std::mem::replace(&mut self.fresh, false);
         let outcome = match msg {
-            ClientMessage::Resume { token } => self.resume(fresh, &token),
+            ClientMessage::Resume { token } => self.resume(fresh, &token).await,
             ClientMessage::Join { room } => self.join(room).await,
             ClientMessage::Signal { to, data } => self.sig.route(id, to, data).await,
             ClientMessage::Leave => {
@@ -338,11 +339,12 @@ impl Conn {
 
     /// Takes over a lost session; `resumed` and what it missed are queued
     /// by the registry of peers, so there is nothing to deliver here.
-    fn resume(&mut self, fresh: bool, token: &str) -> Result<Vec<Delivery>, RoomError> {
+    async fn resume(&mut self, fresh: bool, token: &str) -> Result<Vec<Delivery>, RoomError> {
         let user = self.entry.admission.user.as_deref();
         let taken = if fresh {
             self.sig
                 .resume(self.id, &self.kick, token, self.host.as_deref(), user)
+                .await
         } else {
             Err(ResumeRefused)
         };
