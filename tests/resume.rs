@@ -1,9 +1,11 @@
 //! Resuming a signaling session after a network change (issue 27), against
 //! the real binary over real sockets: a peer's TCP connection is reset
 //! (SO_LINGER 0, no close frame), and a new socket from another loopback
-//! address presents the resume token. Memory and Redis backends; every
-//! wait has a deadline, and the only sleeps are the gaps the scenario
-//! names (the 5 s a phone is away).
+//! address presents the resume token; or the old socket is still open and
+//! is taken over. Memory backend, and two nodes on one Redis with the
+//! socket coming back through the other node; every wait has a deadline,
+//! and the only sleeps are the gaps the scenario names (the 5 s a phone is
+//! away).
 
 mod common;
 #[allow(dead_code)]
@@ -13,17 +15,14 @@ mod redis_server;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use common::ws::{join, recv, recv_within, send, Ws, WAIT};
 use common::{base_config, require, test_dir, Turnkey};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use redis_server::RedisServer;
 use serde_json::{json, Value};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-const WAIT: Duration = Duration::from_secs(5);
+use tokio_tungstenite::MaybeTlsStream;
 
 fn memory_node(name: &str, signaling: &str) -> Turnkey {
     Turnkey::start(name, &base_config(&format!("[signaling]\n{signaling}")))
@@ -71,37 +70,6 @@ fn cut(ws: Ws) {
             .expect("linger 0");
     }
     drop(ws);
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into()))
-        .await
-        .expect("send");
-}
-
-async fn recv_within(ws: &mut Ws, d: Duration) -> Value {
-    let deadline = tokio::time::Instant::now() + d;
-    loop {
-        let frame = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .expect("a message in time")
-            .expect("open")
-            .expect("frame");
-        if let Message::Text(t) = frame {
-            return serde_json::from_str(&t).expect("json");
-        }
-    }
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    recv_within(ws, WAIT).await
-}
-
-async fn join(ws: &mut Ws, room: &str) -> Value {
-    send(ws, json!({"type": "join", "room": room})).await;
-    let m = recv(ws).await;
-    assert_eq!(m["type"], "joined", "{m}");
-    m
 }
 
 fn text<'a>(m: &'a Value, field: &str) -> &'a str {
@@ -381,4 +349,70 @@ async fn a_closed_socket_leaves_at_once() {
         json!({"type": "peer-left", "id": text(&ja, "id")})
     );
     refused(&tk, text(&ja, "resume")).await;
+}
+
+/// A resume while the old socket is still open (its loss not noticed yet):
+/// the new socket takes the session over, the old one is closed, the mate
+/// sees nothing. On one node, and from one Redis node to another.
+async fn take_over_an_open_socket(old_node: &Turnkey, new_node: &Turnkey, room: &str) {
+    let (mut a, ja, mut b, jb) = pair(old_node, room).await;
+    let (a_id, b_id) = (text(&ja, "id"), text(&jb, "id"));
+    let mut fresh = connect_from(new_node, "127.0.0.3").await;
+    send(
+        &mut fresh,
+        json!({"type": "resume", "token": text(&ja, "resume")}),
+    )
+    .await;
+    let r = recv(&mut fresh).await;
+    assert_eq!(
+        (&r["type"], text(&r, "id")),
+        (&json!("resumed"), a_id),
+        "{r}"
+    );
+    // The old socket ends (a close frame or a reset, whichever the
+    // server's abort leaves), within the deadline.
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match a.next().await {
+                Some(Ok(Message::Text(t))) => panic!("the old socket got {t}"),
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the old socket stayed open");
+    send(
+        &mut b,
+        json!({"type": "signal", "to": a_id, "data": "here?"}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut fresh).await,
+        json!({"type": "signal", "from": b_id, "data": "here?"})
+    );
+    send(
+        &mut fresh,
+        json!({"type": "signal", "to": b_id, "data": "here"}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut b).await,
+        json!({"type": "signal", "from": a_id, "data": "here"})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_closes_a_socket_still_open() {
+    let tk = memory_node("resume-takeover", "");
+    take_over_an_open_socket(&tk, &tk, "takeover").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_through_another_node_closes_a_socket_still_open() {
+    require("redis-server", "redis-server");
+    let redis = RedisServer::start(test_dir("resume-takeover-redis"));
+    let one = redis_node("resume-takeover-1", &redis, "");
+    let two = redis_node("resume-takeover-2", &redis, "");
+    take_over_an_open_socket(&one, &two, "takeover").await;
 }

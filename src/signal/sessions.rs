@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use crate::counter::inc;
 
 use super::backend::Claim;
-use super::peers::{Kick, Outgoing, PeerHandle, Table};
+use super::peers::{Kick, Outgoing, Table};
 use super::protocol::ServerMessage;
 use super::resume::{self, Buffer, Secret};
 use super::rooms::Delivery;
@@ -55,6 +55,25 @@ pub(super) struct Parked {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("no session to resume with this token; join again")]
 pub(super) struct ResumeRefused;
+
+/// The socket that presents a token: its id until then, the kick that
+/// tells it apart, and whom its fresh ICE grant is for.
+pub(super) struct Newcomer<'a> {
+    pub(super) conn: PeerId,
+    pub(super) kick: &'a Arc<Kick>,
+    pub(super) host: Option<&'a str>,
+    pub(super) user: Option<&'a str>,
+}
+
+impl Newcomer<'_> {
+    /// Whether its socket is still registered as `conn`.
+    fn is_live(&self, table: &Table) -> bool {
+        table
+            .live
+            .get(&self.conn)
+            .is_some_and(|h| Arc::ptr_eq(&h.kick, self.kick))
+    }
+}
 
 /// What a resumed socket becomes: the session's id and room.
 pub(super) struct Resumed {
@@ -166,31 +185,24 @@ impl Signaling {
     /// from then on. A socket still holding the session is closed.
     pub(super) async fn resume(
         &self,
-        conn: PeerId,
-        kick: &Arc<Kick>,
+        who: Newcomer<'_>,
         token: &str,
-        host: Option<&str>,
-        user: Option<&str>,
     ) -> Result<Resumed, ResumeRefused> {
         let (id, claimed) = resume::parse_token(token).ok_or(ResumeRefused)?;
         let held_here = self.peers.lock().sessions.contains_key(&id);
         if held_here {
-            self.resume_here(conn, kick, id, &claimed, host, user)
+            self.resume_here(&who, id, &claimed)
         } else {
-            self.resume_from_elsewhere(conn, kick, id, &claimed, host, user)
-                .await
+            self.resume_from_elsewhere(&who, id, &claimed).await
         }
     }
 
     /// [`Self::resume`] of a session this node holds.
     fn resume_here(
         &self,
-        conn: PeerId,
-        kick: &Arc<Kick>,
+        who: &Newcomer<'_>,
         id: PeerId,
         claimed: &Secret,
-        host: Option<&str>,
-        user: Option<&str>,
     ) -> Result<Resumed, ResumeRefused> {
         let valid = |table: &Table| {
             table
@@ -202,15 +214,11 @@ impl Signaling {
             return Err(ResumeRefused);
         }
         // Outside the lock, like every call to the provider.
-        let (ice_servers, ttl) = (self.ice)(host, user);
+        let (ice_servers, ttl) = (self.ice)(who.host, who.user);
         let mut table = self.peers.lock();
         // Checked again: the window may have closed, or another socket
         // resumed, while the lock was released.
-        if id == conn || !valid(&table) {
-            return Err(ResumeRefused);
-        }
-        let is_me = |h: &PeerHandle| Arc::ptr_eq(&h.kick, kick);
-        if !table.live.get(&conn).is_some_and(is_me) {
+        if id == who.conn || !valid(&table) || !who.is_live(&table) {
             return Err(ResumeRefused);
         }
         let missed = match table.parked.remove(&id) {
@@ -227,7 +235,7 @@ impl Signaling {
         let Some(room) = table.sessions.get(&id).map(|s| s.room.clone()) else {
             return Err(ResumeRefused);
         };
-        self.take_over(&mut table, conn, id, room, missed, (ice_servers, ttl))
+        self.take_over(&mut table, who.conn, id, room, missed, (ice_servers, ttl))
     }
 
     /// [`Self::resume`] of a session another node holds (Redis backend):
@@ -235,12 +243,9 @@ impl Signaling {
     /// arrives here meanwhile is buffered here and follows it.
     async fn resume_from_elsewhere(
         &self,
-        conn: PeerId,
-        kick: &Arc<Kick>,
+        who: &Newcomer<'_>,
         id: PeerId,
         claimed: &Secret,
-        host: Option<&str>,
-        user: Option<&str>,
     ) -> Result<Resumed, ResumeRefused> {
         let limit = self.config().resume_buffer_bytes;
         let (tx, rx) = oneshot::channel();
@@ -249,8 +254,7 @@ impl Signaling {
             let known = table.live.contains_key(&id)
                 || table.parked.contains_key(&id)
                 || table.sessions.contains_key(&id);
-            let is_me = |h: &PeerHandle| Arc::ptr_eq(&h.kick, kick);
-            if id == conn || known || !table.live.get(&conn).is_some_and(is_me) {
+            if id == who.conn || known || !who.is_live(&table) {
                 return Err(ResumeRefused);
             }
             let serial = table.next_serial();
@@ -267,7 +271,7 @@ impl Signaling {
                 .and_then(Result::ok),
             None => None,
         };
-        let grant = (self.ice)(host, user);
+        let grant = (self.ice)(who.host, who.user);
         let mut table = self.peers.lock();
         table.arriving.remove(&id);
         let ours = table.parked.get(&id).is_some_and(|p| p.serial == serial);
@@ -284,7 +288,7 @@ impl Signaling {
             .map(Utf8Bytes::from)
             .collect();
         missed.extend(here.buffer.into_messages());
-        self.take_over(&mut table, conn, id, room, missed, grant)
+        self.take_over(&mut table, who.conn, id, room, missed, grant)
     }
 
     /// The last step of a resume: `conn`'s socket becomes `id`'s with a

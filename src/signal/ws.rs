@@ -42,7 +42,7 @@ use crate::counter::inc;
 use super::peers::{Kick, Outgoing, PeerHandle, Wire, OUTGOING_QUEUE};
 use super::protocol::{self, ClientMessage, ErrorCode, ParseError, ServerMessage};
 use super::rooms::{Delivery, RoomError};
-use super::sessions::{ResumeRefused, Resumed};
+use super::sessions::{Newcomer, ResumeRefused, Resumed};
 use super::timers::{self, Beat, Heartbeat};
 use super::{PeerId, RoomName, SignalConfig, Signaling};
 
@@ -342,9 +342,13 @@ impl Conn {
     async fn resume(&mut self, fresh: bool, token: &str) -> Result<Vec<Delivery>, RoomError> {
         let user = self.entry.admission.user.as_deref();
         let taken = if fresh {
-            self.sig
-                .resume(self.id, &self.kick, token, self.host.as_deref(), user)
-                .await
+            let who = Newcomer {
+                conn: self.id,
+                kick: &self.kick,
+                host: self.host.as_deref(),
+                user,
+            };
+            self.sig.resume(who, token).await
         } else {
             Err(ResumeRefused)
         };
