@@ -416,3 +416,30 @@ async fn a_resume_through_another_node_closes_a_socket_still_open() {
     let two = redis_node("resume-takeover-2", &redis, "");
     take_over_an_open_socket(&one, &two, "takeover").await;
 }
+
+/// With Redis, a mate on another node hears `peer-left` when the lost
+/// peer's window ends (± 1 s), and the token is refused on both nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_redis_nodes_the_window_ends_with_peer_left_on_the_other_node() {
+    const WINDOW: Duration = Duration::from_secs(2);
+    require("redis-server", "redis-server");
+    let redis = RedisServer::start(test_dir("resume-expiry-redis"));
+    let one = redis_node("resume-expiry-1", &redis, "resume_secs = 2\n");
+    let two = redis_node("resume-expiry-2", &redis, "resume_secs = 2\n");
+    let mut a = connect_from(&one, "127.0.0.1").await;
+    let mut b = connect_from(&two, "127.0.0.1").await;
+    let ja = join(&mut a, "far").await;
+    join(&mut b, "far").await;
+    assert_eq!(recv(&mut a).await["type"], "peer-joined");
+    let cut_at = Instant::now();
+    cut(a);
+    let m = recv_within(&mut b, WINDOW + WAIT).await;
+    let after = cut_at.elapsed();
+    assert_eq!(m, json!({"type": "peer-left", "id": text(&ja, "id")}));
+    assert!(
+        after + Duration::from_secs(1) >= WINDOW && after <= WINDOW + Duration::from_secs(1),
+        "peer-left {after:?} after the cut"
+    );
+    refused(&one, text(&ja, "resume")).await;
+    refused(&two, text(&ja, "resume")).await;
+}
