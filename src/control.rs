@@ -135,6 +135,8 @@ fn signal_config(cfg: &Config) -> SignalConfig {
         bytes_per_sec: cfg.signaling.bytes_per_sec,
         joins_per_sec_per_ip: cfg.signaling.joins_per_sec_per_ip,
         max_rooms: cfg.signaling.max_rooms,
+        resume_window: Duration::from_secs(cfg.signaling.resume_secs),
+        resume_buffer_bytes: cfg.signaling.resume_buffer_bytes,
     }
 }
 

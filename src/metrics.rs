@@ -309,6 +309,12 @@ impl Metrics {
             vec![(vec![], g!(connected_peers))],
         )?;
         self.gauge(
+            "turnkey_signaling_parked_peers",
+            "Joined /ws peers whose socket was lost, kept for a resume.",
+            &[],
+            vec![(vec![], g!(parked_peers))],
+        )?;
+        self.gauge(
             "turnkey_signaling_rooms",
             "Rooms with at least one peer.",
             &[],
@@ -370,6 +376,16 @@ impl Metrics {
                 (vec!["heartbeat"], c!(heartbeat_drops_total)),
                 (vec!["slow_consumer"], c!(slow_consumer_drops_total)),
                 (vec!["join_timeout"], c!(join_timeouts_total)),
+            ],
+        )?;
+        self.counter(
+            "turnkey_signaling_resumes_total",
+            "Sessions of lost /ws sockets: taken over by a resume, ended because no resume came within signaling.resume_secs, or ended because what was addressed to them passed signaling.resume_buffer_bytes.",
+            &["outcome"],
+            vec![
+                (vec!["resumed"], c!(resumes_total)),
+                (vec!["expired"], c!(resume_expired_total)),
+                (vec!["overflow"], c!(resume_overflow_total)),
             ],
         )?;
         self.counter(

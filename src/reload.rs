@@ -80,6 +80,8 @@ pub const KEYS: &[(&str, OnReload)] = &[
     ("signaling.bytes_per_sec", Applied),
     ("signaling.joins_per_sec_per_ip", Applied),
     ("signaling.max_rooms", Applied),
+    ("signaling.resume_secs", Applied),
+    ("signaling.resume_buffer_bytes", Applied),
     ("signaling.backend", Restart),
     ("signaling.redis_url", Restart),
     ("signaling.redis_prefix", Restart),

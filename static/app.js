@@ -16,6 +16,9 @@ const tokenQuery = params.get("token") ? `?token=${encodeURIComponent(params.get
 const ROOM_RE = /^[A-Za-z0-9_.-]{1,64}$/;
 const STATS_INTERVAL_MS = 1000;
 const RECONNECT_MAX_MS = 10000;
+// The first retry after a lost socket: soon, so a resume lands well inside
+// the server's window (signaling.resume_secs, 30 s by default).
+const RECONNECT_FIRST_MS = 500;
 
 const $ = (id) => document.getElementById(id);
 
@@ -30,7 +33,13 @@ const call = {
   peers: new Map(),
   full: false,
   left: false,
-  reconnectDelay: 1000,
+  reconnectDelay: RECONNECT_FIRST_MS,
+  /** The token that resumes our session after a lost socket (from joined/resumed). */
+  resume: null,
+  /** Signals written while the socket was down, sent once it is back. */
+  outbox: [],
+  /** Times the session was resumed; what window.turnkey reports. */
+  resumes: 0,
   /** The last getStats() sample, per peer id; what window.turnkey.state() returns. */
   sample: {},
   /** Signaling messages are handled one at a time, in arrival order. */
@@ -74,6 +83,7 @@ function snapshot() {
     signaling: call.ws ? ["connecting", "open", "closing", "closed"][call.ws.readyState] : "closed",
     full: call.full,
     left: call.left,
+    resumes: call.resumes,
     peers: structuredClone(call.sample),
   };
 }
@@ -97,7 +107,18 @@ window.turnkey = {
 function send(msg) {
   if (call.ws && call.ws.readyState === WebSocket.OPEN) {
     call.ws.send(JSON.stringify(msg));
+  } else if (msg.type === "signal" && call.resume) {
+    // The socket is down but the session may resume: the server keeps our
+    // peers and buffers their messages, so ours wait here for the new socket.
+    call.outbox.push(msg);
   }
+}
+
+/** A new socket whose session is kept: the signals written meanwhile go out. */
+function flushOutbox() {
+  const queued = call.outbox;
+  call.outbox = [];
+  for (const msg of queued) send(msg);
 }
 
 function rtcConfig() {
@@ -114,7 +135,8 @@ function connect() {
   const ws = new WebSocket(`${scheme}://${location.host}/ws${tokenQuery}`);
   call.ws = ws;
   setStatus("connecting to signaling…");
-  ws.onopen = () => send({ type: "join", room: call.room });
+  // With a session to resume, the first message must be the resume.
+  ws.onopen = () => send(call.resume ? { type: "resume", token: call.resume } : { type: "join", room: call.room });
   ws.onmessage = (event) => {
     let msg;
     try {
@@ -129,13 +151,18 @@ function connect() {
   };
   ws.onclose = () => {
     if (call.ws !== ws) return;
-    closePeers();
-    call.id = null;
     if (call.left || call.full) return;
-    // The server restarted or the network blipped: join again with a new id.
+    // The network changed or blipped: the calls keep their media paths, and
+    // the new socket resumes our session (same id, same peers). Without a
+    // token (never joined) there is nothing to keep.
+    if (!call.resume) {
+      closePeers();
+      call.id = null;
+    }
     const delay = call.reconnectDelay;
     call.reconnectDelay = Math.min(delay * 2, RECONNECT_MAX_MS);
-    setStatus(`signaling connection lost; retrying in ${Math.round(delay / 1000)} s`);
+    const what = call.resume ? "resuming" : "retrying";
+    setStatus(`signaling connection lost; ${what} in ${(delay / 1000).toFixed(1)} s`);
     setTimeout(() => {
       if (!call.left && !call.full) connect();
     }, delay);
@@ -146,7 +173,8 @@ async function onMessage(msg) {
   switch (msg.type) {
     case "joined": {
       call.id = msg.id;
-      call.reconnectDelay = 1000;
+      call.resume = msg.resume ?? null;
+      call.reconnectDelay = RECONNECT_FIRST_MS;
       call.iceServers =
         Array.isArray(msg.iceServers) && msg.iceServers.length > 0
           ? msg.iceServers
@@ -154,6 +182,24 @@ async function onMessage(msg) {
       // We are the newcomer: the peers already here wait for our offers.
       for (const id of msg.peers) addPeer(id, true);
       renderHeader();
+      break;
+    }
+    case "resumed": {
+      call.resume = msg.resume;
+      call.reconnectDelay = RECONNECT_FIRST_MS;
+      call.resumes += 1;
+      call.iceServers = msg.iceServers;
+      flushOutbox();
+      // The media may have survived the change; a path that did not is
+      // gathered afresh (an ICE restart, with the fresh credentials).
+      let restarted = 0;
+      for (const { peer } of call.peers.values()) {
+        peer.setIceServers(msg.iceServers);
+        if (peer.restartIfBroken()) restarted += 1;
+      }
+      renderHeader();
+      const how = restarted > 0 ? `; restarting ICE with ${restarted} peer${restarted === 1 ? "" : "s"}` : "";
+      setStatus(`${$("signaling-status").textContent} · signaling resumed${how}`);
       break;
     }
     case "peer-joined":
@@ -183,6 +229,16 @@ async function onMessage(msg) {
       setStatus(`room ${msg.room} is full`);
       break;
     case "error":
+      if (msg.code === "resume-refused") {
+        // Too late (the server gave up on us) or not ours: start over.
+        call.resume = null;
+        call.outbox = [];
+        closePeers();
+        call.id = null;
+        setStatus("signaling session expired; joining again");
+        send({ type: "join", room: call.room });
+        break;
+      }
       console.warn(`signaling error ${msg.code}: ${msg.message}`);
       setStatus(`signaling error: ${msg.message}`);
       break;
@@ -296,6 +352,7 @@ function leave() {
   call.left = true;
   send({ type: "leave" });
   call.id = null;
+  call.resume = null;
   call.ws?.close();
   closePeers();
   stopLocalMedia();

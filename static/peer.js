@@ -184,6 +184,17 @@ export class Peer {
     }
   }
 
+  /**
+   * After signaling came back: a media path that broke meanwhile is
+   * gathered afresh (only the impolite side restarts, as on failure).
+   * Whether a restart was started.
+   */
+  restartIfBroken() {
+    const broken = ["failed", "disconnected"].includes(this.pc.connectionState);
+    if (broken && !this.polite) this.pc.restartIce();
+    return broken && !this.polite;
+  }
+
   /** Fresh TURN credentials, for the next gathering (ICE restart). */
   setIceServers(iceServers) {
     this.pc.setConfiguration({ ...this.pc.getConfiguration(), iceServers });

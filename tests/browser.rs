@@ -43,6 +43,29 @@ fn metric_sum(metrics: &str, series: &str, want: &[&str]) -> f64 {
         .sum()
 }
 
+/// Runs `node SCRIPT ARGS…` in the harness directory against `t`; its JSON
+/// summary line, which must say `ok`.
+fn run_harness(t: &Turnkey, script: &str, args: &[&std::ffi::OsStr]) -> Value {
+    let mut node = Command::new("node");
+    node.arg(harness_dir().join(script))
+        .args(args)
+        .current_dir(harness_dir());
+    let started = Instant::now();
+    let (ok, stdout, stderr) = common::run_with_timeout(node, HARNESS_TIMEOUT);
+    eprintln!("{script} took {:.1?}\n{stdout}{stderr}", started.elapsed());
+    assert!(
+        ok,
+        "the browser harness failed (see its output above); turnkey's log:\n{}",
+        t.log.lock().unwrap().join("\n")
+    );
+    let summary: Value = stdout
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("a JSON summary line from {script}"));
+    assert_eq!(summary["ok"], true, "{summary}");
+    summary
+}
+
 #[test]
 fn two_browsers_call_through_the_relay() {
     require("chromium", "chromium");
@@ -55,25 +78,8 @@ fn two_browsers_call_through_the_relay() {
     let screenshot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e-screenshot.png");
     let _ = std::fs::remove_file(&screenshot);
 
-    let started = Instant::now();
-    let mut node = Command::new("node");
-    node.arg(dir.join("e2e.mjs"))
-        .arg(t.url(""))
-        .arg(&screenshot)
-        .current_dir(&dir);
-    let (ok, stdout, stderr) = common::run_with_timeout(node, HARNESS_TIMEOUT);
-    let took = started.elapsed();
-    eprintln!("e2e.mjs took {took:.1?}\n{stdout}{stderr}");
-    assert!(
-        ok,
-        "the browser harness failed (see its output above); turnkey's log:\n{}",
-        t.log.lock().unwrap().join("\n")
-    );
-    let summary: Value = stdout
-        .lines()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .expect("a JSON summary line from e2e.mjs");
-    assert_eq!(summary["ok"], true, "{summary}");
+    let url = t.url("");
+    let summary = run_harness(&t, "e2e.mjs", &[url.as_ref(), screenshot.as_ref()]);
     // What the browsers counted as received (RTP payload only) must have
     // come through turnkey, which counts whole packets.
     let received: f64 = ["alice", "bob"]
@@ -113,6 +119,30 @@ fn two_browsers_call_through_the_relay() {
     assert!(
         created >= 2.0,
         "{created} TURN allocations created; want one per page at least"
+    );
+}
+
+/// Issue 27: one page's signaling socket is reset (through a proxy
+/// `resume.mjs` controls) and refused for 5 s; the page resumes its session
+/// without reloading and the call decodes again within 10 s.
+#[test]
+fn a_call_survives_its_signaling_socket_dying() {
+    require("chromium", "chromium");
+    require("node", "nodejs");
+    require("npm", "npm");
+    let dir = harness_dir();
+    common::ensure_node_modules(&dir);
+
+    let t = Turnkey::start("browser-resume", &base_config(&auth_section()));
+    let url = t.url("");
+    run_harness(&t, "resume.mjs", &[url.as_ref()]);
+    assert!(
+        t.metric("turnkey_signaling_resumes_total{outcome=\"resumed\"}") >= 1.0,
+        "turnkey counted no resume"
+    );
+    assert_eq!(
+        t.metric("turnkey_signaling_resumes_total{outcome=\"expired\"}"),
+        0.0
     );
 }
 

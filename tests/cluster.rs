@@ -10,17 +10,12 @@ mod redis_server;
 use std::time::{Duration, Instant};
 
 use common::raw::Raw;
+use common::ws::{join, recv, recv_within, send, Ws, WAIT};
 use common::{auth_section, base_config, require, test_dir, Turnkey};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use redis_server::RedisServer;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-const WAIT: Duration = Duration::from_secs(5);
 /// `signaling.presence_ttl_secs` in these tests.
 const TTL: Duration = Duration::from_secs(2);
 
@@ -77,38 +72,6 @@ async fn connect(tk: &Turnkey) -> Ws {
     .expect("connect in time")
     .expect("connect");
     ws
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into()))
-        .await
-        .expect("send");
-}
-
-/// The next JSON message, within `d`.
-async fn recv_within(ws: &mut Ws, d: Duration) -> Value {
-    loop {
-        let frame = tokio::time::timeout(d, ws.next())
-            .await
-            .expect("a message in time")
-            .expect("open")
-            .expect("frame");
-        if let Message::Text(t) = frame {
-            return serde_json::from_str(&t).expect("json");
-        }
-    }
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    recv_within(ws, WAIT).await
-}
-
-/// Joins `room`; the `joined` message.
-async fn join(ws: &mut Ws, room: &str) -> Value {
-    send(ws, json!({"type": "join", "room": room})).await;
-    let m = recv(ws).await;
-    assert_eq!(m["type"], "joined", "{m}");
-    m
 }
 
 fn id(m: &Value) -> String {

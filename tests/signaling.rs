@@ -359,9 +359,15 @@ async fn leave_announces_keeps_the_socket_and_frees_the_room() {
     assert_eq!(server.sig.stats().rooms.load(Ordering::Relaxed), 1);
 }
 
+/// A close frame is a goodbye, announced at once; a socket that vanishes
+/// is a lost peer, announced when its resume window passes.
 #[tokio::test]
 async fn a_closed_or_vanished_socket_is_announced() {
-    let server = start().await;
+    let cfg = SignalConfig {
+        resume_window: Duration::from_millis(300),
+        ..SignalConfig::default()
+    };
+    let server = start_with(cfg, Duration::from_secs(600)).await;
     let (mut a, a_id, mut b, _) = pair(&server, "r").await;
     a.close(None).await.expect("close");
     assert_eq!(recv(&mut b).await, json!({"type": "peer-left", "id": a_id}));
@@ -383,6 +389,9 @@ async fn a_silent_peer_is_dropped_and_a_responsive_one_is_not() {
     let cfg = SignalConfig {
         ping_interval: Duration::from_millis(100),
         pong_timeout: Duration::from_millis(400),
+        // A dropped silent peer is announced at once only without
+        // resumption (with it, after the window: tests/resume.rs).
+        resume_window: Duration::ZERO,
         ..SignalConfig::default()
     };
     let server = start_with(cfg, Duration::from_secs(600)).await;
@@ -448,6 +457,7 @@ async fn a_busy_peer_lives_on_its_messages_and_is_dropped_once_quiet() {
     let cfg = SignalConfig {
         ping_interval: Duration::from_millis(100),
         pong_timeout: Duration::from_millis(300),
+        resume_window: Duration::ZERO,
         ..SignalConfig::default()
     };
     let server = start_with(cfg, Duration::from_secs(600)).await;

@@ -352,6 +352,11 @@ pub struct SignalingConfig {
     /// Rooms in all (with the Redis backend: rooms with a member on this
     /// node).
     pub max_rooms: usize,
+    /// How long a joined `/ws` peer whose socket was lost keeps its id and
+    /// room for a `resume`; 0 turns resumption off.
+    pub resume_secs: u64,
+    /// Most bytes buffered for one lost peer; more ends its session.
+    pub resume_buffer_bytes: usize,
     /// Where rooms live: this process's memory, or Redis shared by several
     /// nodes (`signal/redis/`).
     pub backend: SignalingBackend,
@@ -464,6 +469,8 @@ impl Default for SignalingConfig {
             bytes_per_sec: 256 * 1024,
             joins_per_sec_per_ip: 5,
             max_rooms: 10_000,
+            resume_secs: 30,
+            resume_buffer_bytes: 64 * 1024,
             backend: SignalingBackend::Memory,
             redis_url: "redis://127.0.0.1:6379/".into(),
             redis_prefix: "turnkey:".into(),

@@ -216,6 +216,18 @@ fn validate_signaling(s: &SignalingConfig) -> Result<(), ConfigError> {
             "must be greater than signaling.ping_interval_ms (> 0)",
         ));
     }
+    if s.resume_secs > 3600 {
+        return Err(invalid(
+            "signaling.resume_secs",
+            "must be at most 3600 seconds (0 turns resumption off)",
+        ));
+    }
+    if s.resume_buffer_bytes < 1024 {
+        return Err(invalid(
+            "signaling.resume_buffer_bytes",
+            "must be at least 1024",
+        ));
+    }
     for (key, n) in [
         ("signaling.join_timeout_secs", s.join_timeout_secs as usize),
         ("signaling.max_sockets_per_ip", s.max_sockets_per_ip),

@@ -19,9 +19,29 @@ use serde_json::Value;
 use super::ids::{PeerId, RoomName};
 use super::rooms::{Delivery, IceGrant, RoomError, Rooms};
 
-/// Where a backend hands deliveries for this node's peers that arrived
-/// from other nodes.
-pub type Inbox = Arc<dyn Fn(Vec<Delivery>) + Send + Sync>;
+/// Where a backend hands what arrived from other nodes for this node's
+/// peers.
+pub type Inbox = Arc<dyn Fn(Arrival) + Send + Sync>;
+
+/// What another node sent this one.
+#[derive(Debug)]
+pub enum Arrival {
+    /// Messages for this node's peers.
+    Deliveries(Vec<Delivery>),
+    /// A socket on node `to` resumed `peer`, a lost peer of this node:
+    /// give it up and send `to` what was buffered for it
+    /// ([`Backend::hand_over`]).
+    HandOver { peer: PeerId, to: String },
+    /// The node `peer` was lost on gave it up: what was buffered for it
+    /// (JSON texts, oldest first).
+    HandedOver { peer: PeerId, messages: Vec<String> },
+}
+
+/// A session another node holds, claimed for a socket on this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub room: RoomName,
+}
 
 /// The room operations of the signaling service. Each returns the
 /// deliveries for peers of this node.
@@ -53,6 +73,22 @@ pub trait Backend: Send + Sync {
     ) -> BoxFuture<'_, Result<Vec<Delivery>, RoomError>>;
     /// Room capacity and the most rooms, for later joins.
     fn set_limits(&self, capacity: usize, max_rooms: usize);
+    /// `peer` in `room` may be resumed with a token whose secret has
+    /// `digest`, from any node (a single node needs nothing: its peer
+    /// table knows).
+    fn remember_session(&self, _peer: PeerId, _room: &RoomName, _digest: String) {}
+    /// `peer`'s session ended: its token resumes nothing anywhere.
+    fn forget_session(&self, _peer: PeerId) {}
+    /// Claims `peer`'s session, held by another node, for a socket of this
+    /// one, if `digest` is its secret's: `peer` becomes this node's member
+    /// of its room, and the other node is asked to hand it over
+    /// ([`Arrival::HandOver`]). `None`: no such session.
+    fn claim_session(&self, _peer: PeerId, _digest: String) -> BoxFuture<'_, Option<Claim>> {
+        Box::pin(std::future::ready(None))
+    }
+    /// Gives `peer` up to node `to` without announcing anything, and sends
+    /// it `messages` ([`Arrival::HandedOver`]).
+    fn hand_over(&self, _peer: PeerId, _to: String, _messages: Vec<String>) {}
     /// Rooms with a member on this node.
     fn room_count(&self) -> usize;
     /// Stops background work (at process stop).

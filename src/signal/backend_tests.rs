@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::backend::{Backend, BackendStats, Inbox, Memory};
+use super::backend::{Arrival, Backend, BackendStats, Inbox, Memory};
 use super::ids::{PeerId, RoomName};
 use super::protocol::ServerMessage;
 use super::redis::{Redis, Settings};
@@ -36,7 +36,11 @@ struct Cluster {
 fn redis_node(url: &str, ttl: Duration, mail: &Mail) -> (Arc<dyn Backend>, Arc<BackendStats>) {
     let stats = Arc::new(BackendStats::default());
     let m = mail.clone();
-    let inbox: Inbox = Arc::new(move |d| m.lock().unwrap().extend(d));
+    let inbox: Inbox = Arc::new(move |a| {
+        if let Arrival::Deliveries(d) = a {
+            m.lock().unwrap().extend(d)
+        }
+    });
     let settings = Settings {
         url: url.into(),
         prefix: "test:".into(),

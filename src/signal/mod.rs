@@ -6,7 +6,9 @@
 //! [`rooms`] the registry (plain data, unit-tested), [`backend`] where the
 //! rooms live (this process, or Redis shared by several nodes: `redis`),
 //! [`timers`] the
-//! per-connection deadlines (plain data too), and `ws` the thin axum shell
+//! per-connection deadlines (plain data too), [`resume`] the tokens and
+//! buffers that let a lost `/ws` peer come back (plain data; `sessions`
+//! parks, expires, resumes and hands over), and `ws` the thin axum shell
 //! that owns sockets and tasks. The socket.io tutorial's peers meet `/ws`
 //! peers in the same registry: [`tutorial`] maps its events (plain data),
 //! `socketio` is their shell at `/socket.io/`. Both shells register their
@@ -29,7 +31,9 @@ pub mod protocol;
 pub mod redis;
 #[cfg(test)]
 mod redis_server;
+pub mod resume;
 pub mod rooms;
+mod sessions;
 mod socketio;
 pub mod timers;
 pub mod tutorial;
@@ -49,7 +53,7 @@ use crate::budget::{Occupancy, PerAddress, Rate, Slot};
 use crate::caller::Caller;
 use crate::counter::inc;
 use crate::lifecycle::Drain;
-use backend::{Backend, BackendStats, Inbox, Memory};
+use backend::{Arrival, Backend, BackendStats, Inbox, Memory};
 use rooms::{Delivery, IceGrant, RoomError};
 
 pub use ids::{PeerId, RoomName};
@@ -104,6 +108,12 @@ pub struct SignalConfig {
     pub joins_per_sec_per_ip: u64,
     /// Rooms in all.
     pub max_rooms: usize,
+    /// How long a joined `/ws` peer whose socket was lost (no close frame,
+    /// or silent past `pong_timeout`) keeps its id and room for a socket
+    /// that resumes it (`resume.rs`); zero: never, it leaves at once.
+    pub resume_window: Duration,
+    /// Most bytes buffered for one such peer; more ends its session.
+    pub resume_buffer_bytes: usize,
 }
 
 impl Default for SignalConfig {
@@ -119,6 +129,8 @@ impl Default for SignalConfig {
             bytes_per_sec: 256 * 1024,
             joins_per_sec_per_ip: 5,
             max_rooms: 10_000,
+            resume_window: Duration::from_secs(30),
+            resume_buffer_bytes: 64 * 1024,
         }
     }
 }
@@ -210,6 +222,14 @@ pub struct SignalStats {
     pub sockets_refused_total: AtomicU64,
     pub join_timeouts_total: AtomicU64,
     pub rate_limited_total: AtomicU64,
+    /// Peers whose socket was lost, waiting for a resume now.
+    pub parked_peers: AtomicU64,
+    /// Sessions taken over by a `resume`; sessions of lost sockets that
+    /// ended because no resume came in time, or because what was
+    /// addressed to them meanwhile passed `resume_buffer_bytes`.
+    pub resumes_total: AtomicU64,
+    pub resume_expired_total: AtomicU64,
+    pub resume_overflow_total: AtomicU64,
     /// Where the rooms live: up or not, outages, failed operations.
     pub backend: Arc<BackendStats>,
 }
@@ -310,9 +330,13 @@ impl Signaling {
         let mut made = None;
         let sig = Arc::new_cyclic(|me: &std::sync::Weak<Signaling>| {
             let me = me.clone();
-            let inbox: Inbox = Arc::new(move |d| {
+            let inbox: Inbox = Arc::new(move |arrival| {
                 if let Some(sig) = me.upgrade() {
-                    sig.deliver(d);
+                    match arrival {
+                        Arrival::Deliveries(d) => sig.deliver(d),
+                        Arrival::HandOver { peer, to } => sig.hand_over(peer, to),
+                        Arrival::HandedOver { peer, messages } => sig.handed_over(peer, messages),
+                    }
                 }
             });
             let backend = match make(backend_stats, inbox, stop.child_token()) {
@@ -438,8 +462,10 @@ impl Signaling {
         self.backend.broadcast(from, data).await
     }
 
-    /// Takes `peer` out of its room.
+    /// Takes `peer` out of its room; its resume token dies with the
+    /// membership.
     async fn leave(&self, peer: PeerId) -> Result<Vec<Delivery>, RoomError> {
+        self.revoke_resume(peer);
         let out = self.backend.leave(peer).await;
         self.count_rooms();
         out

@@ -1,7 +1,8 @@
 //! The signaling wire protocol: JSON text messages with a `type` field.
 //!
-//! Client → server: `join`, `signal`, `leave`. Server → client: `joined`,
-//! `peer-joined`, `peer-left`, `full`, `signal`, `ice-servers`, `error`.
+//! Client → server: `join`, `signal`, `leave`, `resume`. Server → client:
+//! `joined`, `resumed`, `peer-joined`, `peer-left`, `full`, `signal`,
+//! `ice-servers`, `error`.
 //! Every message is built and read through serde; nothing here assembles
 //! JSON by hand.
 //!
@@ -27,6 +28,9 @@ pub enum ClientMessage {
     Signal { to: PeerId, data: Value },
     /// Leave the current room; the connection stays open.
     Leave,
+    /// Take over the session of a lost socket (`resume.rs`); only as a
+    /// socket's first message. Answered by `resumed` or `resume-refused`.
+    Resume { token: String },
 }
 
 /// A message to a client. Deserialize too: the Redis backend carries them
@@ -43,6 +47,21 @@ pub enum ServerMessage {
         ice_servers: Value,
         /// Seconds the credentials in `ice_servers` stay valid.
         ttl: u64,
+        /// The token that resumes this session from another socket
+        /// (`/ws` peers only, while `signaling.resume_secs` is not 0).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<String>,
+    },
+    /// A lost session taken over: the same `id` in the same `room`, fresh
+    /// credentials and the next resume token. The messages addressed to
+    /// the peer meanwhile follow, in order.
+    Resumed {
+        room: RoomName,
+        id: PeerId,
+        #[serde(rename = "iceServers")]
+        ice_servers: Value,
+        ttl: u64,
+        resume: String,
     },
     PeerJoined {
         id: PeerId,
@@ -117,11 +136,14 @@ pub enum ErrorCode {
     /// The shared room store (Redis) is unreachable: joins, and signals to
     /// peers on other nodes, are refused until it is back.
     BackendUnavailable,
+    /// A `resume` that takes over nothing: an unknown, used, forged or
+    /// expired token, or not the socket's first message.
+    ResumeRefused,
 }
 
 impl ErrorCode {
     /// Every code, in index order; exporters iterate this.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         Self::BadJson,
         Self::BadMessage,
         Self::UnknownType,
@@ -137,6 +159,7 @@ impl ErrorCode {
         Self::ForbiddenRoom,
         Self::TooManyRooms,
         Self::BackendUnavailable,
+        Self::ResumeRefused,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -162,6 +185,7 @@ impl ErrorCode {
             Self::ForbiddenRoom => "forbidden-room",
             Self::TooManyRooms => "too-many-rooms",
             Self::BackendUnavailable => "backend-unavailable",
+            Self::ResumeRefused => "resume-refused",
         }
     }
 }
@@ -232,6 +256,7 @@ pub fn parse_client(text: &str, max_bytes: usize) -> Result<ClientMessage, Parse
         "join" => &["room"],
         "signal" => &["to", "data"],
         "leave" => &[],
+        "resume" => &["token"],
         other => return Err(ParseError::UnknownType(truncated(other))),
     };
     if let Some(missing) = required.iter().find(|f| !fields.contains_key(**f)) {
@@ -311,6 +336,11 @@ mod tests {
             parse_client(r#"{"type":"leave"}"#, MAX),
             Ok(ClientMessage::Leave)
         );
+        assert_eq!(
+            parse_client(r#"{"type":"resume","token":"x"}"#, MAX),
+            Ok(ClientMessage::Resume { token: "x".into() })
+        );
+        assert_eq!(code_of(r#"{"type":"resume"}"#), ErrorCode::MissingField);
     }
 
     #[test]
@@ -402,11 +432,22 @@ mod tests {
             peers: vec![],
             ice_servers: json!([{"urls": ["stun:x"]}]),
             ttl: 60,
+            resume: None,
         };
         let cases = [
             (
                 joined,
                 json!({"type":"joined","room":"r","id":"000000000000000a","peers":[],"iceServers":[{"urls":["stun:x"]}],"ttl":60}),
+            ),
+            (
+                ServerMessage::Resumed {
+                    room: room.clone(),
+                    id,
+                    ice_servers: json!([]),
+                    ttl: 60,
+                    resume: "t".into(),
+                },
+                json!({"type":"resumed","room":"r","id":"000000000000000a","iceServers":[],"ttl":60,"resume":"t"}),
             ),
             (
                 ServerMessage::PeerJoined { id },

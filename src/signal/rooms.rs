@@ -146,6 +146,7 @@ impl Rooms {
             peers: before.clone(),
             ice_servers: grant.servers,
             ttl: grant.ttl.as_secs(),
+            resume: None,
         };
         let mut out = vec![Delivery::one(peer, joined)];
         if !before.is_empty() {
@@ -155,6 +156,17 @@ impl Rooms {
             });
         }
         Ok(out)
+    }
+
+    /// Puts `peer` into `room` without a word to anyone: it was a member
+    /// all along, on another node (a resumed session moving here). No
+    /// capacity check, for the same reason.
+    pub fn adopt(&mut self, peer: PeerId, room: RoomName) {
+        if self.member_of.contains_key(&peer) {
+            return;
+        }
+        self.rooms.entry(room.clone()).or_default().push(peer);
+        self.member_of.insert(peer, room);
     }
 
     /// Takes `peer` out of its room; the remaining members get `peer-left`.
@@ -260,6 +272,7 @@ mod tests {
             peers: peers.to_vec(),
             ice_servers: grant().servers,
             ttl: 600,
+            resume: None,
         };
         Delivery { to: vec![id], msg }
     }
@@ -395,6 +408,16 @@ mod tests {
         assert_eq!((rooms.room_count(), rooms.peer_count()), (0, 0));
         assert_eq!(rooms.leave(B), Err(RoomError::NotJoined));
         assert_eq!(rooms.disconnect(B), vec![]);
+    }
+
+    #[test]
+    fn an_adopted_member_is_announced_to_nobody_and_reachable() {
+        let mut rooms = Rooms::new(1);
+        rooms.join(A, room("r"), grant(), false).unwrap();
+        rooms.adopt(B, room("r"));
+        rooms.adopt(B, room("other"));
+        assert_eq!(rooms.members(&room("r")), &[A, B]);
+        assert!(rooms.route(A, B, json!(1)).is_ok());
     }
 
     #[test]

@@ -417,7 +417,7 @@ struct Registered(Arc<Peer>);
 impl Drop for Registered {
     fn drop(&mut self) {
         let peer = &self.0;
-        peer.sig.unregister(peer.id);
+        peer.sig.unregister(peer.id, &peer.kick);
         peer.sig
             .stats
             .socketio_peers

@@ -116,6 +116,7 @@ impl Renderer {
                 peers,
                 ice_servers,
                 ttl,
+                ..
             } => {
                 let first = peers.is_empty();
                 let greeting = Args::Two(room.as_str().into(), id.to_string().into());
@@ -146,6 +147,9 @@ impl Renderer {
             ServerMessage::IceServers { ice_servers, ttl } => {
                 vec![Emit::new("ice-servers", Args::Two(ice_servers, ttl.into()))]
             }
+            // socket.io peers are never given a resume token (their 2.x
+            // client cannot present one), so never resumed.
+            ServerMessage::Resumed { .. } => Vec::new(),
             ServerMessage::Error { code, message } => vec![Emit::new(
                 "error",
                 Args::One(serde_json::json!({ "code": code, "message": message })),
@@ -175,6 +179,7 @@ mod tests {
             peers,
             ice_servers: json!([{"urls": ["turn:t:3478"]}]),
             ttl: 600,
+            resume: None,
         }
     }
 
@@ -254,6 +259,7 @@ mod tests {
             peers: vec![],
             ice_servers: json!([]),
             ttl: 0,
+            resume: None,
         });
         assert_eq!(
             member.render(ServerMessage::PeerJoined { id: B }),

@@ -16,6 +16,11 @@
 //! transport limit the WebSocket library refuses the frame before reading
 //! it, the connection is closed without a JSON answer (browsers report
 //! 1006) and the room sees `peer-left`.
+//!
+//! Goodbyes: a client that closes its socket (a close frame) has left. A
+//! socket that fails, ends without a close frame or goes silent past the
+//! pong timeout was *lost*: a joined peer is then kept for a `resume`
+//! (`peers.rs`), and its room-mates hear nothing unless the window passes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +42,7 @@ use crate::counter::inc;
 use super::peers::{Kick, Outgoing, PeerHandle, Wire, OUTGOING_QUEUE};
 use super::protocol::{self, ClientMessage, ErrorCode, ParseError, ServerMessage};
 use super::rooms::{Delivery, RoomError};
+use super::sessions::{Newcomer, ResumeRefused, Resumed};
 use super::timers::{self, Beat, Heartbeat};
 use super::{PeerId, RoomName, SignalConfig, Signaling};
 
@@ -77,8 +83,11 @@ async fn upgrade(
 
 /// Why a connection's reader loop ended.
 enum End {
-    /// The socket closed or failed; nothing more can be sent.
+    /// The client closed the socket; nothing more can be sent.
     Gone,
+    /// The socket failed, ended without a close frame, or went silent:
+    /// the peer may come back with its resume token.
+    Lost,
     /// Heartbeat timeout or slow consumer: drop without ceremony.
     Dropped,
     /// We close: send a close frame, then stop.
@@ -87,7 +96,8 @@ enum End {
 
 /// One connection's state as seen by its reader loop. Dropping it takes the
 /// peer out of its room (announcing `peer-left`) — also when the task is
-/// cancelled, so no path leaves a ghost member behind.
+/// cancelled, so no path leaves a ghost member behind — or, for a lost
+/// socket, parks it for a resume.
 struct Conn {
     sig: Arc<Signaling>,
     id: PeerId,
@@ -102,12 +112,22 @@ struct Conn {
     /// What this socket may send: messages, bytes.
     budget: [Gcra; 2],
     entry: super::Entry,
+    /// No message read yet: only now may the socket `resume`.
+    fresh: bool,
+    /// The client sent a close frame.
+    said_goodbye: bool,
+    /// The reader loop ended with [`End::Lost`].
+    lost: bool,
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.sig.unregister(self.id);
-        tracing::debug!(peer = %self.id, "signaling connection closed");
+        if self.lost {
+            self.sig.lose(self.id, &self.kick);
+        } else {
+            self.sig.unregister(self.id, &self.kick);
+        }
+        tracing::debug!(peer = %self.id, lost = self.lost, "signaling connection closed");
     }
 }
 
@@ -140,6 +160,9 @@ async fn serve(
         join_by: Some(now + cfg.join_timeout),
         budget: [Gcra::new(); 2],
         entry,
+        fresh: true,
+        said_goodbye: false,
+        lost: false,
     };
 
     let (sink, stream) = socket.split();
@@ -148,6 +171,7 @@ async fn serve(
     if let End::Close(code, reason) = end {
         let _ = conn.tx.try_send(Outgoing::Close(code, reason));
     }
+    conn.lost = matches!(end, End::Lost);
     // Unregister first so the room hears `peer-left` without waiting for
     // the close handshake; this also drops the last queue senders, so the
     // writer ends after flushing what is queued.
@@ -159,7 +183,7 @@ async fn serve(
                 abort.abort();
             }
         }
-        End::Gone | End::Dropped => writer.abort(),
+        End::Gone | End::Lost | End::Dropped => writer.abort(),
     }
 }
 
@@ -194,9 +218,9 @@ impl Conn {
                         Some(Ok(frame)) => frame,
                         Some(Err(e)) => {
                             tracing::debug!(peer = %self.id, error = %e, "signaling socket failed");
-                            return End::Gone;
+                            return if network_failure(e) { self.ended() } else { End::Gone };
                         }
-                        None => return End::Gone,
+                        None => return self.ended(),
                     };
                     self.heartbeat.heard(Instant::now().into_std());
                     match frame {
@@ -204,7 +228,8 @@ impl Conn {
                         Message::Binary(_) => self.reply(ParseError::Binary.reply()),
                         // Pings are answered by the library, and a close is
                         // acknowledged on the next read, which then ends.
-                        Message::Ping(_) | Message::Pong(_) | Message::Close(_) => {}
+                        Message::Ping(_) | Message::Pong(_) => {}
+                        Message::Close(_) => self.said_goodbye = true,
                     }
                 }
                 () = &mut timer => {
@@ -219,6 +244,14 @@ impl Conn {
                 }
                 () = &mut closing => return End::Close(1001, "server shutting down"),
             }
+        }
+    }
+
+    fn ended(&self) -> End {
+        if self.said_goodbye {
+            End::Gone
+        } else {
+            End::Lost
         }
     }
 
@@ -248,7 +281,7 @@ impl Conn {
             Beat::Dead => {
                 inc(&self.sig.stats.heartbeat_drops_total);
                 tracing::debug!(peer = %self.id, "signaling peer silent past the pong timeout");
-                Some(End::Dropped)
+                Some(End::Lost)
             }
         }
     }
@@ -272,7 +305,9 @@ impl Conn {
             Err(e) => return self.reply(e.reply()),
         };
         let id = self.id;
+        let fresh = std::mem::replace(&mut self.fresh, false);
         let outcome = match msg {
+            ClientMessage::Resume { token } => self.resume(fresh, &token).await,
             ClientMessage::Join { room } => self.join(room).await,
             ClientMessage::Signal { to, data } => self.sig.route(id, to, data).await,
             ClientMessage::Leave => {
@@ -297,7 +332,39 @@ impl Conn {
             .await?;
         self.refresh_at = timers::refresh_after(ttl).map(|after| Instant::now() + after);
         self.join_by = None;
+        let mut out = out;
+        self.sig.grant_resume(self.id, &mut out);
         Ok(out)
+    }
+
+    /// Takes over a lost session; `resumed` and what it missed are queued
+    /// by the registry of peers, so there is nothing to deliver here.
+    async fn resume(&mut self, fresh: bool, token: &str) -> Result<Vec<Delivery>, RoomError> {
+        let user = self.entry.admission.user.as_deref();
+        let taken = if fresh {
+            let who = Newcomer {
+                conn: self.id,
+                kick: &self.kick,
+                host: self.host.as_deref(),
+                user,
+            };
+            self.sig.resume(who, token).await
+        } else {
+            Err(ResumeRefused)
+        };
+        match taken {
+            Ok(Resumed { id, ttl }) => {
+                tracing::debug!(peer = %id, "signaling session resumed");
+                self.id = id;
+                self.refresh_at = timers::refresh_after(ttl).map(|after| Instant::now() + after);
+                self.join_by = None;
+            }
+            Err(e) => self.reply(ServerMessage::error(
+                ErrorCode::ResumeRefused,
+                e.to_string(),
+            )),
+        }
+        Ok(Vec::new())
     }
 
     fn refresh_ice(&mut self, now: Instant) {
@@ -318,12 +385,37 @@ impl Conn {
     }
 }
 
+/// Whether a read failed because the network did (a reset, an end
+/// without a close frame), not because the client broke the protocol (a
+/// frame over the size limit, bad framing): only the former may resume.
+fn network_failure(e: axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
+    match e.into_inner().downcast::<Error>() {
+        Ok(e) => matches!(
+            *e,
+            Error::Io(_) | Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)
+        ),
+        Err(_) => false,
+    }
+}
+
 /// Drains the queue into the socket, flushing whenever the queue runs dry
 /// so bursts go out in one write.
 async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Receiver<Outgoing>) {
     while let Some(out) = rx.recv().await {
         let frame = match out {
             Outgoing::Text(text) => Message::Text(text),
+            Outgoing::Replay(missed) => {
+                for text in missed {
+                    if sink.feed(Message::Text(text)).await.is_err() {
+                        return;
+                    }
+                }
+                if rx.is_empty() && sink.flush().await.is_err() {
+                    return;
+                }
+                continue;
+            }
             // Never queued for a `/ws` peer (its handle says `Wire::Json`).
             Outgoing::Message(_) => continue,
             Outgoing::Ping => Message::Ping(Default::default()),

@@ -4,6 +4,7 @@
 
 pub mod raw;
 pub mod stream;
+pub mod ws;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -14,7 +14,11 @@
 //!   node's peers leave their rooms within `presence_ttl`.
 //! - `PREFIX chan:ID`, one pub/sub channel per node (not per room, so
 //!   subscriptions do not grow with rooms): messages for that node's peers,
-//!   as an [`Envelope`].
+//!   as an [`Envelope`], and the [`Control`] messages of a resume.
+//! - `PREFIX resume:PEER`, a `/ws` peer's resumable session: the digest of
+//!   its token's secret, its node and its room. A socket on another node
+//!   that presents the token claims it (`claim.lua`): the peer becomes that
+//!   node's member, and its old node hands over what it buffered.
 //!
 //! This node also keeps its own peers in a local [`Rooms`] (capacity
 //! unbounded: Redis decides), so signals between two peers of this node
@@ -42,11 +46,11 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{Backend, BackendStats, Inbox};
+use super::backend::{Arrival, Backend, BackendStats, Claim, Inbox};
 use super::ids::{PeerId, RoomName};
 use super::protocol::ServerMessage;
 use super::rooms::{Delivery, IceGrant, RoomError, Rooms};
-use scripts::{BROADCAST, JOIN, ROUTE};
+use scripts::{BROADCAST, CLAIM, JOIN, ROUTE};
 
 mod presence;
 mod scripts;
@@ -75,6 +79,19 @@ struct Envelope {
     to: Vec<PeerId>,
     msg: ServerMessage,
 }
+
+/// Node-to-node messages of a resume across nodes ([`Arrival`]'s
+/// `HandOver` and `HandedOver`); `claim.lua` writes the first by hand.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+enum Control {
+    HandOver { peer: PeerId, to: String },
+    HandedOver { peer: PeerId, messages: Vec<String> },
+}
+
+/// A session key's backstop lifetime: a node that crashed never deletes
+/// its peers' keys.
+const SESSION_TTL_SECS: u64 = 24 * 3600;
 
 /// The Redis backend; see the module docs.
 pub struct Redis {
@@ -163,6 +180,25 @@ impl Inner {
 
     fn channel(&self) -> String {
         format!("{}chan:{}", self.prefix, self.node)
+    }
+
+    fn session_key(&self, peer: PeerId) -> String {
+        format!("{}resume:{peer}", self.prefix)
+    }
+
+    /// One command in the background, for what a closing connection
+    /// cannot wait for; a failure counts against the backend's health.
+    fn spawn_cmd(self: &Arc<Self>, cmd: redis::Cmd) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let me = self.clone();
+        rt.spawn(async move {
+            let mut conn = me.conn.clone();
+            if let Err(e) = cmd.query_async::<()>(&mut conn).await {
+                me.mark_down(&e);
+            }
+        });
     }
 
     fn room_ttl_ms(&self) -> u64 {
@@ -360,6 +396,54 @@ impl Backend for Redis {
 
     fn room_count(&self) -> usize {
         self.inner.lock_local().room_count()
+    }
+
+    fn remember_session(&self, peer: PeerId, room: &RoomName, digest: String) {
+        let i = &self.inner;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(i.session_key(peer))
+            .arg(format!("{digest} {} {room}", i.node))
+            .arg("EX")
+            .arg(SESSION_TTL_SECS);
+        i.spawn_cmd(cmd);
+    }
+
+    fn forget_session(&self, peer: PeerId) {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(self.inner.session_key(peer));
+        self.inner.spawn_cmd(cmd);
+    }
+
+    fn claim_session(&self, peer: PeerId, digest: String) -> BoxFuture<'_, Option<Claim>> {
+        Box::pin(async move {
+            let i = &self.inner;
+            i.check_up().ok()?;
+            let room: Option<String> = i
+                .run(
+                    CLAIM
+                        .key(i.session_key(peer))
+                        .arg(peer.to_string())
+                        .arg(digest)
+                        .arg(&i.node)
+                        .arg(&i.prefix)
+                        .arg(i.room_ttl_ms()),
+                )
+                .await
+                .ok()?;
+            let room = RoomName::new(room?).ok()?;
+            i.lock_local().adopt(peer, room.clone());
+            Some(Claim { room })
+        })
+    }
+
+    fn hand_over(&self, peer: PeerId, to: String, messages: Vec<String>) {
+        let i = &self.inner;
+        // Silently: it stays in its room, as a member of node `to`.
+        let _ = i.lock_local().leave(peer);
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(format!("{}chan:{to}", i.prefix))
+            .arg(to_json(&Control::HandedOver { peer, messages }));
+        i.spawn_cmd(cmd);
     }
 
     fn shutdown(&self) {

@@ -20,7 +20,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use super::scripts::{BROADCAST, LEAVE, REFRESH};
-use super::{ids, to_json, Envelope, Inner, REDIS_TIMEOUT};
+use super::{ids, to_json, Arrival, Control, Envelope, Inner, REDIS_TIMEOUT};
 use super::{Delivery, PeerId, RoomError, RoomName, ServerMessage};
 use crate::counter::inc;
 
@@ -85,10 +85,10 @@ impl Inner {
         for id in dead {
             let local = self.lock_local().members(room).to_vec();
             if !local.is_empty() {
-                (self.inbox)(vec![Delivery {
+                (self.inbox)(Arrival::Deliveries(vec![Delivery {
                     to: local,
                     msg: ServerMessage::PeerLeft { id },
-                }]);
+                }]));
             }
             let _ = self
                 .run::<i64>(
@@ -230,8 +230,14 @@ impl Inner {
     }
 
     fn receive(&self, payload: &[u8]) {
-        match serde_json::from_slice::<Envelope>(payload) {
-            Ok(Envelope { to, msg }) => (self.inbox)(vec![Delivery { to, msg }]),
+        if let Ok(Envelope { to, msg }) = serde_json::from_slice::<Envelope>(payload) {
+            return (self.inbox)(Arrival::Deliveries(vec![Delivery { to, msg }]));
+        }
+        match serde_json::from_slice::<Control>(payload) {
+            Ok(Control::HandOver { peer, to }) => (self.inbox)(Arrival::HandOver { peer, to }),
+            Ok(Control::HandedOver { peer, messages }) => {
+                (self.inbox)(Arrival::HandedOver { peer, messages })
+            }
             Err(e) => tracing::warn!(error = %e, "unreadable message on this node's channel"),
         }
     }

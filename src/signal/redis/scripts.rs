@@ -26,5 +26,8 @@ pub(super) static ROUTE: LazyLock<Script> =
 pub(super) static BROADCAST: LazyLock<Script> =
     LazyLock::new(|| Script::new(with_lib!("broadcast.lua")));
 
+pub(super) static CLAIM: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("claim.lua")));
+
 pub(super) static REFRESH: LazyLock<Script> =
     LazyLock::new(|| Script::new(with_lib!("refresh.lua")));
