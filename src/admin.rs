@@ -5,14 +5,17 @@
 //!   client, transport, relayed addresses, age, bytes each way);
 //! - `DELETE /admin/allocations/{id}`: end one;
 //! - `DELETE /admin/users/{user}`: end all of a user's (the user part of
-//!   a REST username, as listed).
+//!   a REST username, as listed);
+//! - `GET /admin/usage?by=user|label&limit=N`: usage per user or label
+//!   (`usage.rs`), live allocations included; `DELETE /admin/usage`
+//!   starts it afresh.
 //!
 //! Allocations live in the relay shards; each request asks every shard
 //! through its event queue and gathers the answers.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -24,18 +27,26 @@ use tokio::sync::oneshot;
 use crate::control::Control;
 use crate::relay::{AdminRequest, ShardHandle, StreamEvent};
 use crate::turn::server::{AllocationInfo, EndWhich};
+use crate::usage::{By, UsageBook};
 
 #[derive(Clone)]
 pub struct AdminState {
     pub control: Arc<Control>,
     pub shards: Vec<ShardHandle>,
+    pub usage: Arc<UsageBook>,
 }
 
-pub fn router(state: AdminState) -> Router {
+pub fn router(control: Arc<Control>, shards: Vec<ShardHandle>, usage: Arc<UsageBook>) -> Router {
+    let state = AdminState {
+        control,
+        shards,
+        usage,
+    };
     Router::new()
         .route("/admin/allocations", get(list))
         .route("/admin/allocations/{id}", delete(end_one))
         .route("/admin/users/{user}", delete(end_user))
+        .route("/admin/usage", get(usage_report).delete(reset_usage))
         .layer(middleware::from_fn_with_state(state.clone(), bearer))
         .with_state(state)
 }
@@ -66,7 +77,8 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn list(State(s): State<AdminState>) -> Response {
+/// Every shard's allocations, by id.
+async fn allocations(s: &AdminState) -> Vec<AllocationInfo> {
     let mut all: Vec<AllocationInfo> = Vec::new();
     for shard in &s.shards {
         let (tx, rx) = oneshot::channel();
@@ -75,7 +87,29 @@ async fn list(State(s): State<AdminState>) -> Response {
         }
     }
     all.sort_by_key(|a| a.id);
-    Json(json!({ "allocations": all })).into_response()
+    all
+}
+
+async fn list(State(s): State<AdminState>) -> Response {
+    Json(json!({ "allocations": allocations(&s).await })).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct UsageQuery {
+    by: Option<By>,
+    limit: Option<usize>,
+}
+
+async fn usage_report(State(s): State<AdminState>, Query(q): Query<UsageQuery>) -> Response {
+    let by = q.by.unwrap_or(By::User);
+    let live = allocations(&s).await;
+    let (rows, since) = s.usage.report(by, &live, q.limit.unwrap_or(100));
+    Json(json!({ "by": by, "since": since, "rows": rows })).into_response()
+}
+
+async fn reset_usage(State(s): State<AdminState>) -> Response {
+    s.usage.reset(crate::ice::unix_now());
+    Json(json!({ "reset": true })).into_response()
 }
 
 async fn end(s: &AdminState, which: EndWhich) -> usize {

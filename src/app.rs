@@ -85,7 +85,8 @@ async fn start(
         relay,
         stats,
         shards,
-    } = Relay::from_config(&cfg.turn, &families, rules.clone(), shared.clone(), life)
+        usage,
+    } = Relay::from_config(&cfg, &families, rules.clone(), shared.clone(), life)
         .context("starting the TURN listeners")?;
     let listeners = Listeners::bind(&cfg, relay.local_addrs()).await?;
     let certs = match (&cfg.tls.cert_file, &cfg.tls.key_file) {
@@ -113,6 +114,7 @@ async fn start(
         stream_stats.clone(),
         public_stats.clone(),
         control.doorman().stats.clone(),
+        usage.clone(),
         ports,
     )?);
     let http_state = HttpState {
@@ -141,10 +143,7 @@ async fn start(
         tasks: life.tasks(),
         stop: life.child(),
     });
-    let admin_app = crate::admin::router(crate::admin::AdminState {
-        control: control.clone(),
-        shards: relay.handles(),
-    });
+    let admin_app = crate::admin::router(control.clone(), relay.handles(), usage);
     listeners.serve(
         life,
         &control,

@@ -183,7 +183,9 @@ impl Control {
         let grants = ice.clone();
         let doorman = Doorman::new(&p.config.access);
         let ice_fn: crate::signal::IceServersFn =
-            Arc::new(move |host: Option<&str>, user: Option<&str>| grants.grant_json(host, user));
+            Arc::new(move |host: Option<&str>, who: &crate::access::Admission| {
+                grants.grant_json(host, who.user.as_deref(), who.label.as_deref())
+            });
         let s = &p.config.signaling;
         let sig_cfg = signal_config(&p.config);
         let signaling = match s.backend {

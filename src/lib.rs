@@ -22,3 +22,4 @@ pub mod signal;
 pub mod stream;
 pub mod tls;
 pub mod turn;
+pub mod usage;

@@ -98,6 +98,7 @@ pub const KEYS: &[(&str, OnReload)] = &[
     ("access.allowed_origins", Applied),
     ("access.token_secret", Applied),
     ("access.mints_per_minute", Applied),
+    ("usage.max_labels", Restart),
 ];
 
 pub fn on_reload(key: &str) -> Option<OnReload> {

@@ -72,6 +72,22 @@ pub struct Config {
     pub tls: TlsConfig,
     pub admin: AdminConfig,
     pub access: AccessConfig,
+    pub usage: UsageConfig,
+}
+
+/// Usage per user and label (`usage.rs`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// Distinct labels counted (and exported to Prometheus) before new
+    /// ones count under `other`.
+    pub max_labels: usize,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig { max_labels: 100 }
+    }
 }
 
 /// Who may get a TURN credential or a signaling socket (`access.rs`).

@@ -5,7 +5,7 @@
 
 use super::{
     AccessConfig, AccessMode, AdminConfig, AuthConfig, Config, ConfigError, HttpConfig, LogConfig,
-    MetricsConfig, SignalingConfig, TlsConfig, TurnConfig,
+    MetricsConfig, SignalingConfig, TlsConfig, TurnConfig, UsageConfig,
 };
 
 fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
@@ -28,6 +28,7 @@ impl Config {
         validate_metrics(&self.metrics, &self.http)?;
         validate_access(&self.access)?;
         validate_admin(&self.admin, &self.http)?;
+        validate_usage(&self.usage)?;
         validate_log(&self.log)
     }
 }
@@ -318,6 +319,15 @@ fn validate_admin(a: &AdminConfig, http: &HttpConfig) -> Result<(), ConfigError>
             "admin.listen",
             "must not be http.listen (a public listener)",
         ));
+    }
+    Ok(())
+}
+
+fn validate_usage(u: &UsageConfig) -> Result<(), ConfigError> {
+    // Each label is a few Prometheus series: thousands would be a
+    // cardinality problem of their own.
+    if u.max_labels > 10_000 {
+        return Err(invalid("usage.max_labels", "must be at most 10000"));
     }
     Ok(())
 }

@@ -301,8 +301,7 @@ impl Conn {
     }
 
     fn refresh_ice(&mut self, now: Instant) {
-        let (servers, ttl) =
-            (self.sig.ice)(self.host.as_deref(), self.entry.admission.user.as_deref());
+        let (servers, ttl) = (self.sig.ice)(self.host.as_deref(), &self.entry.admission);
         self.refresh_at = timers::refresh_after(ttl).map(|after| now + after);
         self.reply(ServerMessage::IceServers {
             ice_servers: servers,

@@ -107,6 +107,8 @@ pub struct AllocationInfo {
     pub expires_in_secs: u64,
     pub bytes_to_peer: u64,
     pub bytes_to_client: u64,
+    pub packets_to_peer: u64,
+    pub packets_to_client: u64,
 }
 
 /// Which allocations an operator ends.
@@ -570,6 +572,8 @@ impl Server {
                 expires_in_secs: a.expires.saturating_duration_since(now).as_secs(),
                 bytes_to_peer: a.bytes[0],
                 bytes_to_client: a.bytes[1],
+                packets_to_peer: a.packets[0],
+                packets_to_client: a.packets[1],
             })
             .collect()
     }
