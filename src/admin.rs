@@ -1,5 +1,6 @@
 //! The admin API, on its own listener (`admin.listen`, off by default)
-//! behind a bearer token (`admin.token`): see and end TURN sessions.
+//! behind a bearer token (`admin.token`): see and end TURN sessions, read
+//! usage, revoke credentials.
 //!
 //! - `GET /admin/allocations`: every allocation, as JSON (id, user,
 //!   client, transport, relayed addresses, age, bytes each way);
@@ -8,7 +9,9 @@
 //!   a REST username, as listed);
 //! - `GET /admin/usage?by=user|label&limit=N`: usage per user or label
 //!   (`usage.rs`), live allocations included; `DELETE /admin/usage`
-//!   starts it afresh.
+//!   starts it afresh;
+//! - `POST /admin/revoke` with `{"user": …}` or `{"label": …}`: refuse
+//!   their credentials (`turn/revoked.rs`) and end their allocations.
 //!
 //! Allocations live in the relay shards; each request asks every shard
 //! through its event queue and gathers the answers.
@@ -19,13 +22,14 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::control::Control;
 use crate::relay::{AdminRequest, ShardHandle, StreamEvent};
+use crate::turn::revoked::Revokee;
 use crate::turn::server::{AllocationInfo, EndWhich};
 use crate::usage::{By, UsageBook};
 
@@ -47,6 +51,7 @@ pub fn router(control: Arc<Control>, shards: Vec<ShardHandle>, usage: Arc<UsageB
         .route("/admin/allocations/{id}", delete(end_one))
         .route("/admin/users/{user}", delete(end_user))
         .route("/admin/usage", get(usage_report).delete(reset_usage))
+        .route("/admin/revoke", post(revoke))
         .layer(middleware::from_fn_with_state(state.clone(), bearer))
         .with_state(state)
 }
@@ -105,6 +110,32 @@ async fn usage_report(State(s): State<AdminState>, Query(q): Query<UsageQuery>) 
     let live = allocations(&s).await;
     let (rows, since) = s.usage.report(by, &live, q.limit.unwrap_or(100));
     Json(json!({ "by": by, "since": since, "rows": rows })).into_response()
+}
+
+/// `{"user": …}` or `{"label": …}`, exactly one.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    user: Option<String>,
+    label: Option<String>,
+}
+
+async fn revoke(State(s): State<AdminState>, body: Option<Json<RevokeBody>>) -> Response {
+    let (who, which) = match body.map(|Json(b)| (b.user, b.label)) {
+        Some((Some(u), None)) => (Revokee::User(u.clone()), EndWhich::User(u)),
+        Some((None, Some(l))) => (Revokee::Label(l.clone()), EndWhich::Label(l)),
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "give exactly one of `user` and `label`"})),
+            )
+                .into_response()
+        }
+    };
+    // Refused first, then ended: no new allocation slips in between.
+    let until = s.control.revoke(who);
+    let ended = end(&s, which).await;
+    Json(json!({ "ended": ended, "refused_until": until })).into_response()
 }
 
 async fn reset_usage(State(s): State<AdminState>) -> Response {

@@ -29,6 +29,7 @@ use crate::signal::{SignalConfig, Signaling};
 use crate::stream::StreamLimits;
 use crate::tls::CertStore;
 use crate::turn::policy::PeerPolicy;
+use crate::turn::revoked::Revokee;
 use crate::turn::server::{Limits, Rules, Shared};
 
 /// What was bound at start and goes into `iceServers`.
@@ -312,6 +313,16 @@ impl Control {
     /// Resolves once [`Self::is_drained`] holds.
     pub async fn drained(&self) {
         self.drain.until(|| self.is_drained()).await;
+    }
+
+    /// Refuses `who`'s credentials from now until every credential minted
+    /// before now has expired (`auth.rest_ttl_secs`); the unix time that
+    /// is. Ending their allocations is the shards' part (`admin.rs`).
+    pub fn revoke(&self, who: Revokee) -> u64 {
+        let now = crate::ice::unix_now();
+        let until = now.saturating_add(self.lock_current().auth.rest_ttl_secs);
+        self.shared.revoke(who, until, now);
+        until
     }
 
     /// Allocations and rooms still open, for the log.

@@ -268,6 +268,7 @@ impl Metrics {
             vec![
                 (vec!["bad_credential"], c!(auth_bad_credential)),
                 (vec!["expired"], c!(auth_expired)),
+                (vec!["revoked"], c!(auth_revoked)),
                 (vec!["stale_nonce"], c!(auth_stale_nonce)),
             ],
         )?;

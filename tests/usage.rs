@@ -3,7 +3,8 @@
 //! TCP) and `/admin/usage` and the per-label Prometheus series tell them
 //! apart, live and after the allocations ended; labels past
 //! `usage.max_labels` count as `other`, and ten thousand users leave
-//! `/metrics` as it was.
+//! `/metrics` as it was. Revoking a user or a label ends its allocations
+//! and refuses its credentials.
 
 mod common;
 
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::raw::Raw;
 use common::stream::StreamTurn;
-use common::{admin, auth_section, base_config, http_get, Turnkey, SECRET};
+use common::{admin, admin_with, auth_section, base_config, http_get, Turnkey, SECRET};
 
 const TOKEN_SECRET: &str = "usage-token-secret-for-the-tests-0123456789";
 const ADMIN_TOKEN: &str = "usage-admin-token-0123456789";
@@ -350,4 +351,59 @@ fn labels_past_the_limit_are_other_and_many_users_leave_metrics_alone() {
         tk.metric(r#"turnkey_usage_allocations_total{label="other"}"#),
         2.0 + 5000.0
     );
+}
+
+fn revoke(tk: &Turnkey, body: serde_json::Value) -> (u16, serde_json::Value) {
+    admin_with(tk, "POST", "/admin/revoke", Some(ADMIN_TOKEN), Some(&body))
+}
+
+#[test]
+fn revoking_a_user_or_a_label_ends_its_allocations_and_refuses_its_credentials() {
+    let tk = Turnkey::start("usage-revoke", &config(""));
+    let (alice_user, alice_pass) = credential(&tk, "alice", "acme");
+    let (carol_user, carol_pass) = credential(&tk, "carol", "globex");
+    let (bob_user, bob_pass) = credential(&tk, "bob", "acme");
+    let mut alice = Raw::new(tk.turn, &alice_user, &alice_pass);
+    let mut carol = Raw::new(tk.turn, &carol_user, &carol_pass);
+    alice.allocate().expect("alice allocates");
+    carol.allocate().expect("carol allocates");
+    assert!(alice.refresh(600).is_ok());
+
+    assert_eq!(revoke(&tk, serde_json::json!({})).0, 400);
+    assert_eq!(
+        revoke(&tk, serde_json::json!({"user": "a", "label": "b"})).0,
+        400
+    );
+    let (status, v) = revoke(&tk, serde_json::json!({"user": "alice"}));
+    assert_eq!((status, &v["ended"]), (200, &serde_json::json!(1)), "{v}");
+    // The answer left after the shards ended it: her next Refresh fails.
+    assert!(alice.refresh(600).is_err(), "alice's allocation is gone");
+    let mut again = Raw::new(tk.turn, &alice_user, &alice_pass);
+    assert_eq!(again.allocate(), Err(401), "her credential is refused");
+    // So is one minted in the second of the revocation (it expires no
+    // later than those she had), not one minted a second after.
+    const TTL: u64 = 24 * 3600; // auth.rest_ttl_secs
+    let until = v["refused_until"].as_u64().unwrap();
+    let minted_at = |t: u64| {
+        let c = turnkey::turn::auth::mint_labelled(SECRET, "alice", Some("acme"), t, TTL);
+        Raw::new(tk.turn, &c.username, &c.password)
+    };
+    assert_eq!(minted_at(until - TTL).allocate(), Err(401));
+    let mut later = minted_at(until - TTL + 1);
+    assert!(later.allocate().is_ok(), "a later credential passes");
+    assert!(carol.refresh(600).is_ok(), "others keep theirs");
+
+    // A label: every user of it.
+    let (status, v) = revoke(&tk, serde_json::json!({"label": "globex"}));
+    assert_eq!((status, &v["ended"]), (200, &serde_json::json!(1)), "{v}");
+    assert!(carol.refresh(600).is_err(), "carol's allocation is gone");
+    let mut carol2 = Raw::new(tk.turn, &carol_user, &carol_pass);
+    assert_eq!(carol2.allocate(), Err(401));
+    let mut bob = Raw::new(tk.turn, &bob_user, &bob_pass);
+    assert!(bob.allocate().is_ok(), "another label is untouched");
+    assert!(tk.metric(r#"turnkey_turn_auth_failures_total{reason="revoked"}"#) >= 3.0);
+
+    // The per-user end still works.
+    let (status, v) = admin(&tk, "DELETE", "/admin/users/bob", Some(ADMIN_TOKEN));
+    assert_eq!((status, &v["ended"]), (200, &serde_json::json!(1)), "{v}");
 }

@@ -206,7 +206,7 @@ pub fn quota_user(username: &str) -> &str {
 }
 
 /// The expiry of a REST username (`expiry` or `expiry:user`), if it is one.
-fn rest_expiry(username: &str) -> Option<u64> {
+pub fn rest_expiry(username: &str) -> Option<u64> {
     let ts = username.split_once(':').map_or(username, |(ts, _)| ts);
     if ts.is_empty() || ts.len() > 20 || !ts.bytes().all(|b| b.is_ascii_digit()) {
         return None;

@@ -17,7 +17,9 @@ use super::auth::Credentials;
 use super::events::Event;
 use super::policy::PeerPolicy;
 use super::ports::PortPool;
+use super::revoked::{Revocations, Revokee};
 use crate::budget::Rate;
+use arc_swap::ArcSwap;
 
 /// What the core asks of the world. The shell implements it over sockets;
 /// tests implement it over vectors.
@@ -119,6 +121,9 @@ pub struct Shared {
     /// The appliance's drain flag, shared with signaling: while set, new
     /// allocations are refused or sent to the alternate server.
     pub draining: Arc<AtomicBool>,
+    /// Credentials the operator revoked (`revoked.rs`), read without a
+    /// lock by every authenticated request.
+    revocations: ArcSwap<Revocations>,
 }
 
 pub(super) struct PortState {
@@ -130,6 +135,18 @@ pub(super) struct PortState {
 }
 
 impl Shared {
+    /// Refuses `who`'s credentials from now (`now_unix`) on; see
+    /// `revoked.rs` for `until`.
+    pub fn revoke(&self, who: Revokee, until: u64, now_unix: u64) {
+        self.revocations
+            .rcu(|r| r.with(who.clone(), until, now_unix));
+    }
+
+    /// Whether `username` is revoked at `now_unix`.
+    pub fn is_revoked(&self, username: &str, now_unix: u64) -> bool {
+        self.revocations.load().refuses(username, now_unix)
+    }
+
     /// `rng` shuffles the port pools (seeded in tests and fuzzing, from
     /// the OS otherwise).
     pub fn new(
@@ -153,6 +170,7 @@ impl Shared {
             total: AtomicUsize::new(0),
             reservations: AtomicUsize::new(0),
             draining,
+            revocations: ArcSwap::default(),
         }
     }
 

@@ -229,12 +229,31 @@ pub fn admin(
     path: &str,
     token: Option<&str>,
 ) -> (u16, serde_json::Value) {
+    admin_with(tk, method, path, token, None)
+}
+
+/// [`admin`] with a JSON body.
+pub fn admin_with(
+    tk: &Turnkey,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    json: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(tk.admin.expect("admin listener")).unwrap();
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let body = json.map_or(String::new(), |j| j.to_string());
+    let typed = match json {
+        Some(_) => format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ),
+        None => String::new(),
+    };
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}{typed}Connection: close\r\n\r\n{body}"
     )
     .unwrap();
     let mut text = String::new();
