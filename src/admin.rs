@@ -28,7 +28,9 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::control::Control;
-use crate::relay::{AdminRequest, ShardHandle, StreamEvent};
+use crate::lifecycle::Lifecycle;
+use crate::relay::{end_everywhere, AdminRequest, ShardHandle, StreamEvent};
+use crate::revocation::Revoker;
 use crate::turn::revoked::Revokee;
 use crate::turn::server::{AllocationInfo, EndWhich};
 use crate::usage::{By, UsageBook};
@@ -38,10 +40,20 @@ pub struct AdminState {
     pub control: Arc<Control>,
     pub shards: Vec<ShardHandle>,
     pub usage: Arc<UsageBook>,
+    pub revoker: Arc<Revoker>,
 }
 
-pub fn router(control: Arc<Control>, shards: Vec<ShardHandle>, usage: Arc<UsageBook>) -> Router {
+/// The admin API's routes; starts this node's part in revocations
+/// (`revocation.rs`), which with Redis listens to the other nodes' orders
+/// whether or not this node serves the admin API.
+pub fn router(
+    control: Arc<Control>,
+    shards: Vec<ShardHandle>,
+    usage: Arc<UsageBook>,
+    life: &Lifecycle,
+) -> Router {
     let state = AdminState {
+        revoker: Revoker::start(control.clone(), shards.clone(), life),
         control,
         shards,
         usage,
@@ -121,9 +133,9 @@ struct RevokeBody {
 }
 
 async fn revoke(State(s): State<AdminState>, body: Option<Json<RevokeBody>>) -> Response {
-    let (who, which) = match body.map(|Json(b)| (b.user, b.label)) {
-        Some((Some(u), None)) => (Revokee::User(u.clone()), EndWhich::User(u)),
-        Some((None, Some(l))) => (Revokee::Label(l.clone()), EndWhich::Label(l)),
+    let who = match body.map(|Json(b)| (b.user, b.label)) {
+        Some((Some(u), None)) => Revokee::User(u),
+        Some((None, Some(l))) => Revokee::Label(l),
         _ => {
             return (
                 StatusCode::BAD_REQUEST,
@@ -132,29 +144,12 @@ async fn revoke(State(s): State<AdminState>, body: Option<Json<RevokeBody>>) -> 
                 .into_response()
         }
     };
-    // Refused first, then ended: no new allocation slips in between.
-    let until = s.control.revoke(who);
-    let ended = end(&s, which).await;
-    Json(json!({ "ended": ended, "refused_until": until })).into_response()
+    Json(s.revoker.revoke(who).await).into_response()
 }
 
 async fn reset_usage(State(s): State<AdminState>) -> Response {
     s.usage.reset(crate::ice::unix_now());
     Json(json!({ "reset": true })).into_response()
-}
-
-async fn end(s: &AdminState, which: EndWhich) -> usize {
-    let mut ended = 0;
-    for shard in &s.shards {
-        let (tx, rx) = oneshot::channel();
-        if shard
-            .send(StreamEvent::Admin(AdminRequest::End(which.clone(), tx)))
-            .await
-        {
-            ended += rx.await.unwrap_or(0);
-        }
-    }
-    ended
 }
 
 fn ended(n: usize) -> Response {
@@ -167,11 +162,11 @@ fn ended(n: usize) -> Response {
 }
 
 async fn end_one(State(s): State<AdminState>, Path(id): Path<u64>) -> Response {
-    ended(end(&s, EndWhich::Id(id)).await)
+    ended(end_everywhere(&s.shards, EndWhich::Id(id)).await)
 }
 
 async fn end_user(State(s): State<AdminState>, Path(user): Path<String>) -> Response {
-    ended(end(&s, EndWhich::User(user)).await)
+    ended(end_everywhere(&s.shards, EndWhich::User(user)).await)
 }
 
 #[cfg(test)]

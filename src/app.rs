@@ -143,7 +143,7 @@ async fn start(
         tasks: life.tasks(),
         stop: life.child(),
     });
-    let admin_app = crate::admin::router(control.clone(), relay.handles(), usage);
+    let admin_app = crate::admin::router(control.clone(), relay.handles(), usage, life);
     listeners.serve(
         life,
         &control,

@@ -325,6 +325,11 @@ impl Control {
         until
     }
 
+    /// Refuses `who`'s credentials until `until`, as another node decided.
+    pub fn revoke_until(&self, who: Revokee, until: u64) {
+        self.shared.revoke(who, until, crate::ice::unix_now());
+    }
+
     /// Allocations and rooms still open, for the log.
     pub fn remaining(&self) -> (usize, u64) {
         (

@@ -18,6 +18,7 @@ pub mod proxy_protocol;
 pub mod public;
 pub mod relay;
 pub mod reload;
+pub mod revocation;
 pub mod signal;
 pub mod stream;
 pub mod tls;

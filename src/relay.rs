@@ -86,6 +86,21 @@ pub enum AdminRequest {
     End(EndWhich, tokio::sync::oneshot::Sender<usize>),
 }
 
+/// Ends the allocations `which` names on every shard; how many ended.
+pub async fn end_everywhere(shards: &[ShardHandle], which: EndWhich) -> usize {
+    let mut ended = 0;
+    for shard in shards {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if shard
+            .send(StreamEvent::Admin(AdminRequest::End(which.clone(), tx)))
+            .await
+        {
+            ended += rx.await.unwrap_or(0);
+        }
+    }
+    ended
+}
+
 /// What a shard tells a stream connection's task.
 #[derive(Default)]
 pub struct StreamLink {

@@ -10,7 +10,7 @@ mod redis_server;
 use std::time::{Duration, Instant};
 
 use common::raw::Raw;
-use common::{auth_section, base_config, require, test_dir, Turnkey};
+use common::{admin_with, auth_section, base_config, require, test_dir, Turnkey, SECRET};
 use futures_util::{SinkExt, StreamExt};
 use redis_server::RedisServer;
 use serde_json::{json, Value};
@@ -33,6 +33,11 @@ fn redis() -> RedisServer {
 /// A node on `redis`, with budgets high enough for the racing test, ready
 /// (its backend up) before it is returned.
 fn node(name: &str, redis: &RedisServer) -> Turnkey {
+    node_with(name, redis, "")
+}
+
+/// [`node`] with more config sections.
+fn node_with(name: &str, redis: &RedisServer, more: &str) -> Turnkey {
     let extra = format!(
         r#"
 [signaling]
@@ -43,7 +48,7 @@ joins_per_sec_per_ip = 10000
 max_sockets_per_ip = 1000
 [access]
 mints_per_minute = 100000
-{}"#,
+{}{more}"#,
         redis.url(),
         TTL.as_secs(),
         auth_section()
@@ -360,4 +365,82 @@ fn two_browsers_one_per_node_call_relay_only() {
             "node {name} relayed only {relayed} packets"
         );
     }
+}
+
+/// Revoking a user on node A ends its allocation on node B within a
+/// second (its next Refresh fails) and B refuses its credential: for a
+/// quiet client, and for one that relays all the while.
+#[test]
+fn a_revocation_on_one_node_holds_on_the_other_within_a_second() {
+    const ADMIN: &str = "cluster-admin-token-0123456789";
+    let redis = redis();
+    let a = node_with(
+        "revoke-a",
+        &redis,
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN}\"\n"),
+    );
+    let b = node("revoke-b", &redis);
+    let deadline = Instant::now() + WAIT;
+    while !(a.log_contains("listening for revocations")
+        && b.log_contains("listening for revocations"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a node never subscribed to revocations"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cred = |user: &str| turnkey::turn::auth::mint(SECRET, user, turnkey::ice::unix_now(), 600);
+    let bob = cred("bob");
+    let mut bob_on_b = Raw::new(b.turn, &bob.username, &bob.password);
+    let bob_relay = bob_on_b.allocate().expect("bob allocates on B");
+
+    for (user, busy) in [("alice", false), ("carol", true)] {
+        let c = cred(user);
+        let mut on_b = Raw::new(b.turn, &c.username, &c.password);
+        on_b.allocate().expect("allocates on B");
+        on_b.bind_channel(0x4001, bob_relay).expect("binds to bob");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sender = busy.then(|| {
+            let sock = on_b.sock.try_clone().unwrap();
+            let (server, stop) = (b.turn, stop.clone());
+            std::thread::spawn(move || {
+                let mut frame = vec![0x40, 0x01, 0x00, 200];
+                frame.extend_from_slice(&[5u8; 200]);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = sock.send_to(&frame, server);
+                }
+            })
+        });
+        let asked = Instant::now();
+        let (status, v) = admin_with(
+            &a,
+            "POST",
+            "/admin/revoke",
+            Some(ADMIN),
+            Some(&json!({ "user": user })),
+        );
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            (&v["ended"], &v["published"]),
+            (&json!(0), &json!(true)),
+            "{v}"
+        );
+        while on_b.refresh(600).is_ok() {
+            assert!(
+                asked.elapsed() < Duration::from_secs(1),
+                "{user}'s allocation on B outlived the revocation by a second (busy: {busy})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(asked.elapsed() < Duration::from_secs(1), "busy: {busy}");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = sender {
+            t.join().unwrap();
+        }
+        let mut again = Raw::new(b.turn, &c.username, &c.password);
+        assert_eq!(again.allocate(), Err(401), "B refuses {user}'s credential");
+    }
+    assert!(bob_on_b.refresh(600).is_ok(), "bob keeps his");
+    assert!(b.log_contains("revocation from another node applied"));
 }
