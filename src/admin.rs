@@ -7,9 +7,10 @@
 //! - `DELETE /admin/allocations/{id}`: end one;
 //! - `DELETE /admin/users/{user}`: end all of a user's (the user part of
 //!   a REST username, as listed);
-//! - `GET /admin/usage?by=user|label&limit=N`: usage per user or label
-//!   (`usage.rs`), live allocations included; `DELETE /admin/usage`
-//!   starts it afresh;
+//! - `GET /admin/usage?by=user|label&limit=N&scope=node|cluster`: usage
+//!   per user or label (`usage/`), live allocations included, this node's
+//!   or (Redis backend) every node's; `DELETE /admin/usage` starts it
+//!   afresh;
 //! - `POST /admin/revoke` with `{"user": …}` or `{"label": …}`: refuse
 //!   their credentials (`turn/revoked.rs`) and end their allocations.
 //!
@@ -115,13 +116,48 @@ async fn list(State(s): State<AdminState>) -> Response {
 struct UsageQuery {
     by: Option<By>,
     limit: Option<usize>,
+    scope: Option<Scope>,
+}
+
+/// This node's usage, or every node's (Redis backend only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Scope {
+    Node,
+    Cluster,
+}
+
+fn no_cluster() -> Response {
+    let error = "scope=cluster needs signaling.backend = \"redis\"";
+    (StatusCode::BAD_REQUEST, Json(json!({ "error": error }))).into_response()
+}
+
+fn redis_down(e: &redis::RedisError) -> Response {
+    let error = format!("Redis: {e}");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "error": error })),
+    )
+        .into_response()
 }
 
 async fn usage_report(State(s): State<AdminState>, Query(q): Query<UsageQuery>) -> Response {
     let by = q.by.unwrap_or(By::User);
+    let limit = q.limit.unwrap_or(100);
     let live = allocations(&s).await;
-    let (rows, since) = s.usage.report(by, &live, q.limit.unwrap_or(100));
-    Json(json!({ "by": by, "since": since, "rows": rows })).into_response()
+    if q.scope == Some(Scope::Cluster) {
+        return match s.usage.cluster_report(by, &live, limit).await {
+            None => no_cluster(),
+            Some(Err(e)) => redis_down(&e),
+            Some(Ok(rows)) => {
+                let dropped = s.usage.cluster_dropped();
+                Json(json!({ "by": by, "scope": "cluster", "dropped": dropped, "rows": rows }))
+                    .into_response()
+            }
+        };
+    }
+    let (rows, since) = s.usage.report(by, &live, limit);
+    Json(json!({ "by": by, "scope": "node", "since": since, "rows": rows })).into_response()
 }
 
 /// `{"user": …}` or `{"label": …}`, exactly one.
@@ -147,7 +183,14 @@ async fn revoke(State(s): State<AdminState>, body: Option<Json<RevokeBody>>) -> 
     Json(s.revoker.revoke(who).await).into_response()
 }
 
-async fn reset_usage(State(s): State<AdminState>) -> Response {
+async fn reset_usage(State(s): State<AdminState>, Query(q): Query<UsageQuery>) -> Response {
+    if q.scope == Some(Scope::Cluster) {
+        match s.usage.reset_cluster().await {
+            None => return no_cluster(),
+            Some(Err(e)) => return redis_down(&e),
+            Some(Ok(())) => {}
+        }
+    }
     s.usage.reset(crate::ice::unix_now());
     Json(json!({ "reset": true })).into_response()
 }

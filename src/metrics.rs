@@ -5,7 +5,7 @@
 //! Names follow the Prometheus conventions: prefix `turnkey_`, units in the
 //! name, counters ending in `_total`, and small fixed label sets (never a
 //! user name or an address). The one open label is a usage label
-//! (`usage.rs`), bounded by `usage.max_labels`.
+//! (`usage/`), bounded by `usage.max_labels`.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};

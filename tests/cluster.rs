@@ -10,7 +10,7 @@ mod redis_server;
 use std::time::{Duration, Instant};
 
 use common::raw::Raw;
-use common::{admin_with, auth_section, base_config, require, test_dir, Turnkey, SECRET};
+use common::{admin, admin_with, auth_section, base_config, require, test_dir, Turnkey, SECRET};
 use futures_util::{SinkExt, StreamExt};
 use redis_server::RedisServer;
 use serde_json::{json, Value};
@@ -443,4 +443,81 @@ fn a_revocation_on_one_node_holds_on_the_other_within_a_second() {
     }
     assert!(bob_on_b.refresh(600).is_ok(), "bob keeps his");
     assert!(b.log_contains("revocation from another node applied"));
+}
+
+/// Two users of one label relay through two nodes: each node's usage is
+/// its own, and `scope=cluster` on either sums both.
+#[test]
+fn usage_of_a_label_is_summed_across_nodes() {
+    const ADMIN: &str = "cluster-admin-token-0123456789";
+    let admin_section = format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN}\"\n");
+    let redis = redis();
+    let a = node_with("usage-a", &redis, &admin_section);
+    let b = node_with("usage-b", &redis, &admin_section);
+    let cred = |user: &str| {
+        turnkey::turn::auth::mint_labelled(
+            SECRET,
+            user,
+            Some("acme"),
+            turnkey::ice::unix_now(),
+            600,
+        )
+    };
+    let (ca, cb) = (cred("alice"), cred("bob"));
+    let mut alice = Raw::new(a.turn, &ca.username, &ca.password);
+    let mut bob = Raw::new(b.turn, &cb.username, &cb.password);
+    let ra = alice.allocate().expect("alice allocates on A");
+    let rb = bob.allocate().expect("bob allocates on B");
+    alice.bind_channel(0x4001, rb).expect("alice binds");
+    bob.bind_channel(0x4002, ra).expect("bob binds");
+    // Alice sends 40 × 1000 bytes, Bob 20 × 300, each acknowledged by
+    // the other's receipt, so nothing is lost to a full buffer.
+    let send = |from: &Raw, ch: u16, to: &Raw, n: usize, size: usize| {
+        for _ in 0..n {
+            from.channel_data(ch, &vec![1u8; size]);
+            assert!(to.recv_data(WAIT).is_some(), "a packet was lost");
+        }
+    };
+    send(&alice, 0x4001, &bob, 40, 1000);
+    send(&bob, 0x4002, &alice, 20, 300);
+    alice.refresh(0).expect("alice deletes");
+    bob.refresh(0).expect("bob deletes");
+
+    let label = |tk: &Turnkey, scope: &str| {
+        let (status, v) = admin(
+            tk,
+            "GET",
+            &format!("/admin/usage?by=label&scope={scope}"),
+            Some(ADMIN),
+        );
+        assert_eq!(status, 200, "{v}");
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "acme")
+            .cloned()
+            .unwrap_or_default()
+    };
+    let on_a = label(&a, "node");
+    assert_eq!(
+        (&on_a["bytes_to_peer"], &on_a["bytes_to_client"]),
+        (&json!(40_000), &json!(6_000))
+    );
+    let deadline = Instant::now() + WAIT;
+    for tk in [&a, &b] {
+        loop {
+            let sum = label(tk, "cluster");
+            if sum["allocations"] == 2 && sum["bytes"] == 92_000 {
+                assert_eq!(sum["bytes_to_peer"], 46_000, "{sum}");
+                assert_eq!(sum["packets_to_client"], 60, "{sum}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "never summed: {sum}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let (status, _) = admin(&a, "DELETE", "/admin/usage?scope=cluster", Some(ADMIN));
+    assert_eq!(status, 200);
+    assert_eq!(label(&b, "cluster"), Value::Null, "reset for every node");
 }

@@ -75,7 +75,7 @@ pub struct Config {
     pub usage: UsageConfig,
 }
 
-/// Usage per user and label (`usage.rs`).
+/// Usage per user and label (`usage/`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UsageConfig {

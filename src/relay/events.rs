@@ -1,6 +1,6 @@
 //! What a shard does with the core's events (`turn/events.rs`): the
 //! allocation log lines, the lifecycle counters of `turn/stats.rs` and the
-//! usage per user and label (`usage.rs`). The core counts none of these
+//! usage per user and label (`usage/`). The core counts none of these
 //! itself, so each is counted once, here.
 
 use std::sync::atomic::Ordering;
@@ -110,7 +110,7 @@ mod tests {
     #[test]
     fn lifecycle_counters_follow_the_events() {
         let stats = TurnStats::default();
-        let book = UsageBook::new(10, 0);
+        let book = UsageBook::new(10, 0, None);
         let client = FiveTuple {
             client: "198.51.100.1:5000".parse().unwrap(),
             server: "192.0.2.1:3478".parse().unwrap(),

@@ -116,7 +116,8 @@ impl Relay {
         life: &Lifecycle,
     ) -> io::Result<Built> {
         let t = &cfg.turn;
-        let usage = Arc::new(UsageBook::new(cfg.usage.max_labels, unix_now()));
+        let cluster = crate::usage::cluster::Cluster::start(cfg, life);
+        let usage = Arc::new(UsageBook::new(cfg.usage.max_labels, unix_now(), cluster));
         // By default one shard per two cores: the kernel's UDP work (most
         // of a relay's CPU) runs beside them, and a shard that is kept
         // busy batches more and sleeps less. On the 2-core bench machine

@@ -15,15 +15,21 @@
 //! per-label Prometheus series stay bounded. Users are many: they are never
 //! a metrics label, and past [`MAX_USERS`] new ones count under `other` too,
 //! so the book's memory is bounded however many credentials are minted.
+//!
+//! With the Redis backend the book also hands every change to
+//! [`cluster`], which sums them across nodes.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
 use crate::turn::auth::identity;
 use crate::turn::events::{Event, Usage};
 use crate::turn::server::AllocationInfo;
+use cluster::{Cluster, Delta};
+
+pub mod cluster;
 
 /// Where labels past `usage.max_labels`, and users past [`MAX_USERS`],
 /// are counted.
@@ -49,6 +55,15 @@ pub struct Tally {
 impl Tally {
     pub fn bytes(&self) -> u64 {
         self.bytes_to_peer.saturating_add(self.bytes_to_client)
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            bytes_to_peer: self.bytes_to_peer,
+            bytes_to_client: self.bytes_to_client,
+            packets_to_peer: self.packets_to_peer,
+            packets_to_client: self.packets_to_client,
+        }
     }
 
     fn add(&mut self, seconds: f64, u: &Usage) {
@@ -95,12 +110,14 @@ struct Book {
 pub struct UsageBook {
     max_labels: usize,
     book: Mutex<Book>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl UsageBook {
-    pub fn new(max_labels: usize, now_unix: u64) -> Self {
+    pub fn new(max_labels: usize, now_unix: u64, cluster: Option<Arc<Cluster>>) -> Self {
         UsageBook {
             max_labels,
+            cluster,
             book: Mutex::new(Book {
                 since: now_unix,
                 ..Book::default()
@@ -134,16 +151,26 @@ impl UsageBook {
             labels_ever,
             ..
         } = &mut *book;
-        let tallies = [
-            by_user.entry(user).or_default(),
+        let mut change = Tally::default();
+        match ended {
+            None => change.allocations = 1,
+            Some((seconds, usage)) => change.add(seconds, usage),
+        }
+        for t in [
+            by_user.entry(user.clone()).or_default(),
             by_label.entry(label.clone()).or_default(),
-            labels_ever.entry(label).or_default(),
-        ];
-        for t in tallies {
-            match ended {
-                None => t.allocations += 1,
-                Some((seconds, usage)) => t.add(seconds, usage),
-            }
+            labels_ever.entry(label.clone()).or_default(),
+        ] {
+            t.allocations += change.allocations;
+            t.add(change.allocation_seconds, &change.usage());
+        }
+        drop(book);
+        if let Some(c) = &self.cluster {
+            c.add(Delta {
+                user,
+                label,
+                tally: change,
+            });
         }
     }
 
@@ -160,28 +187,72 @@ impl UsageBook {
     /// relayed so far, sorted by bytes (most first), at most `limit` rows;
     /// and the unix time the totals run from.
     pub fn report(&self, by: By, live: &[AllocationInfo], limit: usize) -> (Vec<Row>, u64) {
-        let book = self.lock();
-        let mut rows: HashMap<String, Tally> = match by {
-            By::User => book.by_user.clone(),
-            By::Label => book.by_label.clone(),
+        let (rows, since) = {
+            let book = self.lock();
+            let rows = match by {
+                By::User => book.by_user.clone(),
+                By::Label => book.by_label.clone(),
+            };
+            (rows, book.since)
         };
-        for a in live {
-            let t = rows
-                .entry(self.name_of(&book, by, &a.username))
-                .or_default();
-            t.active += 1;
-            t.add(
-                a.age_secs as f64,
-                &Usage {
-                    bytes_to_peer: a.bytes_to_peer,
-                    bytes_to_client: a.bytes_to_client,
-                    packets_to_peer: a.packets_to_peer,
-                    packets_to_client: a.packets_to_client,
-                },
-            );
+        (self.finish(rows, by, live, limit), since)
+    }
+
+    /// The report over every node (`cluster.rs`), this node's live
+    /// allocations added; `None` without the Redis backend.
+    pub async fn cluster_report(
+        &self,
+        by: By,
+        live: &[AllocationInfo],
+        limit: usize,
+    ) -> Option<redis::RedisResult<Vec<Row>>> {
+        let cluster = self.cluster.as_ref()?;
+        Some(
+            cluster
+                .read(by)
+                .await
+                .map(|rows| self.finish(rows, by, live, limit)),
+        )
+    }
+
+    /// Changes the cluster sums lost (a full queue, a failed write).
+    pub fn cluster_dropped(&self) -> Option<u64> {
+        self.cluster
+            .as_ref()
+            .map(|c| c.dropped.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Starts every node's sums afresh; `None` without Redis.
+    pub async fn reset_cluster(&self) -> Option<redis::RedisResult<()>> {
+        Some(self.cluster.as_ref()?.reset().await)
+    }
+
+    /// `rows` with the `live` allocations added, sorted and cut to `limit`.
+    fn finish(
+        &self,
+        mut rows: HashMap<String, Tally>,
+        by: By,
+        live: &[AllocationInfo],
+        limit: usize,
+    ) -> Vec<Row> {
+        {
+            let book = self.lock();
+            for a in live {
+                let t = rows
+                    .entry(self.name_of(&book, by, &a.username))
+                    .or_default();
+                t.active += 1;
+                t.add(
+                    a.age_secs as f64,
+                    &Usage {
+                        bytes_to_peer: a.bytes_to_peer,
+                        bytes_to_client: a.bytes_to_client,
+                        packets_to_peer: a.packets_to_peer,
+                        packets_to_client: a.packets_to_client,
+                    },
+                );
+            }
         }
-        let since = book.since;
-        drop(book);
         let mut rows: Vec<Row> = rows
             .into_iter()
             .map(|(name, tally)| Row {
@@ -192,7 +263,7 @@ impl UsageBook {
             .collect();
         rows.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.name.cmp(&b.name)));
         rows.truncate(limit);
-        (rows, since)
+        rows
     }
 
     /// Starts the totals afresh (the Prometheus counters keep counting).
@@ -306,7 +377,7 @@ mod tests {
 
     #[test]
     fn users_and_labels_add_up_from_the_events_and_the_live_counts() {
-        let book = UsageBook::new(10, 1000);
+        let book = UsageBook::new(10, 1000, None);
         for e in [
             started("100:alice|acme"),
             ended("100:alice|acme", 30, 1000, 2000),
@@ -336,7 +407,7 @@ mod tests {
 
     #[test]
     fn labels_past_the_limit_count_as_other_and_stay_bounded() {
-        let book = UsageBook::new(2, 0);
+        let book = UsageBook::new(2, 0, None);
         for i in 0..50 {
             let name = format!("100:u{i}|tenant{i}");
             book.record(&started(&name));
@@ -354,7 +425,7 @@ mod tests {
 
     #[test]
     fn a_reset_starts_the_report_afresh_but_not_the_counters() {
-        let book = UsageBook::new(10, 0);
+        let book = UsageBook::new(10, 0, None);
         book.record(&started("1:a|acme"));
         book.record(&ended("1:a|acme", 1, 10, 10));
         book.reset(50);
