@@ -26,11 +26,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use tokio::sync::oneshot;
 
 use crate::control::Control;
 use crate::lifecycle::Lifecycle;
-use crate::relay::{end_everywhere, AdminRequest, ShardHandle, StreamEvent};
+use crate::relay::{end_everywhere, list_everywhere, ShardHandle};
 use crate::revocation::Revoker;
 use crate::turn::revoked::Revokee;
 use crate::turn::server::{AllocationInfo, EndWhich};
@@ -97,13 +96,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 /// Every shard's allocations, by id.
 async fn allocations(s: &AdminState) -> Vec<AllocationInfo> {
-    let mut all: Vec<AllocationInfo> = Vec::new();
-    for shard in &s.shards {
-        let (tx, rx) = oneshot::channel();
-        if shard.send(StreamEvent::Admin(AdminRequest::List(tx))).await {
-            all.extend(rx.await.unwrap_or_default());
-        }
-    }
+    let mut all = list_everywhere(&s.shards).await;
     all.sort_by_key(|a| a.id);
     all
 }

@@ -105,7 +105,6 @@ async fn start(
         bound: listeners.bound(families.advertised_ip(), relay.local_addrs()),
         certs: certs.clone(),
     })?;
-    let ports = usize::from(cfg.turn.relay_port_max - cfg.turn.relay_port_min) + 1;
     let stream_stats = Arc::new(StreamStats::default());
     let public_stats = Arc::new(PublicStats::default());
     let metrics = Arc::new(Metrics::new(
@@ -115,7 +114,7 @@ async fn start(
         public_stats.clone(),
         control.doorman().stats.clone(),
         usage.clone(),
-        ports,
+        cfg.turn.relay_ports().len(),
     )?);
     let http_state = HttpState {
         control: control.clone(),
@@ -143,6 +142,7 @@ async fn start(
         tasks: life.tasks(),
         stop: life.child(),
     });
+    crate::usage_budgets::start(control.clone(), relay.handles(), usage.clone(), life);
     let admin_app = crate::admin::router(control.clone(), relay.handles(), usage, life);
     listeners.serve(
         life,

@@ -325,6 +325,12 @@ impl Control {
         until
     }
 
+    /// Refuses the Allocates of these users and labels (their budget is
+    /// spent, `usage_budgets.rs`) and no others.
+    pub fn set_over_budget(&self, spent: Vec<Revokee>) {
+        self.shared.set_over_budget(spent);
+    }
+
     /// Refuses `who`'s credentials until `until`, as another node decided.
     pub fn revoke_until(&self, who: Revokee, until: u64) {
         self.shared.revoke(who, until, crate::ice::unix_now());

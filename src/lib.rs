@@ -24,3 +24,4 @@ pub mod stream;
 pub mod tls;
 pub mod turn;
 pub mod usage;
+pub mod usage_budgets;

@@ -299,6 +299,7 @@ impl Metrics {
             vec![
                 (vec!["user"], c!(quota_rejections)),
                 (vec!["ip"], c!(ip_quota_rejections)),
+                (vec!["budget"], c!(budget_rejections)),
                 (vec!["capacity"], c!(capacity_rejections)),
             ],
         )?;

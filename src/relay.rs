@@ -86,6 +86,18 @@ pub enum AdminRequest {
     End(EndWhich, tokio::sync::oneshot::Sender<usize>),
 }
 
+/// Every shard's allocations.
+pub async fn list_everywhere(shards: &[ShardHandle]) -> Vec<AllocationInfo> {
+    let mut all = Vec::new();
+    for shard in shards {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if shard.send(StreamEvent::Admin(AdminRequest::List(tx))).await {
+            all.extend(rx.await.unwrap_or_default());
+        }
+    }
+    all
+}
+
 /// Ends the allocations `which` names on every shard; how many ended.
 pub async fn end_everywhere(shards: &[ShardHandle], which: EndWhich) -> usize {
     let mut ended = 0;

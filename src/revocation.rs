@@ -63,13 +63,6 @@ pub struct Revoked {
     pub published: bool,
 }
 
-fn ending(who: &Revokee) -> EndWhich {
-    match who {
-        Revokee::User(u) => EndWhich::User(u.clone()),
-        Revokee::Label(l) => EndWhich::Label(l.clone()),
-    }
-}
-
 impl Revoker {
     /// With the Redis backend, also subscribes to the other nodes' orders
     /// (a task `life` stops).
@@ -103,7 +96,7 @@ impl Revoker {
     pub async fn revoke(&self, who: Revokee) -> Revoked {
         // Refused first, then ended: no new allocation slips in between.
         let refused_until = self.control.revoke(who.clone());
-        let ended = end_everywhere(&self.shards, ending(&who)).await;
+        let ended = end_everywhere(&self.shards, EndWhich::from(&who)).await;
         let mut published = false;
         if let Some(bus) = &self.bus {
             let order = Order {
@@ -169,7 +162,7 @@ impl Revoker {
             }
         };
         self.control.revoke_until(order.who.clone(), order.until);
-        let ended = end_everywhere(&self.shards, ending(&order.who)).await;
+        let ended = end_everywhere(&self.shards, EndWhich::from(&order.who)).await;
         tracing::info!(who = ?order.who, ended, "revocation from another node applied");
     }
 }

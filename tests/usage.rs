@@ -407,3 +407,85 @@ fn revoking_a_user_or_a_label_ends_its_allocations_and_refuses_its_credentials()
     let (status, v) = admin(&tk, "DELETE", "/admin/users/bob", Some(ADMIN_TOKEN));
     assert_eq!((status, &v["ended"]), (200, &serde_json::json!(1)), "{v}");
 }
+
+/// A 5 MB daily budget with `action = "end"`: the allocation that crosses
+/// it ends, the next Allocate gets 486, and the log says why.
+#[test]
+fn a_spent_daily_budget_ends_the_allocation_and_refuses_the_next() {
+    let budget = "[[usage.budgets]]\nlabel = \"acme\"\nbytes_per_day = 5000000\naction = \"end\"\n";
+    let tk = Turnkey::start(
+        "usage-budget",
+        &config(budget).replace("relay_ip = ", "max_bps = 1000000000\nrelay_ip = "),
+    );
+    let cred = |user: &str, label: &str| {
+        let c = turnkey::turn::auth::mint_labelled(
+            SECRET,
+            user,
+            Some(label),
+            turnkey::ice::unix_now(),
+            600,
+        );
+        (c.username, c.password)
+    };
+    let (user, pass) = cred("alice", "acme");
+    let mut alice = Raw::new(tk.turn, &user, &pass);
+    alice.allocate().expect("alice allocates");
+    let peer = udp_peer();
+    peer.set_nonblocking(true).unwrap();
+    alice
+        .bind_channel(0x4001, peer.local_addr().unwrap())
+        .expect("alice binds");
+    let packet = [3u8; 1000];
+    let mut sent = 0usize;
+    let mut crossed: Option<Instant> = None;
+    loop {
+        for _ in 0..100 {
+            alice.channel_data(0x4001, &packet);
+        }
+        sent += 100 * packet.len();
+        // Let the peer's buffer drain; what it got does not matter here.
+        while peer.recv_from(&mut [0u8; 2048]).is_ok() {}
+        if sent == 4_000_000 {
+            assert!(
+                alice.refresh(600).is_ok(),
+                "ended before its budget was spent"
+            );
+        }
+        if sent >= 5_000_000 {
+            let at = *crossed.get_or_insert_with(Instant::now);
+            if alice.refresh(600).is_err() {
+                break;
+            }
+            assert!(
+                at.elapsed() < Duration::from_secs(3),
+                "the allocation outlived its budget"
+            );
+        }
+    }
+    let mut next = Raw::new(tk.turn, &user, &pass);
+    assert_eq!(next.allocate(), Err(486), "the next Allocate is refused");
+    assert!(tk.log_contains("budget exceeded"));
+    assert!(tk.metric(r#"turnkey_turn_quota_rejections_total{kind="budget"}"#) >= 1.0);
+    let (other, other_pass) = cred("bob", "globex");
+    assert!(
+        Raw::new(tk.turn, &other, &other_pass).allocate().is_ok(),
+        "another label's budget is its own"
+    );
+
+    // Budgets reload: without it, alice allocates again.
+    let unlimited = std::fs::read_to_string(&tk.config_path)
+        .unwrap()
+        .replace(budget, "");
+    std::fs::write(&tk.config_path, unlimited).unwrap();
+    tk.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Raw::new(tk.turn, &user, &pass).allocate() {
+            Ok(_) => break,
+            Err(486) => {}
+            Err(code) => panic!("after the reload: {code}"),
+        }
+        assert!(Instant::now() < deadline, "the budget outlived its reload");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -329,6 +329,20 @@ fn validate_usage(u: &UsageConfig) -> Result<(), ConfigError> {
     if u.max_labels > 10_000 {
         return Err(invalid("usage.max_labels", "must be at most 10000"));
     }
+    for b in &u.budgets {
+        if b.user.is_some() == b.label.is_some() {
+            return Err(invalid(
+                "usage.budgets",
+                "each budget names exactly one of `user` and `label`",
+            ));
+        }
+        if b.bytes_per_day == 0 && b.bytes_per_month == 0 {
+            return Err(invalid(
+                "usage.budgets",
+                "each budget needs bytes_per_day or bytes_per_month",
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -380,6 +394,38 @@ mod tests {
             "https://a:b",
         ] {
             assert!(!valid_origin(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_budget_names_one_subject_and_a_limit() {
+        use crate::config::BudgetConfig;
+        let check = |b: BudgetConfig| {
+            validate_usage(&UsageConfig {
+                budgets: vec![b],
+                ..UsageConfig::default()
+            })
+        };
+        let ok = BudgetConfig {
+            label: Some("acme".into()),
+            bytes_per_month: 1,
+            ..BudgetConfig::default()
+        };
+        assert!(check(ok.clone()).is_ok());
+        let both = BudgetConfig {
+            user: Some("alice".into()),
+            ..ok.clone()
+        };
+        let neither = BudgetConfig {
+            label: None,
+            ..ok.clone()
+        };
+        let no_limit = BudgetConfig {
+            bytes_per_month: 0,
+            ..ok
+        };
+        for bad in [both, neither, no_limit] {
+            assert!(check(bad.clone()).is_err(), "{bad:?}");
         }
     }
 }

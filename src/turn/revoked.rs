@@ -16,7 +16,7 @@
 use super::auth::{identity, rest_expiry};
 
 /// Whose credentials are revoked.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Revokee {
     /// The user part of a REST username, or a static user.
@@ -32,6 +32,15 @@ impl Revokee {
         match self {
             Revokee::User(u) => who.user == u,
             Revokee::Label(l) => who.label == Some(l.as_str()),
+        }
+    }
+}
+
+impl From<&Revokee> for super::server::EndWhich {
+    fn from(who: &Revokee) -> Self {
+        match who {
+            Revokee::User(u) => Self::User(u.clone()),
+            Revokee::Label(l) => Self::Label(l.clone()),
         }
     }
 }

@@ -124,6 +124,9 @@ pub struct Shared {
     /// Credentials the operator revoked (`revoked.rs`), read without a
     /// lock by every authenticated request.
     revocations: ArcSwap<Revocations>,
+    /// Users and labels whose byte budget is spent: their Allocates get
+    /// 486 (set by the shell, `usage_budgets.rs`).
+    over_budget: ArcSwap<Vec<Revokee>>,
 }
 
 pub(super) struct PortState {
@@ -140,6 +143,18 @@ impl Shared {
     pub fn revoke(&self, who: Revokee, until: u64, now_unix: u64) {
         self.revocations
             .rcu(|r| r.with(who.clone(), until, now_unix));
+    }
+
+    /// Replaces the users and labels whose budget is spent.
+    pub fn set_over_budget(&self, spent: Vec<Revokee>) {
+        if **self.over_budget.load() != spent {
+            self.over_budget.store(Arc::new(spent));
+        }
+    }
+
+    /// Whether `username`'s user or label has spent its budget.
+    pub fn is_over_budget(&self, username: &str) -> bool {
+        self.over_budget.load().iter().any(|w| w.matches(username))
     }
 
     /// Whether `username` is revoked at `now_unix`.
@@ -171,6 +186,7 @@ impl Shared {
             reservations: AtomicUsize::new(0),
             draining,
             revocations: ArcSwap::default(),
+            over_budget: ArcSwap::default(),
         }
     }
 

@@ -26,6 +26,7 @@ use serde::Serialize;
 
 use crate::turn::auth::identity;
 use crate::turn::events::{Event, Usage};
+use crate::turn::revoked::Revokee;
 use crate::turn::server::AllocationInfo;
 use cluster::{Cluster, Delta};
 
@@ -102,6 +103,9 @@ struct Book {
     /// keys are every label ever admitted (at most `max_labels`, plus
     /// `other` and `""`).
     labels_ever: HashMap<String, Tally>,
+    /// Bytes of ended allocations per user since start, never reset (for
+    /// byte budgets, `usage_budgets.rs`).
+    users_ever: HashMap<String, u64>,
     /// Unix seconds of the start or the last reset.
     since: u64,
 }
@@ -149,6 +153,7 @@ impl UsageBook {
             by_user,
             by_label,
             labels_ever,
+            users_ever,
             ..
         } = &mut *book;
         let mut change = Tally::default();
@@ -156,6 +161,7 @@ impl UsageBook {
             None => change.allocations = 1,
             Some((seconds, usage)) => change.add(seconds, usage),
         }
+        *users_ever.entry(user.clone()).or_default() += change.bytes();
         for t in [
             by_user.entry(user.clone()).or_default(),
             by_label.entry(label.clone()).or_default(),
@@ -264,6 +270,16 @@ impl UsageBook {
         rows.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.name.cmp(&b.name)));
         rows.truncate(limit);
         rows
+    }
+
+    /// Bytes the ended allocations of `who` relayed since start, never
+    /// reset.
+    pub fn ended_bytes(&self, who: &Revokee) -> u64 {
+        let book = self.lock();
+        match who {
+            Revokee::User(u) => book.users_ever.get(u).copied().unwrap_or(0),
+            Revokee::Label(l) => book.labels_ever.get(l).map_or(0, Tally::bytes),
+        }
     }
 
     /// Starts the totals afresh (the Prometheus counters keep counting).
