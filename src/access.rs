@@ -11,7 +11,8 @@
 //! - `token`: the application's own users only: a JWT (HS256) signed with
 //!   one of `access.token_secret`, carrying `sub` (the user, which becomes
 //!   the TURN username's user part, so quotas count the app's user), `exp`
-//!   and optionally `room` (the only room the socket may join).
+//!   and optionally `room` (the only room the socket may join) and `label`
+//!   (the tenant its usage counts under, signed into the TURN username).
 //!
 //! In every mode each client address may mint `access.mints_per_minute`
 //! credentials (429 beyond), counted through [`MintBudget`]. [`Doorman`]
@@ -55,6 +56,8 @@ pub struct Admission {
     pub user: Option<String>,
     /// The only room this client may join (token mode, `room` claim).
     pub room: Option<String>,
+    /// The usage label its credentials carry (token mode, `label` claim).
+    pub label: Option<String>,
     /// An allowed `Origin` to echo in CORS headers.
     pub cors_origin: Option<String>,
 }
@@ -125,12 +128,14 @@ pub struct Access {
 struct Claims {
     sub: String,
     room: Option<String>,
+    label: Option<String>,
 }
 
 impl Claims {
     /// `sub` a plain user name; `room`, when present, a string: a `room`
     /// of another type (`null` included) is refused rather than read as
-    /// "no restriction".
+    /// "no restriction"; `label`, when present, a valid usage label
+    /// (`turn::auth::valid_label`), or the token is refused.
     fn from_json(v: &serde_json::Value) -> Option<Claims> {
         let sub = v.get("sub")?.as_str()?;
         // The user goes into TURN usernames: plain characters only.
@@ -147,9 +152,17 @@ impl Claims {
             Some(serde_json::Value::String(r)) => Some(r.clone()),
             Some(_) => return None,
         };
+        let label = match v.get("label") {
+            None => None,
+            Some(serde_json::Value::String(l)) if crate::turn::auth::valid_label(l) => {
+                Some(l.clone())
+            }
+            Some(_) => return None,
+        };
         Some(Claims {
             sub: sub.to_string(),
             room,
+            label,
         })
     }
 }
@@ -211,6 +224,7 @@ impl Access {
                 Ok(Admission {
                     user: Some(claims.sub),
                     room: claims.room,
+                    label: claims.label,
                     cors_origin: c
                         .origin
                         .map(normalise_origin)
@@ -477,7 +491,7 @@ mod tests {
     }
 
     #[test]
-    fn a_token_not_yet_valid_or_with_a_room_that_is_no_string_is_refused() {
+    fn a_token_not_yet_valid_or_with_a_room_or_label_of_the_wrong_kind_is_refused() {
         let a = access(AccessMode::Token);
         let key = "current-token-secret-0123456789abcdef";
         let admit = |claims: serde_json::Value| {
@@ -511,6 +525,26 @@ mod tests {
         assert_eq!(ok.unwrap().room.as_deref(), Some("standup"));
         let ok = admit(serde_json::json!({"sub": "u", "exp": now + 600}));
         assert_eq!(ok.unwrap().room, None);
+        // A label must be one (`turn::auth::valid_label`): it goes into
+        // the TURN username.
+        let ok = admit(serde_json::json!({"sub": "u", "exp": now + 600, "label": "acme"}));
+        assert_eq!(ok.unwrap().label.as_deref(), Some("acme"));
+        assert_eq!(
+            admit(serde_json::json!({"sub": "u", "exp": now + 600})).map(|a| a.label),
+            Ok(None)
+        );
+        for label in [
+            serde_json::json!("a|b"),
+            serde_json::json!(""),
+            serde_json::json!(7),
+            serde_json::Value::Null,
+        ] {
+            assert_eq!(
+                admit(serde_json::json!({"sub": "u", "exp": now + 600, "label": label})),
+                Err(Refusal::BadToken),
+                "label {label}"
+            );
+        }
     }
 
     #[test]

@@ -85,7 +85,8 @@ async fn start(
         relay,
         stats,
         shards,
-    } = Relay::from_config(&cfg.turn, &families, rules.clone(), shared.clone(), life)
+        usage,
+    } = Relay::from_config(&cfg, &families, rules.clone(), shared.clone(), life)
         .context("starting the TURN listeners")?;
     let listeners = Listeners::bind(&cfg, relay.local_addrs()).await?;
     let certs = match (&cfg.tls.cert_file, &cfg.tls.key_file) {
@@ -104,7 +105,6 @@ async fn start(
         bound: listeners.bound(families.advertised_ip(), relay.local_addrs()),
         certs: certs.clone(),
     })?;
-    let ports = usize::from(cfg.turn.relay_port_max - cfg.turn.relay_port_min) + 1;
     let stream_stats = Arc::new(StreamStats::default());
     let public_stats = Arc::new(PublicStats::default());
     let metrics = Arc::new(Metrics::new(
@@ -113,7 +113,8 @@ async fn start(
         stream_stats.clone(),
         public_stats.clone(),
         control.doorman().stats.clone(),
-        ports,
+        usage.clone(),
+        cfg.turn.relay_ports().len(),
     )?);
     let http_state = HttpState {
         control: control.clone(),
@@ -141,10 +142,8 @@ async fn start(
         tasks: life.tasks(),
         stop: life.child(),
     });
-    let admin_app = crate::admin::router(crate::admin::AdminState {
-        control: control.clone(),
-        shards: relay.handles(),
-    });
+    crate::usage_budgets::start(control.clone(), relay.handles(), usage.clone(), life);
+    let admin_app = crate::admin::router(control.clone(), relay.handles(), usage, life);
     listeners.serve(
         life,
         &control,

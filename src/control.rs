@@ -29,6 +29,7 @@ use crate::signal::{SignalConfig, Signaling};
 use crate::stream::StreamLimits;
 use crate::tls::CertStore;
 use crate::turn::policy::PeerPolicy;
+use crate::turn::revoked::Revokee;
 use crate::turn::server::{Limits, Rules, Shared};
 
 /// What was bound at start and goes into `iceServers`.
@@ -185,7 +186,9 @@ impl Control {
         let grants = ice.clone();
         let doorman = Doorman::new(&p.config.access);
         let ice_fn: crate::signal::IceServersFn =
-            Arc::new(move |host: Option<&str>, user: Option<&str>| grants.grant_json(host, user));
+            Arc::new(move |host: Option<&str>, who: &crate::access::Admission| {
+                grants.grant_json(host, who.user.as_deref(), who.label.as_deref())
+            });
         let s = &p.config.signaling;
         let sig_cfg = signal_config(&p.config);
         let signaling = match s.backend {
@@ -312,6 +315,27 @@ impl Control {
     /// Resolves once [`Self::is_drained`] holds.
     pub async fn drained(&self) {
         self.drain.until(|| self.is_drained()).await;
+    }
+
+    /// Refuses `who`'s credentials from now until every credential minted
+    /// before now has expired (`auth.rest_ttl_secs`); the unix time that
+    /// is. Ending their allocations is the shards' part (`admin.rs`).
+    pub fn revoke(&self, who: Revokee) -> u64 {
+        let now = crate::ice::unix_now();
+        let until = now.saturating_add(self.lock_current().auth.rest_ttl_secs);
+        self.shared.revoke(who, until, now);
+        until
+    }
+
+    /// Refuses the Allocates of these users and labels (their budget is
+    /// spent, `usage_budgets.rs`) and no others.
+    pub fn set_over_budget(&self, spent: Vec<Revokee>) {
+        self.shared.set_over_budget(spent);
+    }
+
+    /// Refuses `who`'s credentials until `until`, as another node decided.
+    pub fn revoke_until(&self, who: Revokee, until: u64) {
+        self.shared.revoke(who, until, crate::ice::unix_now());
     }
 
     /// Allocations and rooms still open, for the log.

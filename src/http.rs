@@ -107,6 +107,7 @@ async fn ice_servers(State(s): State<HttpState>, caller: Caller) -> Response {
     let servers = s.control.ice().grant(
         caller.host.as_deref().and_then(crate::ice::host_of),
         admission.user.as_deref(),
+        admission.label.as_deref(),
     );
     let mut response = ([(header::CACHE_CONTROL, "no-store")], Json(servers)).into_response();
     if let Some(origin) = admission.cors_origin {

@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use rand::Rng;
 use serde::Serialize;
 
-use crate::turn::auth::mint;
+use crate::turn::auth::mint_labelled;
 use crate::turn::server::Rules;
 
 /// One `RTCIceServer`.
@@ -81,8 +81,9 @@ impl IceGrants {
     /// A fresh `RTCConfiguration` for a client that reached us as `host`
     /// (already checked with [`host_of`]). The credential is `user`'s when
     /// the access rules name one (token mode: the app's user, so quotas
-    /// count it), otherwise a random id's.
-    pub fn grant(&self, host: Option<&str>, user: Option<&str>) -> IceServers {
+    /// count it), otherwise a random id's; it carries `label` (a token's
+    /// `label` claim) inside the signed username, so usage counts under it.
+    pub fn grant(&self, host: Option<&str>, user: Option<&str>, label: Option<&str>) -> IceServers {
         let ice = self.settings.load();
         let host = ice
             .public_host
@@ -108,7 +109,7 @@ impl IceGrants {
                     &random
                 }
             };
-            let cred = mint(secret, user, unix_now(), ice.rest_ttl_secs);
+            let cred = mint_labelled(secret, user, label, unix_now(), ice.rest_ttl_secs);
             // In the order browsers should try them: UDP, TCP, then TLS.
             let mut urls = vec![format!("turn:{host}:{port}?transport=udp")];
             if let Some(p) = ice.tcp_port {
@@ -134,8 +135,9 @@ impl IceGrants {
         &self,
         host: Option<&str>,
         user: Option<&str>,
+        label: Option<&str>,
     ) -> (serde_json::Value, Duration) {
-        let s = self.grant(host, user);
+        let s = self.grant(host, user, label);
         (
             serde_json::to_value(&s.ice_servers).unwrap_or_default(),
             Duration::from_secs(s.ttl),
@@ -247,7 +249,7 @@ mod tests {
 
     #[test]
     fn urls_in_browser_order_with_a_fresh_credential() {
-        let g = grants(None, true).grant(Some("page.example"), None);
+        let g = grants(None, true).grant(Some("page.example"), None, None);
         assert_eq!(g.ttl, 600);
         assert_eq!(g.ice_servers[0].urls, ["stun:page.example:3478"]);
         assert_eq!(
@@ -265,22 +267,22 @@ mod tests {
 
     #[test]
     fn a_named_user_gets_the_credential() {
-        let g = grants(None, true).grant(Some("h"), Some("user-42"));
+        let g = grants(None, true).grant(Some("h"), Some("user-42"), Some("acme"));
         let user = g.ice_servers[1].username.as_deref().unwrap();
-        assert!(user.ends_with(":user-42"), "{user}");
+        assert!(user.ends_with(":user-42|acme"), "{user}");
     }
 
     #[test]
     fn public_host_wins_and_the_relay_ip_is_the_last_resort() {
-        let g = grants(Some("turn.example"), true).grant(Some("page.example"), None);
+        let g = grants(Some("turn.example"), true).grant(Some("page.example"), None, None);
         assert_eq!(g.ice_servers[0].urls, ["stun:turn.example:3478"]);
-        let g = grants(None, true).grant(None, None);
+        let g = grants(None, true).grant(None, None, None);
         assert_eq!(g.ice_servers[0].urls, ["stun:[2001:db8::7]:3478"]);
     }
 
     #[test]
     fn without_a_secret_only_stun_is_granted() {
-        let g = grants(None, false).grant(Some("h"), None);
+        let g = grants(None, false).grant(Some("h"), None, None);
         assert_eq!(g.ice_servers.len(), 1);
     }
 }

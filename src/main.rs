@@ -36,6 +36,9 @@ enum Command {
         /// Lifetime in seconds (default: auth.rest_ttl_secs).
         #[arg(long)]
         ttl: Option<u64>,
+        /// The usage label the credential carries (1-64 of A-Z a-z 0-9 _ . -).
+        #[arg(long)]
+        label: Option<String>,
     },
     /// Test a deployment from here: STUN, TURN over UDP, TCP and TLS, and a
     /// round trip through the relay, with what to fix when one fails.
@@ -72,7 +75,14 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Some(Command::Credentials { user, ttl }) => {
+        Some(Command::Credentials { user, ttl, label }) => {
+            if label
+                .as_deref()
+                .is_some_and(|l| !turnkey::turn::auth::valid_label(l))
+            {
+                eprintln!("turnkey: --label must be 1-64 of A-Z a-z 0-9 _ . -");
+                return ExitCode::from(2);
+            }
             let cfg = match load(cli.config.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -82,8 +92,13 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             };
             let ttl = ttl.unwrap_or(cfg.auth.rest_ttl_secs);
-            let cred =
-                turnkey::turn::auth::mint(secret.expose(), &user, turnkey::ice::unix_now(), ttl);
+            let cred = turnkey::turn::auth::mint_labelled(
+                secret.expose(),
+                &user,
+                label.as_deref(),
+                turnkey::ice::unix_now(),
+                ttl,
+            );
             match serde_json::to_string_pretty(&cred) {
                 Ok(s) => println!("{s}"),
                 Err(e) => {

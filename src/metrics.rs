@@ -4,7 +4,8 @@
 //!
 //! Names follow the Prometheus conventions: prefix `turnkey_`, units in the
 //! name, counters ending in `_total`, and small fixed label sets (never a
-//! user name or an address).
+//! user name or an address). The one open label is a usage label
+//! (`usage/`), bounded by `usage.max_labels`.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,75 @@ use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncode
 use crate::signal::{ErrorCode, SignalStats};
 use crate::turn::policy::Denial;
 use crate::turn::stats::{TurnStats, DIRECTIONS, FRAMINGS, TRANSPORTS};
+use crate::usage::UsageBook;
+
+/// The per-label usage counters: their labels are known only as
+/// allocations end, so they are brought up to the book at each scrape.
+struct UsageSeries {
+    book: Arc<UsageBook>,
+    allocations: IntCounterVec,
+    seconds: IntCounterVec,
+    bytes: IntCounterVec,
+    packets: IntCounterVec,
+}
+
+impl UsageSeries {
+    fn new(book: Arc<UsageBook>, registry: &Registry) -> Result<Self, prometheus::Error> {
+        let vec = |name: &str, help: &str, labels: &[&str]| {
+            let v = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(v.clone()))?;
+            Ok::<_, prometheus::Error>(v)
+        };
+        Ok(UsageSeries {
+            book,
+            allocations: vec(
+                "turnkey_usage_allocations_total",
+                "Allocations started, by usage label (empty for none, `other` past usage.max_labels).",
+                &["label"],
+            )?,
+            seconds: vec(
+                "turnkey_usage_allocation_seconds_total",
+                "Allocation lifetimes summed, by usage label, counted when they end.",
+                &["label"],
+            )?,
+            bytes: vec(
+                "turnkey_usage_bytes_total",
+                "Application bytes relayed by usage label and direction, counted when the allocation ends.",
+                &["label", "direction"],
+            )?,
+            packets: vec(
+                "turnkey_usage_packets_total",
+                "Packets relayed by usage label and direction, counted when the allocation ends.",
+                &["label", "direction"],
+            )?,
+        })
+    }
+
+    fn update(&self) {
+        fn up_to(c: prometheus::IntCounter, now: u64) {
+            let seen = c.get();
+            if now > seen {
+                c.inc_by(now - seen);
+            }
+        }
+        for (label, t) in self.book.labels_ever() {
+            let l = label.as_str();
+            up_to(self.allocations.with_label_values(&[l]), t.allocations);
+            up_to(
+                self.seconds.with_label_values(&[l]),
+                t.allocation_seconds as u64,
+            );
+            let pairs = [
+                ("client_to_peer", t.bytes_to_peer, t.packets_to_peer),
+                ("peer_to_client", t.bytes_to_client, t.packets_to_client),
+            ];
+            for (dir, bytes, packets) in pairs {
+                up_to(self.bytes.with_label_values(&[l, dir]), bytes);
+                up_to(self.packets.with_label_values(&[l, dir]), packets);
+            }
+        }
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -22,6 +92,7 @@ pub struct Metrics {
     streams: Arc<crate::stream::StreamStats>,
     public: Arc<crate::public::PublicStats>,
     access: Arc<crate::access::AccessStats>,
+    usage: UsageSeries,
     relay_ports_total: i64,
     counters: Vec<(IntCounterVec, Vec<String>, Source)>,
     gauges: Vec<(IntGaugeVec, Vec<String>, GaugeSource)>,
@@ -48,6 +119,7 @@ impl Metrics {
         streams: Arc<crate::stream::StreamStats>,
         public: Arc<crate::public::PublicStats>,
         access: Arc<crate::access::AccessStats>,
+        usage: Arc<UsageBook>,
         relay_ports_total: usize,
     ) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
@@ -58,6 +130,7 @@ impl Metrics {
                 "turnkey",
             ),
         ))?;
+        let usage = UsageSeries::new(usage, &registry)?;
         let mut m = Metrics {
             registry,
             shards,
@@ -65,6 +138,7 @@ impl Metrics {
             streams,
             public,
             access,
+            usage,
             relay_ports_total: relay_ports_total as i64,
             counters: Vec::new(),
             gauges: Vec::new(),
@@ -194,6 +268,7 @@ impl Metrics {
             vec![
                 (vec!["bad_credential"], c!(auth_bad_credential)),
                 (vec!["expired"], c!(auth_expired)),
+                (vec!["revoked"], c!(auth_revoked)),
                 (vec!["stale_nonce"], c!(auth_stale_nonce)),
             ],
         )?;
@@ -224,6 +299,7 @@ impl Metrics {
             vec![
                 (vec!["user"], c!(quota_rejections)),
                 (vec!["ip"], c!(ip_quota_rejections)),
+                (vec!["budget"], c!(budget_rejections)),
                 (vec!["capacity"], c!(capacity_rejections)),
             ],
         )?;
@@ -588,6 +664,7 @@ impl Metrics {
             vec.with_label_values(&values)
                 .set(src(&self.shards, sig, self.relay_ports_total));
         }
+        self.usage.update();
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))

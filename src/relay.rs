@@ -46,6 +46,7 @@ use crate::turn::allocation::{FiveTuple, RelayId, Transport};
 use crate::turn::events::Event;
 use crate::turn::server::{AllocationInfo, EndWhich, Io, Server};
 use crate::turn::stats::{inc, TurnStats};
+use crate::usage::UsageBook;
 use batch::{RecvBatch, SendQueue, BATCH};
 use shortcut::{Directory, Mailbox, Parcel};
 
@@ -83,6 +84,33 @@ pub enum StreamEvent {
 pub enum AdminRequest {
     List(tokio::sync::oneshot::Sender<Vec<AllocationInfo>>),
     End(EndWhich, tokio::sync::oneshot::Sender<usize>),
+}
+
+/// Every shard's allocations.
+pub async fn list_everywhere(shards: &[ShardHandle]) -> Vec<AllocationInfo> {
+    let mut all = Vec::new();
+    for shard in shards {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if shard.send(StreamEvent::Admin(AdminRequest::List(tx))).await {
+            all.extend(rx.await.unwrap_or_default());
+        }
+    }
+    all
+}
+
+/// Ends the allocations `which` names on every shard; how many ended.
+pub async fn end_everywhere(shards: &[ShardHandle], which: EndWhich) -> usize {
+    let mut ended = 0;
+    for shard in shards {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if shard
+            .send(StreamEvent::Admin(AdminRequest::End(which.clone(), tx)))
+            .await
+        {
+            ended += rx.await.unwrap_or(0);
+        }
+    }
+    ended
 }
 
 /// What a shard tells a stream connection's task.
@@ -127,6 +155,8 @@ pub struct ShardSpec {
     pub relay_handover: [Option<IpAddr>; 2],
     pub core: Server,
     pub stats: Arc<TurnStats>,
+    /// Where allocation events are counted per user and label.
+    pub usage: Arc<UsageBook>,
 }
 
 /// A handle on the running shards: reach them, stop them.
@@ -181,6 +211,7 @@ impl Relay {
                 closing: Vec::new(),
                 reserved: reserved.clone(),
                 stats: spec.stats.clone(),
+                usage: spec.usage.clone(),
                 out: SendQueue::new(),
                 index: spec.index,
                 directory: directory.clone(),
@@ -315,6 +346,7 @@ struct ShardIo {
     /// client that claims one may be hashed to any shard.
     reserved: Arc<Mutex<HashMap<RelayId, UdpSocket>>>,
     stats: Arc<TurnStats>,
+    usage: Arc<UsageBook>,
     /// Datagrams the core sent in this batch, flushed before the next.
     out: SendQueue,
     /// This shard's place in `mailboxes` and `outbox`.
@@ -445,7 +477,7 @@ impl Io for ShardIo {
     }
 
     fn event(&mut self, event: Event) {
-        events::record(&self.stats, &event);
+        events::record(&self.stats, &self.usage, &event);
         if matches!(event, Event::AllocationEnded { .. }) {
             // One allocation fewer may be what a drain waits for.
             self.drain.progressed();

@@ -100,6 +100,8 @@ pub const KEYS: &[(&str, OnReload)] = &[
     ("access.allowed_origins", Applied),
     ("access.token_secret", Applied),
     ("access.mints_per_minute", Applied),
+    ("usage.max_labels", Restart),
+    ("usage.budgets", Applied),
 ];
 
 pub fn on_reload(key: &str) -> Option<OnReload> {

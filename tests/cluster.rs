@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::raw::Raw;
 use common::ws::{join, recv, recv_within, send, Ws, WAIT};
-use common::{auth_section, base_config, require, test_dir, Turnkey};
+use common::{admin, admin_with, auth_section, base_config, require, test_dir, Turnkey, SECRET};
 use futures_util::StreamExt;
 use redis_server::RedisServer;
 use serde_json::{json, Value};
@@ -28,6 +28,11 @@ fn redis() -> RedisServer {
 /// A node on `redis`, with budgets high enough for the racing test, ready
 /// (its backend up) before it is returned.
 fn node(name: &str, redis: &RedisServer) -> Turnkey {
+    node_with(name, redis, "")
+}
+
+/// [`node`] with more config sections.
+fn node_with(name: &str, redis: &RedisServer, more: &str) -> Turnkey {
     let extra = format!(
         r#"
 [signaling]
@@ -38,7 +43,7 @@ joins_per_sec_per_ip = 10000
 max_sockets_per_ip = 1000
 [access]
 mints_per_minute = 100000
-{}"#,
+{}{more}"#,
         redis.url(),
         TTL.as_secs(),
         auth_section()
@@ -323,4 +328,159 @@ fn two_browsers_one_per_node_call_relay_only() {
             "node {name} relayed only {relayed} packets"
         );
     }
+}
+
+/// Revoking a user on node A ends its allocation on node B within a
+/// second (its next Refresh fails) and B refuses its credential: for a
+/// quiet client, and for one that relays all the while.
+#[test]
+fn a_revocation_on_one_node_holds_on_the_other_within_a_second() {
+    const ADMIN: &str = "cluster-admin-token-0123456789";
+    let redis = redis();
+    let a = node_with(
+        "revoke-a",
+        &redis,
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN}\"\n"),
+    );
+    let b = node("revoke-b", &redis);
+    let deadline = Instant::now() + WAIT;
+    while !(a.log_contains("listening for revocations")
+        && b.log_contains("listening for revocations"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a node never subscribed to revocations"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cred = |user: &str| turnkey::turn::auth::mint(SECRET, user, turnkey::ice::unix_now(), 600);
+    let bob = cred("bob");
+    let mut bob_on_b = Raw::new(b.turn, &bob.username, &bob.password);
+    let bob_relay = bob_on_b.allocate().expect("bob allocates on B");
+
+    for (user, busy) in [("alice", false), ("carol", true)] {
+        let c = cred(user);
+        let mut on_b = Raw::new(b.turn, &c.username, &c.password);
+        on_b.allocate().expect("allocates on B");
+        on_b.bind_channel(0x4001, bob_relay).expect("binds to bob");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sender = busy.then(|| {
+            let sock = on_b.sock.try_clone().unwrap();
+            let (server, stop) = (b.turn, stop.clone());
+            std::thread::spawn(move || {
+                let mut frame = vec![0x40, 0x01, 0x00, 200];
+                frame.extend_from_slice(&[5u8; 200]);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = sock.send_to(&frame, server);
+                }
+            })
+        });
+        let asked = Instant::now();
+        let (status, v) = admin_with(
+            &a,
+            "POST",
+            "/admin/revoke",
+            Some(ADMIN),
+            Some(&json!({ "user": user })),
+        );
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            (&v["ended"], &v["published"]),
+            (&json!(0), &json!(true)),
+            "{v}"
+        );
+        while on_b.refresh(600).is_ok() {
+            assert!(
+                asked.elapsed() < Duration::from_secs(1),
+                "{user}'s allocation on B outlived the revocation by a second (busy: {busy})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(asked.elapsed() < Duration::from_secs(1), "busy: {busy}");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = sender {
+            t.join().unwrap();
+        }
+        let mut again = Raw::new(b.turn, &c.username, &c.password);
+        assert_eq!(again.allocate(), Err(401), "B refuses {user}'s credential");
+    }
+    assert!(bob_on_b.refresh(600).is_ok(), "bob keeps his");
+    assert!(b.log_contains("revocation from another node applied"));
+}
+
+/// Two users of one label relay through two nodes: each node's usage is
+/// its own, and `scope=cluster` on either sums both.
+#[test]
+fn usage_of_a_label_is_summed_across_nodes() {
+    const ADMIN: &str = "cluster-admin-token-0123456789";
+    let admin_section = format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN}\"\n");
+    let redis = redis();
+    let a = node_with("usage-a", &redis, &admin_section);
+    let b = node_with("usage-b", &redis, &admin_section);
+    let cred = |user: &str| {
+        turnkey::turn::auth::mint_labelled(
+            SECRET,
+            user,
+            Some("acme"),
+            turnkey::ice::unix_now(),
+            600,
+        )
+    };
+    let (ca, cb) = (cred("alice"), cred("bob"));
+    let mut alice = Raw::new(a.turn, &ca.username, &ca.password);
+    let mut bob = Raw::new(b.turn, &cb.username, &cb.password);
+    let ra = alice.allocate().expect("alice allocates on A");
+    let rb = bob.allocate().expect("bob allocates on B");
+    alice.bind_channel(0x4001, rb).expect("alice binds");
+    bob.bind_channel(0x4002, ra).expect("bob binds");
+    // Alice sends 40 × 1000 bytes, Bob 20 × 300, each acknowledged by
+    // the other's receipt, so nothing is lost to a full buffer.
+    let send = |from: &Raw, ch: u16, to: &Raw, n: usize, size: usize| {
+        for _ in 0..n {
+            from.channel_data(ch, &vec![1u8; size]);
+            assert!(to.recv_data(WAIT).is_some(), "a packet was lost");
+        }
+    };
+    send(&alice, 0x4001, &bob, 40, 1000);
+    send(&bob, 0x4002, &alice, 20, 300);
+    alice.refresh(0).expect("alice deletes");
+    bob.refresh(0).expect("bob deletes");
+
+    let label = |tk: &Turnkey, scope: &str| {
+        let (status, v) = admin(
+            tk,
+            "GET",
+            &format!("/admin/usage?by=label&scope={scope}"),
+            Some(ADMIN),
+        );
+        assert_eq!(status, 200, "{v}");
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "acme")
+            .cloned()
+            .unwrap_or_default()
+    };
+    let on_a = label(&a, "node");
+    assert_eq!(
+        (&on_a["bytes_to_peer"], &on_a["bytes_to_client"]),
+        (&json!(40_000), &json!(6_000))
+    );
+    let deadline = Instant::now() + WAIT;
+    for tk in [&a, &b] {
+        loop {
+            let sum = label(tk, "cluster");
+            if sum["allocations"] == 2 && sum["bytes"] == 92_000 {
+                assert_eq!(sum["bytes_to_peer"], 46_000, "{sum}");
+                assert_eq!(sum["packets_to_client"], 60, "{sum}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "never summed: {sum}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let (status, _) = admin(&a, "DELETE", "/admin/usage?scope=cluster", Some(ADMIN));
+    assert_eq!(status, 200);
+    assert_eq!(label(&b, "cluster"), Value::Null, "reset for every node");
 }

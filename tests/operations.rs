@@ -442,6 +442,8 @@ fn credentials_command_mints_what_the_server_accepts() {
         "script",
         "--ttl",
         "120",
+        "--label",
+        "acme",
     ]);
     assert!(
         out.status.success(),
@@ -450,7 +452,7 @@ fn credentials_command_mints_what_the_server_accepts() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let user = v["username"].as_str().unwrap();
-    assert!(user.ends_with(":script"));
+    assert!(user.ends_with(":script|acme"), "{user}");
     let mut c = Raw::new(tk.turn, user, v["password"].as_str().unwrap());
     c.allocate().expect("minted credential allocates");
     // Without a secret the command refuses rather than mint something useless.
@@ -466,6 +468,16 @@ fn credentials_command_mints_what_the_server_accepts() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("auth.secrets"));
+    let out = turnkey_cmd(&[
+        "--config",
+        tk.config_path.to_str().unwrap(),
+        "credentials",
+        "--user",
+        "x",
+        "--label",
+        "not a label",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "a bad label is refused");
 }
 
 #[test]

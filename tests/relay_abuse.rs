@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::raw::Raw;
 use common::stream::{https_healthz, tls_connect, tls_setup, StreamTurn};
-use common::{auth_section, base_config, Turnkey, SECRET};
+use common::{admin, auth_section, base_config, Turnkey, SECRET};
 
 /// A REST credential for `user` minted with the test secret.
 fn rest(user: &str, ttl: u64) -> (String, String) {
@@ -344,27 +344,6 @@ async fn a_flood_of_idle_tcp_connections_leaves_https_and_turn_tls_working() {
     let mut t = StreamTurn::new(tcp, "alice", "wonderland-rabbit");
     t.allocate().await.expect("TURN/TCP from another address");
     drop(held);
-}
-
-/// An HTTP request to the admin API: (status, JSON body).
-fn admin(tk: &Turnkey, method: &str, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(tk.admin.expect("admin listener")).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, serde_json::from_str(body).unwrap_or_default())
 }
 
 const ADMIN_TOKEN: &str = "admin-token-for-the-tests-0123";

@@ -30,16 +30,18 @@ struct Server {
 /// A stub provider whose usernames count up, so refreshes are recognisable.
 fn stub_ice(ttl: Duration) -> IceServersFn {
     let issued = Arc::new(AtomicU64::new(0));
-    Arc::new(move |host: Option<&str>, _user: Option<&str>| {
-        let n = issued.fetch_add(1, Ordering::Relaxed) + 1;
-        let host = host.unwrap_or("no-host");
-        let servers = json!([{
-            "urls": [format!("turn:{host}:3478?transport=udp")],
-            "username": format!("user{n}"),
-            "credential": "secret",
-        }]);
-        (servers, ttl)
-    })
+    Arc::new(
+        move |host: Option<&str>, _who: &turnkey::access::Admission| {
+            let n = issued.fetch_add(1, Ordering::Relaxed) + 1;
+            let host = host.unwrap_or("no-host");
+            let servers = json!([{
+                "urls": [format!("turn:{host}:3478?transport=udp")],
+                "username": format!("user{n}"),
+                "credential": "secret",
+            }]);
+            (servers, ttl)
+        },
+    )
 }
 
 async fn start_with(cfg: SignalConfig, ttl: Duration) -> Server {

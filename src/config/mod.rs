@@ -72,6 +72,52 @@ pub struct Config {
     pub tls: TlsConfig,
     pub admin: AdminConfig,
     pub access: AccessConfig,
+    pub usage: UsageConfig,
+}
+
+/// Usage per user and label (`usage/`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// Distinct labels counted (and exported to Prometheus) before new
+    /// ones count under `other`.
+    pub max_labels: usize,
+    /// Byte budgets per user or label (`usage_budgets.rs`).
+    pub budgets: Vec<BudgetConfig>,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            max_labels: 100,
+            budgets: Vec::new(),
+        }
+    }
+}
+
+/// One `[[usage.budgets]]`: a user's or a label's bytes (both ways) per
+/// UTC day and per UTC month; 0 = no limit.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetConfig {
+    pub user: Option<String>,
+    pub label: Option<String>,
+    pub bytes_per_day: u64,
+    pub bytes_per_month: u64,
+    pub action: BudgetAction,
+}
+
+/// What a spent budget does.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetAction {
+    /// Logs it, nothing more.
+    #[default]
+    Notify,
+    /// Refuses new allocations (486) until the period ends.
+    Refuse,
+    /// Refuses new allocations and ends the live ones.
+    End,
 }
 
 /// Who may get a TURN credential or a signaling socket (`access.rs`).

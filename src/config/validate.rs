@@ -5,7 +5,7 @@
 
 use super::{
     AccessConfig, AccessMode, AdminConfig, AuthConfig, Config, ConfigError, HttpConfig, LogConfig,
-    MetricsConfig, SignalingConfig, TlsConfig, TurnConfig,
+    MetricsConfig, SignalingConfig, TlsConfig, TurnConfig, UsageConfig,
 };
 
 fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
@@ -28,6 +28,7 @@ impl Config {
         validate_metrics(&self.metrics, &self.http)?;
         validate_access(&self.access)?;
         validate_admin(&self.admin, &self.http)?;
+        validate_usage(&self.usage)?;
         validate_log(&self.log)
     }
 }
@@ -334,6 +335,29 @@ fn validate_admin(a: &AdminConfig, http: &HttpConfig) -> Result<(), ConfigError>
     Ok(())
 }
 
+fn validate_usage(u: &UsageConfig) -> Result<(), ConfigError> {
+    // Each label is a few Prometheus series: thousands would be a
+    // cardinality problem of their own.
+    if u.max_labels > 10_000 {
+        return Err(invalid("usage.max_labels", "must be at most 10000"));
+    }
+    for b in &u.budgets {
+        if b.user.is_some() == b.label.is_some() {
+            return Err(invalid(
+                "usage.budgets",
+                "each budget names exactly one of `user` and `label`",
+            ));
+        }
+        if b.bytes_per_day == 0 && b.bytes_per_month == 0 {
+            return Err(invalid(
+                "usage.budgets",
+                "each budget needs bytes_per_day or bytes_per_month",
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn validate_log(l: &LogConfig) -> Result<(), ConfigError> {
     if l.level.trim().is_empty() {
         return Err(invalid("log.level", "is empty"));
@@ -382,6 +406,38 @@ mod tests {
             "https://a:b",
         ] {
             assert!(!valid_origin(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_budget_names_one_subject_and_a_limit() {
+        use crate::config::BudgetConfig;
+        let check = |b: BudgetConfig| {
+            validate_usage(&UsageConfig {
+                budgets: vec![b],
+                ..UsageConfig::default()
+            })
+        };
+        let ok = BudgetConfig {
+            label: Some("acme".into()),
+            bytes_per_month: 1,
+            ..BudgetConfig::default()
+        };
+        assert!(check(ok.clone()).is_ok());
+        let both = BudgetConfig {
+            user: Some("alice".into()),
+            ..ok.clone()
+        };
+        let neither = BudgetConfig {
+            label: None,
+            ..ok.clone()
+        };
+        let no_limit = BudgetConfig {
+            bytes_per_month: 0,
+            ..ok
+        };
+        for bad in [both, neither, no_limit] {
+            assert!(check(bad.clone()).is_err(), "{bad:?}");
         }
     }
 }

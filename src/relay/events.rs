@@ -1,14 +1,18 @@
 //! What a shard does with the core's events (`turn/events.rs`): the
-//! allocation log lines and the lifecycle counters of `turn/stats.rs`.
-//! The core counts none of these itself, so each is counted once, here.
+//! allocation log lines, the lifecycle counters of `turn/stats.rs` and the
+//! usage per user and label (`usage/`). The core counts none of these
+//! itself, so each is counted once, here.
 
 use std::sync::atomic::Ordering;
 
+use crate::turn::auth::identity;
 use crate::turn::events::Event;
 use crate::turn::server::transport_name;
 use crate::turn::stats::{inc, TurnStats};
+use crate::usage::UsageBook;
 
-pub fn record(stats: &TurnStats, event: &Event) {
+pub fn record(stats: &TurnStats, usage: &UsageBook, event: &Event) {
+    usage.record(event);
     match event {
         Event::AllocationStarted {
             id,
@@ -21,6 +25,7 @@ pub fn record(stats: &TurnStats, event: &Event) {
             tracing::info!(
                 id,
                 user = %username,
+                label = %identity(username).label.unwrap_or(""),
                 client = %client.client,
                 transport = transport_name(client.transport),
                 relayed = ?relayed.iter().flatten().collect::<Vec<_>>(),
@@ -45,6 +50,7 @@ pub fn record(stats: &TurnStats, event: &Event) {
             tracing::info!(
                 id,
                 user = %username,
+                label = %identity(username).label.unwrap_or(""),
                 client = %client.client,
                 transport = transport_name(client.transport),
                 relayed = ?relayed.iter().flatten().collect::<Vec<_>>(),
@@ -104,6 +110,7 @@ mod tests {
     #[test]
     fn lifecycle_counters_follow_the_events() {
         let stats = TurnStats::default();
+        let book = UsageBook::new(10, 0, None);
         let client = FiveTuple {
             client: "198.51.100.1:5000".parse().unwrap(),
             server: "192.0.2.1:3478".parse().unwrap(),
@@ -122,6 +129,7 @@ mod tests {
         for _ in 0..3 {
             record(
                 &stats,
+                &book,
                 &Event::AllocationStarted {
                     id: 1,
                     client,
@@ -130,12 +138,17 @@ mod tests {
                 },
             );
         }
-        record(&stats, &ended(EndReason::MaxAge));
-        record(&stats, &ended(EndReason::Revoked));
+        record(&stats, &book, &ended(EndReason::MaxAge));
+        record(&stats, &book, &ended(EndReason::Revoked));
         let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         assert_eq!(n(&stats.allocations_created), 3);
         assert_eq!(n(&stats.allocations_expired), 1);
         assert_eq!(n(&stats.allocations_deleted), 1);
         assert_eq!(stats.allocations_active.load(Ordering::Relaxed), 1);
+        let (rows, _) = book.report(crate::usage::By::User, &[], 10);
+        assert_eq!(
+            rows[0].tally.allocations, 3,
+            "the usage book heard them too"
+        );
     }
 }

@@ -14,11 +14,12 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use super::{Relay, ShardSpec};
-use crate::config::TurnConfig;
+use crate::config::{Config, TurnConfig};
 use crate::ice::unix_now;
 use crate::lifecycle::Lifecycle;
 use crate::turn::server::{Clock, CoreConfig, Rules, Server, Shared};
 use crate::turn::stats::TurnStats;
+use crate::usage::UsageBook;
 
 /// Where relays bind and what they advertise, per family (IPv4 [0], IPv6 [1]).
 pub struct RelayFamilies {
@@ -93,25 +94,30 @@ impl RelayFamilies {
     }
 }
 
-/// A started relay and each shard's counters (for `/metrics`).
+/// A started relay, each shard's counters (for `/metrics`) and the usage
+/// book its shards fill (for `/metrics` and the admin API).
 pub struct Built {
     pub relay: Relay,
     pub stats: Vec<Arc<TurnStats>>,
     pub shards: usize,
+    pub usage: Arc<UsageBook>,
 }
 
 impl Relay {
     /// The shards `turn.threads` asks for (0: one per two cores), each a
     /// core over the shared allocation table, started on the listeners of
-    /// `turn.listen`; they stop with `life` and tell its drain when an
-    /// allocation ends.
+    /// `turn.listen`; they stop with `life`, tell its drain when an
+    /// allocation ends, and count usage in one book (`usage.max_labels`).
     pub fn from_config(
-        t: &TurnConfig,
+        cfg: &Config,
         families: &RelayFamilies,
         rules: Arc<ArcSwap<Rules>>,
         shared: Arc<Shared>,
         life: &Lifecycle,
     ) -> io::Result<Built> {
+        let t = &cfg.turn;
+        let cluster = crate::usage::cluster::Cluster::start(cfg, life);
+        let usage = Arc::new(UsageBook::new(cfg.usage.max_labels, unix_now(), cluster));
         // By default one shard per two cores: the kernel's UDP work (most
         // of a relay's CPU) runs beside them, and a shard that is kept
         // busy batches more and sleeps less. On the 2-core bench machine
@@ -152,6 +158,7 @@ impl Relay {
                 relay_handover: families.handover_addrs(),
                 core,
                 stats: shard_stats,
+                usage: usage.clone(),
             });
         }
         let relay = Relay::start(specs, life.drain.clone())?;
@@ -161,6 +168,7 @@ impl Relay {
             relay,
             stats,
             shards,
+            usage,
         })
     }
 }

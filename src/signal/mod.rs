@@ -183,8 +183,9 @@ pub struct Entry {
 /// used (`None` when the request had no usable `Host`). Called once per join
 /// and once per refresh, never while a lock is held. A zero ttl means the
 /// list holds no expiring credential, so no refresh is scheduled.
-pub type IceServersFn =
-    Arc<dyn Fn(Option<&str>, Option<&str>) -> (serde_json::Value, Duration) + Send + Sync>;
+pub type IceServersFn = Arc<
+    dyn Fn(Option<&str>, &crate::access::Admission) -> (serde_json::Value, Duration) + Send + Sync,
+>;
 
 /// Counters and gauges, plain atomics so the hot path pays one relaxed add;
 /// the metrics module reads them at scrape time.
@@ -435,7 +436,7 @@ impl Signaling {
         if !allowed {
             return Err(RoomError::RateLimited);
         }
-        let (servers, ttl) = (self.ice)(host, entry.admission.user.as_deref());
+        let (servers, ttl) = (self.ice)(host, &entry.admission);
         let draining = self.is_draining();
         let grant = IceGrant { servers, ttl };
         let out = self.backend.join(peer, room, grant, draining).await;

@@ -62,7 +62,8 @@ pub(super) struct Newcomer<'a> {
     pub(super) conn: PeerId,
     pub(super) kick: &'a Arc<Kick>,
     pub(super) host: Option<&'a str>,
-    pub(super) user: Option<&'a str>,
+    /// The terms its socket was admitted on (user, label).
+    pub(super) admission: &'a crate::access::Admission,
 }
 
 impl Newcomer<'_> {
@@ -214,7 +215,7 @@ impl Signaling {
             return Err(ResumeRefused);
         }
         // Outside the lock, like every call to the provider.
-        let (ice_servers, ttl) = (self.ice)(who.host, who.user);
+        let (ice_servers, ttl) = (self.ice)(who.host, who.admission);
         let mut table = self.peers.lock();
         // Checked again: the window may have closed, or another socket
         // resumed, while the lock was released.
@@ -271,7 +272,7 @@ impl Signaling {
                 .and_then(Result::ok),
             None => None,
         };
-        let grant = (self.ice)(who.host, who.user);
+        let grant = (self.ice)(who.host, who.admission);
         let mut table = self.peers.lock();
         table.arriving.remove(&id);
         let ours = table.parked.get(&id).is_some_and(|p| p.serial == serial);

@@ -491,7 +491,7 @@ async fn pump(
             }
             () = refresh => {
                 let (servers, ttl) =
-                    (peer.sig.ice)(peer.host.as_deref(), peer.entry.admission.user.as_deref());
+                    (peer.sig.ice)(peer.host.as_deref(), &peer.entry.admission);
                 refresh_at = timers::refresh_after(ttl).map(|after| Instant::now() + after);
                 peer.reply(ServerMessage::IceServers { ice_servers: servers, ttl: ttl.as_secs() });
             }

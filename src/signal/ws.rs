@@ -340,13 +340,12 @@ impl Conn {
     /// Takes over a lost session; `resumed` and what it missed are queued
     /// by the registry of peers, so there is nothing to deliver here.
     async fn resume(&mut self, fresh: bool, token: &str) -> Result<Vec<Delivery>, RoomError> {
-        let user = self.entry.admission.user.as_deref();
         let taken = if fresh {
             let who = Newcomer {
                 conn: self.id,
                 kick: &self.kick,
                 host: self.host.as_deref(),
-                user,
+                admission: &self.entry.admission,
             };
             self.sig.resume(who, token).await
         } else {
@@ -368,8 +367,7 @@ impl Conn {
     }
 
     fn refresh_ice(&mut self, now: Instant) {
-        let (servers, ttl) =
-            (self.sig.ice)(self.host.as_deref(), self.entry.admission.user.as_deref());
+        let (servers, ttl) = (self.sig.ice)(self.host.as_deref(), &self.entry.admission);
         self.refresh_at = timers::refresh_after(ttl).map(|after| now + after);
         self.reply(ServerMessage::IceServers {
             ice_servers: servers,

@@ -2,6 +2,11 @@
 //! that coturn popularised (draft-uberti-behave-turn-rest): a username
 //! `expiry:user` whose password is base64(HMAC-SHA1(secret, username)).
 //!
+//! A REST username may end in `|label` (`expiry:user|label`): the tenant
+//! the usage is counted under (see [`identity`]). The label is part of the
+//! username, so the HMAC covers it and a client cannot move its usage to
+//! another tenant's label; static users have none.
+//!
 //! Nonces are stateless: a nonce is the issue time plus an HMAC over that
 //! time and the client's transport address, so the server stores nothing
 //! for a client that has not authenticated and cannot be made to grow by
@@ -59,12 +64,31 @@ pub struct RestCredential {
 }
 
 pub fn mint(secret: &str, user: &str, now_unix: u64, ttl_secs: u64) -> RestCredential {
+    mint_labelled(secret, user, None, now_unix, ttl_secs)
+}
+
+/// Mints for `user`, with `label` inside the signed username when given
+/// (a label that is not [`valid_label`] is left out rather than mangled).
+pub fn mint_labelled(
+    secret: &str,
+    user: &str,
+    label: Option<&str>,
+    now_unix: u64,
+    ttl_secs: u64,
+) -> RestCredential {
     let expiry = now_unix.saturating_add(ttl_secs);
-    let username = if user.is_empty() {
+    let mut username = if user.is_empty() {
         expiry.to_string()
     } else {
         format!("{expiry}:{user}")
     };
+    if let Some(label) = label.filter(|l| valid_label(l)) {
+        if user.is_empty() {
+            username.push(':');
+        }
+        username.push(LABEL_SEPARATOR);
+        username.push_str(label);
+    }
     RestCredential {
         password: rest_password(secret, &username),
         username,
@@ -129,18 +153,60 @@ impl Credentials {
     }
 }
 
-/// The user a username counts as for quotas: the part after `EXPIRY:` of
-/// a REST username (coturn's format), so one user's credentials, whatever
-/// their expiry, share one quota. Static user names contain no `:`.
-pub fn quota_user(username: &str) -> &str {
-    match username.split_once(':') {
-        Some((_, user)) if rest_expiry(username).is_some() => user,
-        _ => username,
+/// Between a REST username's user part and its label.
+pub const LABEL_SEPARATOR: char = '|';
+
+/// Whether `s` may be a usage label: 1–64 of `A-Z a-z 0-9 _ . -`, like a
+/// room name, so it is safe in metrics, logs and URLs.
+pub fn valid_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+/// Who an allocation's usage counts for: its user and, when its REST
+/// credential was minted with one, its label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity<'a> {
+    pub user: &'a str,
+    pub label: Option<&'a str>,
+}
+
+/// The identity of a username: for a REST username (`EXPIRY:USER`, maybe
+/// `EXPIRY:USER|LABEL`) the user part and the label; a static user is
+/// itself and has no label. A `|` followed by something that is not a
+/// valid label stays part of the user.
+pub fn identity(username: &str) -> Identity<'_> {
+    let whole = Identity {
+        user: username,
+        label: None,
+    };
+    let Some((_, user)) = username.split_once(':') else {
+        return whole;
+    };
+    if rest_expiry(username).is_none() {
+        return whole;
+    }
+    match user.rsplit_once(LABEL_SEPARATOR) {
+        Some((u, label)) if valid_label(label) => Identity {
+            user: u,
+            label: Some(label),
+        },
+        _ => Identity { user, label: None },
     }
 }
 
+/// The user a username counts as for quotas: the part after `EXPIRY:` of
+/// a REST username (coturn's format), without its label, so one user's
+/// credentials, whatever their expiry, share one quota. Static user names
+/// contain no `:`.
+pub fn quota_user(username: &str) -> &str {
+    identity(username).user
+}
+
 /// The expiry of a REST username (`expiry` or `expiry:user`), if it is one.
-fn rest_expiry(username: &str) -> Option<u64> {
+pub fn rest_expiry(username: &str) -> Option<u64> {
     let ts = username.split_once(':').map_or(username, |(ts, _)| ts);
     if ts.is_empty() || ts.len() > 20 || !ts.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -241,6 +307,36 @@ mod tests {
         assert_eq!(quota_user("1795732169"), "1795732169");
         assert_eq!(quota_user(":alice"), ":alice");
         assert_eq!(quota_user("12a:alice"), "12a:alice");
+    }
+
+    #[test]
+    fn a_label_rides_inside_the_signed_username() {
+        let c = mint_labelled("s", "alice", Some("acme"), 100, 60);
+        assert_eq!(c.username, "160:alice|acme");
+        assert_eq!(
+            identity(&c.username),
+            Identity {
+                user: "alice",
+                label: Some("acme")
+            }
+        );
+        assert_eq!(quota_user(&c.username), "alice");
+        // Changing the label changes what the password must be.
+        assert_ne!(rest_password("s", "160:alice|other"), c.password);
+        assert_eq!(
+            mint_labelled("s", "", Some("acme"), 100, 60).username,
+            "160:|acme"
+        );
+        assert_eq!(identity("160:|acme").label, Some("acme"));
+        assert_eq!(
+            mint_labelled("s", "bob", Some("bad label"), 0, 1).username,
+            "1:bob"
+        );
+        assert_eq!(mint("s", "bob", 0, 1).username, "1:bob");
+        // Static users and odd suffixes have no label.
+        assert_eq!(identity("alice|acme").label, None);
+        assert_eq!(identity("1:bob|").user, "bob|");
+        assert_eq!(identity("1:bob|a b").label, None);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod policy;
 pub mod ports;
 pub mod reply;
 pub mod requests;
+pub mod revoked;
 pub mod server;
 pub mod stats;
 pub mod wire;

@@ -159,6 +159,10 @@ impl Server {
         if rules.total_quota > 0 && self.shared.total_allocations() >= rules.total_quota {
             return fail(Reject::InsufficientCapacity);
         }
+        if self.shared.is_over_budget(&username) {
+            inc(&self.stats.budget_rejections);
+            return fail(Reject::QuotaReached);
+        }
         if rules.user_quota > 0
             && self.shared.user_allocations(quota_user(&username)) >= rules.user_quota
         {

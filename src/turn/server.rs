@@ -24,7 +24,7 @@ use stun::uattrs::UnknownAttributes;
 use stun::xoraddr::XorMappedAddress;
 
 use super::allocation::{Allocation, FiveTuple, Lapsed, RelayId, TupleHash};
-use super::auth::{quota_user, CredentialError, Key, Nonces};
+use super::auth::{identity, quota_user, CredentialError, Key, Nonces};
 use super::events::{EndReason, Event, Lapse, Usage};
 use super::reply::{answer, AlternateServer, Reject};
 use super::stats::{inc, Direction::*, Framing::*, TurnStats};
@@ -107,6 +107,8 @@ pub struct AllocationInfo {
     pub expires_in_secs: u64,
     pub bytes_to_peer: u64,
     pub bytes_to_client: u64,
+    pub packets_to_peer: u64,
+    pub packets_to_client: u64,
 }
 
 /// Which allocations an operator ends.
@@ -114,6 +116,8 @@ pub struct AllocationInfo {
 pub enum EndWhich {
     Id(u64),
     User(String),
+    /// Every allocation whose credential carries this usage label.
+    Label(String),
 }
 
 pub fn transport_name(t: super::allocation::Transport) -> &'static str {
@@ -570,6 +574,8 @@ impl Server {
                 expires_in_secs: a.expires.saturating_duration_since(now).as_secs(),
                 bytes_to_peer: a.bytes[0],
                 bytes_to_client: a.bytes[1],
+                packets_to_peer: a.packets[0],
+                packets_to_client: a.packets[1],
             })
             .collect()
     }
@@ -585,6 +591,7 @@ impl Server {
                 self.alloc(id).is_some_and(|a| match which {
                     EndWhich::Id(n) => a.id == *n,
                     EndWhich::User(u) => quota_user(&a.username) == u,
+                    EndWhich::Label(l) => identity(&a.username).label == Some(l.as_str()),
                 })
             })
             .collect();
@@ -740,6 +747,10 @@ impl Server {
             // Expired or never ours: either way the client needs a new one.
             inc(&self.stats.auth_stale_nonce);
             return Err((Reject::StaleNonce, None));
+        }
+        if self.shared.is_revoked(&username, unix) {
+            inc(&self.stats.auth_revoked);
+            return unauthorized;
         }
         // Requests on an allocation check against the key it was made with
         // (RFC 8656 §5: the same credentials for its whole life). So a call

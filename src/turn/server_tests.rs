@@ -502,6 +502,49 @@ fn user_quota_gives_486() {
 }
 
 #[test]
+fn a_spent_budget_gives_486_to_its_user_or_label_only() {
+    use crate::turn::auth::mint_labelled;
+    use crate::turn::revoked::Revokee;
+    let mut h = harness();
+    let unix = h.clock.unix(h.now);
+    h.shared
+        .set_over_budget(vec![Revokee::Label("acme".into())]);
+    let spent = mint_labelled(SECRET, "carol", Some("acme"), unix, 3600);
+    let r = h.authed(
+        ft(4000),
+        METHOD_ALLOCATE,
+        || vec![udp()],
+        &mut cred(&spent.username, &spent.password),
+    );
+    assert_eq!(error_code(&r), Some(486));
+    assert_eq!(h.stats.budget_rejections.load(Ordering::Relaxed), 1);
+    let other = mint_labelled(SECRET, "carol", Some("globex"), unix, 3600);
+    h.allocate(ft(4001), &mut cred(&other.username, &other.password));
+    h.shared.set_over_budget(Vec::new());
+    h.allocate(ft(4002), &mut cred(&spent.username, &spent.password));
+}
+
+#[test]
+fn a_revoked_user_gets_401_even_on_its_own_allocation() {
+    use crate::turn::revoked::Revokee;
+    let mut h = harness();
+    let unix = h.clock.unix(h.now);
+    let mut a = cred("alice", "wonderland");
+    h.allocate(ft(4000), &mut a);
+    h.shared
+        .revoke(Revokee::User("alice".into()), unix + 600, unix);
+    let r = h.authed(
+        ft(4000),
+        METHOD_REFRESH,
+        || vec![Box::new(Lifetime(Duration::from_secs(600)))],
+        &mut a,
+    );
+    assert_eq!(error_code(&r), Some(401));
+    assert_eq!(h.stats.auth_revoked.load(Ordering::Relaxed), 1);
+    h.allocate(ft(4001), &mut cred("bob", "builder"));
+}
+
+#[test]
 fn exhausted_ports_give_508_and_taken_ports_are_skipped() {
     let mut h = harness_with(rules(8), 50000..=50001);
     h.io.refuse_ports = vec![50000];

@@ -26,6 +26,11 @@ pub struct TurnStats {
     pub binding_requests: AtomicU64,
     pub auth_bad_credential: AtomicU64,
     pub auth_expired: AtomicU64,
+    /// Refused because an operator revoked the user or label.
+    pub auth_revoked: AtomicU64,
+    /// Allocates refused because their user's or label's byte budget is
+    /// spent.
+    pub budget_rejections: AtomicU64,
     pub auth_stale_nonce: AtomicU64,
     pub peer_denied: [AtomicU64; DENIAL_SLOTS],
     /// 486: a user's or a client address's quota; 508: the total quota or

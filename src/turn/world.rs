@@ -17,7 +17,9 @@ use super::auth::Credentials;
 use super::events::Event;
 use super::policy::PeerPolicy;
 use super::ports::PortPool;
+use super::revoked::{Revocations, Revokee};
 use crate::budget::Rate;
+use arc_swap::ArcSwap;
 
 /// What the core asks of the world. The shell implements it over sockets;
 /// tests implement it over vectors.
@@ -119,6 +121,12 @@ pub struct Shared {
     /// The appliance's drain flag, shared with signaling: while set, new
     /// allocations are refused or sent to the alternate server.
     pub draining: Arc<AtomicBool>,
+    /// Credentials the operator revoked (`revoked.rs`), read without a
+    /// lock by every authenticated request.
+    revocations: ArcSwap<Revocations>,
+    /// Users and labels whose byte budget is spent: their Allocates get
+    /// 486 (set by the shell, `usage_budgets.rs`).
+    over_budget: ArcSwap<Vec<Revokee>>,
 }
 
 pub(super) struct PortState {
@@ -130,6 +138,30 @@ pub(super) struct PortState {
 }
 
 impl Shared {
+    /// Refuses `who`'s credentials from now (`now_unix`) on; see
+    /// `revoked.rs` for `until`.
+    pub fn revoke(&self, who: Revokee, until: u64, now_unix: u64) {
+        self.revocations
+            .rcu(|r| r.with(who.clone(), until, now_unix));
+    }
+
+    /// Replaces the users and labels whose budget is spent.
+    pub fn set_over_budget(&self, spent: Vec<Revokee>) {
+        if **self.over_budget.load() != spent {
+            self.over_budget.store(Arc::new(spent));
+        }
+    }
+
+    /// Whether `username`'s user or label has spent its budget.
+    pub fn is_over_budget(&self, username: &str) -> bool {
+        self.over_budget.load().iter().any(|w| w.matches(username))
+    }
+
+    /// Whether `username` is revoked at `now_unix`.
+    pub fn is_revoked(&self, username: &str, now_unix: u64) -> bool {
+        self.revocations.load().refuses(username, now_unix)
+    }
+
     /// `rng` shuffles the port pools (seeded in tests and fuzzing, from
     /// the OS otherwise).
     pub fn new(
@@ -153,6 +185,8 @@ impl Shared {
             total: AtomicUsize::new(0),
             reservations: AtomicUsize::new(0),
             draining,
+            revocations: ArcSwap::default(),
+            over_budget: ArcSwap::default(),
         }
     }
 

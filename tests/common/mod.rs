@@ -223,6 +223,51 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, dechunk(&body))
 }
 
+/// An HTTP request to the admin API: (status, JSON body).
+pub fn admin(
+    tk: &Turnkey,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    admin_with(tk, method, path, token, None)
+}
+
+/// [`admin`] with a JSON body.
+pub fn admin_with(
+    tk: &Turnkey,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    json: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(tk.admin.expect("admin listener")).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let body = json.map_or(String::new(), |j| j.to_string());
+    let typed = match json {
+        Some(_) => format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ),
+        None => String::new(),
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}{typed}Connection: close\r\n\r\n{body}"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or_default())
+}
+
 fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
