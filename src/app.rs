@@ -23,11 +23,12 @@ use rand::Rng;
 use tokio::net::TcpListener;
 use tower_http::limit::RequestBodyLimitLayer;
 
+use crate::acme::Acme;
 use crate::config::{Config, Secret};
 use crate::control::{rules_from, Bound, Control, Parts};
 use crate::http::HttpState;
 use crate::lifecycle::Lifecycle;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TlsSources};
 use crate::public::{Gate, PublicStats};
 use crate::relay::setup::{Built, RelayFamilies};
 use crate::relay::Relay;
@@ -88,10 +89,7 @@ async fn start(
     } = Relay::from_config(&cfg.turn, &families, rules.clone(), shared.clone(), life)
         .context("starting the TURN listeners")?;
     let listeners = Listeners::bind(&cfg, relay.local_addrs()).await?;
-    let certs = match (&cfg.tls.cert_file, &cfg.tls.key_file) {
-        (Some(c), Some(k)) if !listeners.tls.is_empty() => Some(CertStore::open(c, k)?),
-        _ => None,
-    };
+    let (certs, acme) = certificates(&cfg, !listeners.tls.is_empty())?;
     let control = Control::new(Parts {
         config: cfg.clone(),
         path: config_path,
@@ -114,6 +112,10 @@ async fn start(
         public_stats.clone(),
         control.doorman().stats.clone(),
         ports,
+        TlsSources {
+            store: certs.clone(),
+            acme: acme.as_ref().map(Acme::stats),
+        },
     )?);
     let http_state = HttpState {
         control: control.clone(),
@@ -154,11 +156,38 @@ async fn start(
         admin_app,
         &streams,
     );
-    if let Some(store) = certs {
-        life.spawn(store.watch(CERT_POLL, life.child()));
-    }
+    keep_current(life, certs, acme);
     tracing::info!("{ready}");
     Ok(Running { control, relay })
+}
+
+/// Where the TLS certificate comes from, with a TLS listener: files or
+/// ACME (exclusive, checked at load); either way one store that every
+/// handshake reads, kept current by the file watch or the ACME loop.
+fn certificates(
+    cfg: &Config,
+    tls_listeners: bool,
+) -> anyhow::Result<(Option<Arc<CertStore>>, Option<Acme>)> {
+    if !tls_listeners {
+        return Ok((None, None));
+    }
+    if !cfg.tls.acme_domains.is_empty() {
+        let (acme, store) = Acme::prepare(&cfg.tls).context("ACME (tls.acme_*)")?;
+        return Ok((Some(store), Some(acme)));
+    }
+    match (&cfg.tls.cert_file, &cfg.tls.key_file) {
+        (Some(c), Some(k)) => Ok((Some(CertStore::open(c, k)?), None)),
+        _ => Ok((None, None)),
+    }
+}
+
+/// The task that keeps the certificate current until stop.
+fn keep_current(life: &Lifecycle, certs: Option<Arc<CertStore>>, acme: Option<Acme>) {
+    match (certs, acme) {
+        (_, Some(acme)) => life.spawn(acme.run(life.child())),
+        (Some(store), None) => life.spawn(store.watch(CERT_POLL, life.child())),
+        (None, None) => {}
+    }
 }
 
 impl Running {
@@ -393,7 +422,8 @@ fn reload(control: &Control) {
         }
         Err(e) => tracing::error!("SIGHUP: new configuration refused, the old one stays: {e}"),
     }
-    if let Some(store) = control.certs() {
+    // An ACME store has no files: its loop renews by itself.
+    if let Some(store) = control.certs().filter(|s| s.has_files()) {
         match store.reload() {
             Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
             Err(e) => tracing::error!("SIGHUP: TLS certificate refused, the old one stays: {e}"),

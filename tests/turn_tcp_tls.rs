@@ -6,8 +6,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::raw::Raw;
-use common::stream::{https_healthz, test_pki, tls_connect, tls_setup, StreamTurn, TestPki};
+use common::stream::{
+    https_healthz, relay_both_ways, test_pki, tls_connect, tls_setup, udp_side, StreamTurn, TestPki,
+};
 use common::{auth_section, base_config, Turnkey};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,45 +23,6 @@ fn tls_server(name: &str, turn_extra: &str) -> (Turnkey, TestPki, std::path::Pat
         auth_section(),
     );
     (Turnkey::start(name, &cfg), pki, dir)
-}
-
-/// A UDP client with an allocation and a channel towards `peer`.
-fn udp_side(tk: &Turnkey) -> (Raw, SocketAddr) {
-    let mut b = Raw::new(tk.turn, "bob", "builder-of-things");
-    let rb = b.allocate().expect("bob allocates over UDP");
-    (b, rb)
-}
-
-/// Exchanges ChannelData between a stream client (channel 0x4001 to the
-/// UDP client's relay) and the UDP client (channel 0x4002 back).
-async fn relay_both_ways<S>(a: &mut StreamTurn<S>, ra: SocketAddr, b: &mut Raw, rb: SocketAddr)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    a.bind_channel(0x4001, rb)
-        .await
-        .expect("stream client binds");
-    b.bind_channel(0x4002, ra).expect("udp client binds");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        a.channel_data(0x4001, b"over the stream").await;
-        if let Some((_, Some(0x4002), d)) = b.recv_data(Duration::from_millis(200)) {
-            assert_eq!(d, b"over the stream");
-            break;
-        }
-        assert!(Instant::now() < deadline, "stream → udp never arrived");
-    }
-    loop {
-        b.channel_data(0x4002, b"back to the stream (odd)");
-        if let Some((n, d)) = a.recv_channel(Duration::from_millis(200)).await {
-            assert_eq!(
-                (n, d.as_slice()),
-                (0x4001, &b"back to the stream (odd)"[..])
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "udp → stream never arrived");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use stun::attributes::*;
 use stun::error_code::ErrorCodeAttribute;
@@ -31,7 +31,7 @@ pub struct TestPki {
 }
 
 pub fn test_pki(cn: &str) -> TestPki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
@@ -43,7 +43,9 @@ pub fn test_pki(cn: &str) -> TestPki {
         CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
     params.distinguished_name.push(DnType::CommonName, cn);
     let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let cert = params
+        .signed_by(&key, &Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
     TestPki {
         ca_der: ca.der().clone(),
         ca_pem: ca.pem(),
@@ -340,5 +342,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamTurn<S> {
                 Frame::Stun(_) => continue,
             }
         }
+    }
+}
+
+/// A UDP client with an allocation and a channel towards `peer`.
+pub fn udp_side(tk: &super::Turnkey) -> (super::raw::Raw, SocketAddr) {
+    let mut b = super::raw::Raw::new(tk.turn, "bob", "builder-of-things");
+    let rb = b.allocate().expect("bob allocates over UDP");
+    (b, rb)
+}
+
+/// Exchanges ChannelData between a stream client (channel 0x4001 to the
+/// UDP client's relay) and the UDP client (channel 0x4002 back).
+pub async fn relay_both_ways<S>(
+    a: &mut StreamTurn<S>,
+    ra: SocketAddr,
+    b: &mut super::raw::Raw,
+    rb: SocketAddr,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    a.bind_channel(0x4001, rb)
+        .await
+        .expect("stream client binds");
+    b.bind_channel(0x4002, ra).expect("udp client binds");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        a.channel_data(0x4001, b"over the stream").await;
+        if let Some((_, Some(0x4002), d)) = b.recv_data(Duration::from_millis(200)) {
+            assert_eq!(d, b"over the stream");
+            break;
+        }
+        assert!(Instant::now() < deadline, "stream → udp never arrived");
+    }
+    loop {
+        b.channel_data(0x4002, b"back to the stream (odd)");
+        if let Some((n, d)) = a.recv_channel(Duration::from_millis(200)).await {
+            assert_eq!(
+                (n, d.as_slice()),
+                (0x4001, &b"back to the stream (odd)"[..])
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "udp → stream never arrived");
     }
 }
