@@ -8,13 +8,17 @@
 //! (account key and certificate, so a restart does not order again), the
 //! TLS-ALPN-01 answer (RFC 8737: a certificate with the acmeIdentifier
 //! extension, handed to the store, which serves it only to a ClientHello
-//! offering `acme-tls/1` alone), and the schedule. The schedule is plain
+//! offering `acme-tls/1` alone), or with `http.acme_listen` the HTTP-01
+//! answer (RFC 8555 §8.3: the key authorization at
+//! `/.well-known/acme-challenge/TOKEN`, the one path that listener serves),
+//! and the schedule. The schedule is plain
 //! functions of time ([`renew_at`], [`backoff`]) so it is tested without a
 //! clock.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use instant_acme::{
@@ -43,8 +47,8 @@ pub enum AcmeError {
     /// The ACME server refused or failed (its own words), or was unreachable.
     #[error("{0}")]
     Protocol(String),
-    #[error("the ACME server offers no tls-alpn-01 challenge for {0}")]
-    NoTlsAlpn(String),
+    #[error("the ACME server offers no {0:?} challenge for {1}")]
+    NotOffered(ChallengeType, String),
     #[error("validation of {domain} failed: {why}")]
     Invalid { domain: String, why: String },
     #[error("the order took longer than {0:?}")]
@@ -137,6 +141,26 @@ impl Issued {
     }
 }
 
+/// HTTP-01 answers by token while an order is pending.
+#[derive(Default)]
+struct Http01Tokens(Mutex<HashMap<String, String>>);
+
+impl Http01Tokens {
+    fn set(&self, token: &str, key_authorization: String) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(token.to_string(), key_authorization);
+    }
+
+    fn get(&self, token: &str) -> Option<String> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(token).cloned()
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
 /// What the ACME loop works from: the `[tls]` ACME keys, checked.
 pub struct Acme {
     domains: Vec<String>,
@@ -146,6 +170,9 @@ pub struct Acme {
     dir: PathBuf,
     store: Arc<CertStore>,
     stats: Arc<AcmeStats>,
+    /// HTTP-01 (`http.acme_listen` set) instead of TLS-ALPN-01.
+    http01: bool,
+    tokens: Arc<Http01Tokens>,
     /// When the next order is due (Unix seconds).
     due: i64,
 }
@@ -154,7 +181,7 @@ impl Acme {
     /// The store HTTPS and TURN/TLS will read: the cached certificate when
     /// there is a usable one, else a self-signed placeholder until the
     /// first order succeeds.
-    pub fn prepare(tls: &TlsConfig) -> Result<(Acme, Arc<CertStore>), AcmeError> {
+    pub fn prepare(tls: &TlsConfig, http01: bool) -> Result<(Acme, Arc<CertStore>), AcmeError> {
         let dir = tls.acme_cache_dir.clone();
         make_private_dir(&dir)?;
         let mut acme = Acme {
@@ -166,6 +193,8 @@ impl Acme {
             // Replaced below; a store is needed to build the struct.
             store: CertStore::managed(placeholder(&tls.acme_domains)?),
             stats: Arc::new(AcmeStats::default()),
+            http01,
+            tokens: Arc::default(),
             due: unix_now(),
         };
         let names = acme.domains.join(",");
@@ -190,6 +219,24 @@ impl Acme {
 
     pub fn stats(&self) -> Arc<AcmeStats> {
         self.stats.clone()
+    }
+
+    /// What `http.acme_listen` serves: the HTTP-01 answers, and 404 for
+    /// everything else.
+    pub fn http01_app(&self) -> axum::Router {
+        use axum::extract::Path as UrlPath;
+        use axum::response::IntoResponse;
+        let tokens = self.tokens.clone();
+        let answer = move |UrlPath(token): UrlPath<String>| async move {
+            match tokens.get(&token) {
+                Some(k) => k.into_response(),
+                None => axum::http::StatusCode::NOT_FOUND.into_response(),
+            }
+        };
+        axum::Router::new().route(
+            "/.well-known/acme-challenge/{token}",
+            axum::routing::get(answer),
+        )
     }
 
     fn cert_paths(&self) -> (PathBuf, PathBuf) {
@@ -241,6 +288,7 @@ impl Acme {
             for d in &self.domains {
                 self.store.set_challenge(d, None);
             }
+            self.tokens.clear();
             match result.and_then(|issued| self.adopt(&issued)) {
                 Ok((start, end)) => {
                     failures = 0;
@@ -358,12 +406,23 @@ impl Acme {
                 }
             }
             let domain = authz.identifier().to_string();
+            let kind = match self.http01 {
+                true => ChallengeType::Http01,
+                false => ChallengeType::TlsAlpn01,
+            };
             let mut challenge = authz
-                .challenge(ChallengeType::TlsAlpn01)
-                .ok_or_else(|| AcmeError::NoTlsAlpn(domain.clone()))?;
-            let digest = challenge.key_authorization().digest();
-            self.store
-                .set_challenge(&domain, Some(challenge_cert(&domain, digest.as_ref())?));
+                .challenge(kind.clone())
+                .ok_or_else(|| AcmeError::NotOffered(kind, domain.clone()))?;
+            let key_authorization = challenge.key_authorization();
+            if self.http01 {
+                let token = challenge.token.clone();
+                self.tokens
+                    .set(&token, key_authorization.as_str().to_string());
+            } else {
+                let digest = key_authorization.digest();
+                self.store
+                    .set_challenge(&domain, Some(challenge_cert(&domain, digest.as_ref())?));
+            }
             challenge.set_ready().await?;
         }
         let status = order

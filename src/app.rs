@@ -154,6 +154,7 @@ async fn start(
         public_app,
         crate::http::metrics_router(http_state),
         admin_app,
+        acme.as_ref().map(Acme::http01_app),
         &streams,
     );
     keep_current(life, certs, acme);
@@ -172,7 +173,8 @@ fn certificates(
         return Ok((None, None));
     }
     if !cfg.tls.acme_domains.is_empty() {
-        let (acme, store) = Acme::prepare(&cfg.tls).context("ACME (tls.acme_*)")?;
+        let http01 = cfg.http.acme_listen.is_some();
+        let (acme, store) = Acme::prepare(&cfg.tls, http01).context("ACME (tls.acme_*)")?;
         return Ok((Some(store), Some(acme)));
     }
     match (&cfg.tls.cert_file, &cfg.tls.key_file) {
@@ -220,6 +222,8 @@ struct Listeners {
     http: Vec<TcpListener>,
     metrics: Vec<TcpListener>,
     admin: Vec<TcpListener>,
+    /// `http.acme_listen`: ACME's HTTP-01 challenge only.
+    acme: Vec<TcpListener>,
 }
 
 impl Listeners {
@@ -235,6 +239,11 @@ impl Listeners {
             http: bind_all(vec![cfg.http.listen], "http.listen").await?,
             metrics: bind_all(vec![cfg.metrics.listen], "metrics.listen").await?,
             admin: bind_all(cfg.admin.listen.into_iter().collect(), "admin.listen").await?,
+            acme: bind_all(
+                cfg.http.acme_listen.into_iter().collect(),
+                "http.acme_listen",
+            )
+            .await?,
         })
     }
 
@@ -251,13 +260,14 @@ impl Listeners {
     /// For the ready line: every address, by what it serves.
     fn describe(&self, turn_addrs: &[SocketAddr]) -> String {
         format!(
-            "http={} turn={} tcp={} tls={} metrics={} admin={}",
+            "http={} turn={} tcp={} tls={} metrics={} admin={} acme={}",
             addr_list(&local(&self.http)),
             addr_list(turn_addrs),
             addr_list(&local(&self.tcp)),
             addr_list(&local(&self.tls)),
             addr_list(&local(&self.metrics)),
             addr_list(&local(&self.admin)),
+            addr_list(&local(&self.acme)),
         )
     }
 
@@ -274,6 +284,7 @@ impl Listeners {
         public_app: axum::Router,
         metrics_app: axum::Router,
         admin_app: axum::Router,
+        acme_app: Option<axum::Router>,
         streams: &Arc<Streams>,
     ) {
         let operator_gate = Gate::new(control.public_limits(), Arc::new(PublicStats::default()));
@@ -288,6 +299,14 @@ impl Listeners {
         }
         for l in self.http {
             life.spawn(http(&gate, l, &public_app));
+        }
+        // Port 80 for HTTP-01 counts against the public caps like the page.
+        for (l, app) in self
+            .acme
+            .into_iter()
+            .zip(std::iter::repeat(acme_app).flatten())
+        {
+            life.spawn(http(&gate, l, &app));
         }
         for (listeners, tls) in [(self.tcp, false), (self.tls, true)] {
             for l in listeners {

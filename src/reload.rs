@@ -35,6 +35,7 @@ pub const KEYS: &[(&str, OnReload)] = &[
     ("http.max_connections", Applied),
     ("http.trusted_proxies", Applied),
     ("http.threads", Restart),
+    ("http.acme_listen", Restart),
     ("turn.listen", Restart),
     ("turn.relay_ip", Restart),
     ("turn.external_ip", Restart),

@@ -30,13 +30,16 @@ const ACME_HANDSHAKES: &str = r#"turnkey_stream_closed_total{reason="acme_challe
 
 /// turnkey on `tls_port` with ACME from `pebble`, caching in `cache`.
 fn start(name: &str, tls_port: u16, pebble: &Pebble, cache: &Path, turn_extra: &str) -> Turnkey {
-    let cfg = format!(
+    Turnkey::start(name, &config(tls_port, pebble, cache, turn_extra))
+}
+
+fn config(tls_port: u16, pebble: &Pebble, cache: &Path, turn_extra: &str) -> String {
+    format!(
         "{}{}\n[tls]\nlisten = [\"127.0.0.1:{tls_port}\"]\nhandshake_timeout_ms = 2000\n{}",
         base_config(turn_extra),
         auth_section(),
         pebble.acme_keys(DOMAINS, cache),
-    );
-    Turnkey::start(name, &cfg)
+    )
 }
 
 /// A TLS handshake with `sni` that trusts pebble's root alone: the
@@ -138,7 +141,7 @@ async fn keep_alive_get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_from_an_empty_cache_serves_every_protocol_and_restarts_without_ordering() {
     let tls_port = free_tcp_port();
-    let pebble = Pebble::start("acme-first", tls_port, 0).await;
+    let pebble = Pebble::start("acme-first", tls_port, free_tcp_port(), 0).await;
     let cache = test_dir("acme-first-cache");
     let started = Instant::now();
     let tk = start("acme-first", tls_port, &pebble, &cache, "");
@@ -242,7 +245,7 @@ async fn connect_from(ip: &str, to: SocketAddr) -> tokio::net::TcpStream {
 async fn renewal_swaps_the_certificate_under_a_live_allocation_and_a_keep_alive() {
     let tls_port = free_tcp_port();
     // 30 s certificates: renewed 20 s after issuance.
-    let pebble = Pebble::start("acme-renew", tls_port, 30).await;
+    let pebble = Pebble::start("acme-renew", tls_port, free_tcp_port(), 30).await;
     let cache = test_dir("acme-renew-cache");
     let tk = start("acme-renew", tls_port, &pebble, &cache, "");
     let addr = tk.tls.unwrap();
@@ -304,7 +307,7 @@ async fn acme_down_at_renewal_keeps_the_old_certificate_and_retries() {
     let tls_port = free_tcp_port();
     // 45 s certificates: renewal due after 30 s, the first retry 10 s
     // later, before the old one expires.
-    let pebble = Pebble::start("acme-down", tls_port, 45).await;
+    let pebble = Pebble::start("acme-down", tls_port, free_tcp_port(), 45).await;
     let cache = test_dir("acme-down-cache");
     let tk = start("acme-down", tls_port, &pebble, &cache, "");
     let addr = tk.tls.unwrap();
@@ -360,7 +363,7 @@ async fn half_acme_hello(mut tcp: tokio::net::TcpStream) -> tokio::net::TcpStrea
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_acme_handshakes_is_capped_and_never_disturbs_https_or_turn() {
     let tls_port = free_tcp_port();
-    let pebble = Pebble::start("acme-flood", tls_port, 0).await;
+    let pebble = Pebble::start("acme-flood", tls_port, free_tcp_port(), 0).await;
     let cache = test_dir("acme-flood-cache");
     let tk = start(
         "acme-flood",
@@ -442,4 +445,42 @@ async fn a_flood_of_acme_handshakes_is_capped_and_never_disturbs_https_or_turn()
     drop(held);
     // A real validation still works after the flood: nothing stuck.
     assert!(handshake(&pebble, addr, DOMAIN, &[]).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http01_on_acme_listen_when_443_sits_behind_something_else() {
+    let (tls_port, port80) = (free_tcp_port(), free_tcp_port());
+    // Pebble's TLS-ALPN-01 port leads nowhere: only HTTP-01 on turnkey's
+    // `http.acme_listen` can succeed.
+    let pebble = Pebble::start("acme-http01", free_tcp_port(), port80, 0).await;
+    let cache = test_dir("acme-http01-cache");
+    let cfg = config(tls_port, &pebble, &cache, "").replacen(
+        "[http]\n",
+        &format!("[http]\nacme_listen = \"127.0.0.1:{port80}\"\n"),
+        1,
+    );
+    let tk = Turnkey::start("acme-http01", &cfg);
+    let addr = tk.tls.unwrap();
+    wait_for_pebble_cert(&pebble, addr, None, Duration::from_secs(30)).await;
+    assert_eq!(tk.metric(ISSUED), 1.0);
+    assert_eq!(
+        tk.metric(ACME_HANDSHAKES),
+        0.0,
+        "validated over TLS-ALPN-01"
+    );
+    // HTTPS and TURN/TLS on the TLS port get the certificate.
+    let mut https = handshake(&pebble, addr, "localhost", &[b"http/1.1"])
+        .await
+        .unwrap();
+    assert!(keep_alive_get(&mut https).await.contains("200"));
+    let turns = handshake(&pebble, addr, DOMAIN, &[b"stun.turn"])
+        .await
+        .unwrap();
+    let mut a = StreamTurn::new(turns, "alice", "wonderland-rabbit");
+    a.allocate().await.expect("allocates over TLS");
+    // Port 80 serves nothing but challenges: no pending token, no page.
+    let port80: SocketAddr = format!("127.0.0.1:{port80}").parse().unwrap();
+    for path in ["/.well-known/acme-challenge/not-a-token", "/", "/healthz"] {
+        assert_eq!(common::http_get(port80, path).0, 404, "{path}");
+    }
 }

@@ -267,6 +267,9 @@ pub struct HttpConfig {
     /// microseconds per message, and with a second worker nearly every
     /// message also woke the idle one (issue 13: a third of the CPU).
     pub threads: usize,
+    /// Plain HTTP for ACME's HTTP-01 challenge (port 80), for set-ups
+    /// where 443 sits behind something else; off (TLS-ALPN-01) unless set.
+    pub acme_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -419,6 +422,7 @@ impl Default for HttpConfig {
             max_connections: 8192,
             trusted_proxies: Vec::new(),
             threads: 1,
+            acme_listen: None,
         }
     }
 }

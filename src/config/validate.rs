@@ -25,6 +25,7 @@ impl Config {
         validate_auth(&self.auth)?;
         validate_signaling(&self.signaling)?;
         validate_tls(&self.tls)?;
+        validate_acme_listen(&self.http, &self.tls)?;
         validate_metrics(&self.metrics, &self.http)?;
         validate_access(&self.access)?;
         validate_admin(&self.admin, &self.http)?;
@@ -259,6 +260,18 @@ fn validate_tls(tls: &TlsConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// HTTP-01 is an ACME challenge: without ACME the listener would serve
+/// nothing.
+fn validate_acme_listen(http: &HttpConfig, tls: &TlsConfig) -> Result<(), ConfigError> {
+    if http.acme_listen.is_some() && tls.acme_domains.is_empty() {
+        return Err(invalid(
+            "http.acme_listen",
+            "answers ACME's HTTP-01 challenge: it needs tls.acme_domains",
+        ));
+    }
+    Ok(())
+}
+
 /// ACME answers TLS-ALPN-01 on the TLS port, so it needs one; it owns the
 /// certificate, so files are refused rather than silently ignored.
 fn validate_acme(tls: &TlsConfig) -> Result<(), ConfigError> {
@@ -452,6 +465,17 @@ mod tests {
         let mut neither = acme_tls();
         neither.acme_domains.clear();
         assert!(problem(&neither).unwrap().contains("tls.cert_file"));
+    }
+
+    #[test]
+    fn http01_needs_acme() {
+        let http = HttpConfig {
+            acme_listen: Some("127.0.0.1:80".parse().unwrap()),
+            ..HttpConfig::default()
+        };
+        assert!(validate_acme_listen(&http, &acme_tls()).is_ok());
+        let e = validate_acme_listen(&http, &TlsConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("http.acme_listen"), "{e}");
     }
 
     #[test]

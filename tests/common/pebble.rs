@@ -64,9 +64,10 @@ fn log_lines(child: &mut Child, log: Arc<Mutex<Vec<String>>>, tag: &'static str)
 }
 
 impl Pebble {
-    /// Starts pebble validating on `tls_port` (turnkey's TLS port), its
-    /// certificates valid for `validity_secs` (0 = pebble's default).
-    pub async fn start(name: &str, tls_port: u16, validity_secs: u64) -> Pebble {
+    /// Starts pebble validating TLS-ALPN-01 on `tls_port` (turnkey's TLS
+    /// port) and HTTP-01 on `http_port`, its certificates valid for
+    /// `validity_secs` (0 = pebble's default).
+    pub async fn start(name: &str, tls_port: u16, http_port: u16, validity_secs: u64) -> Pebble {
         require("pebble", "pebble");
         require("pebble-challtestsrv", "pebble");
         let dir = test_dir(&format!("{name}-pebble"));
@@ -94,7 +95,7 @@ impl Pebble {
             "managementListenAddress": format!("127.0.0.1:{mgmt}"),
             "certificate": cert,
             "privateKey": key,
-            "httpPort": free_tcp_port(),
+            "httpPort": http_port,
             "tlsPort": tls_port,
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,
