@@ -11,11 +11,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::pebble::{free_tcp_port, Pebble};
+use common::pebble::{free_tcp_port, handshake, leaf, wait_for_pebble_cert, Pebble};
 use common::stream::{relay_both_ways, udp_side, StreamTurn};
 use common::{auth_section, base_config, run_with_timeout, test_dir, Turnkey};
 use futures_util::{SinkExt, StreamExt};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message as Ws;
 
@@ -40,54 +40,6 @@ fn config(tls_port: u16, pebble: &Pebble, cache: &Path, turn_extra: &str) -> Str
         auth_section(),
         pebble.acme_keys(DOMAINS, cache),
     )
-}
-
-/// A TLS handshake with `sni` that trusts pebble's root alone: the
-/// certificate served, or the handshake error.
-async fn handshake(
-    pebble: &Pebble,
-    addr: SocketAddr,
-    sni: &str,
-    alpn: &[&[u8]],
-) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let name = ServerName::try_from(sni.to_string()).unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        pebble.connector(alpn).connect(name, tcp),
-    )
-    .await
-    .map_err(|_| "handshake timed out".to_string())?
-    .map_err(|e| e.to_string())
-}
-
-fn leaf(s: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> CertificateDer<'static> {
-    s.get_ref().1.peer_certificates().unwrap()[0].clone()
-}
-
-/// Waits until a handshake trusting pebble's root alone succeeds and
-/// presents a leaf other than `not`: that leaf.
-async fn wait_for_pebble_cert(
-    pebble: &Pebble,
-    addr: SocketAddr,
-    not: Option<&CertificateDer<'static>>,
-    within: Duration,
-) -> CertificateDer<'static> {
-    let deadline = Instant::now() + within;
-    loop {
-        let last = match handshake(pebble, addr, DOMAIN, &[]).await {
-            Ok(s) if Some(&leaf(&s)) != not => return leaf(&s),
-            Ok(_) => "the old certificate".to_string(),
-            Err(e) => e,
-        };
-        assert!(
-            Instant::now() < deadline,
-            "no new certificate from pebble's CA within {within:?}; last: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn wait_metric(tk: &Turnkey, series: &str, at_least: f64, within: Duration) {
@@ -150,7 +102,7 @@ async fn orders_from_an_empty_cache_serves_every_protocol_and_restarts_without_o
 
     // Within 30 s the one port presents pebble's certificate for the
     // domain, to a client that trusts pebble's CA alone.
-    let cert = wait_for_pebble_cert(&pebble, addr, None, Duration::from_secs(30)).await;
+    let cert = wait_for_pebble_cert(&pebble, addr, DOMAIN, None, Duration::from_secs(30)).await;
     eprintln!("certificate served {:?} after start", started.elapsed());
     assert_eq!(tk.metric(ISSUED), 1.0);
     assert_eq!(tk.metric(FAILED), 0.0);
@@ -249,7 +201,7 @@ async fn renewal_swaps_the_certificate_under_a_live_allocation_and_a_keep_alive(
     let cache = test_dir("acme-renew-cache");
     let tk = start("acme-renew", tls_port, &pebble, &cache, "");
     let addr = tk.tls.unwrap();
-    let first = wait_for_pebble_cert(&pebble, addr, None, Duration::from_secs(30)).await;
+    let first = wait_for_pebble_cert(&pebble, addr, DOMAIN, None, Duration::from_secs(30)).await;
 
     // A TURN/TLS allocation relaying to a UDP client, then quiet until the
     // swap; an HTTPS keep-alive connection kept busy across it.
@@ -311,7 +263,7 @@ async fn acme_down_at_renewal_keeps_the_old_certificate_and_retries() {
     let cache = test_dir("acme-down-cache");
     let tk = start("acme-down", tls_port, &pebble, &cache, "");
     let addr = tk.tls.unwrap();
-    let first = wait_for_pebble_cert(&pebble, addr, None, Duration::from_secs(30)).await;
+    let first = wait_for_pebble_cert(&pebble, addr, DOMAIN, None, Duration::from_secs(30)).await;
     pebble.set_up(false);
 
     wait_metric(&tk, FAILED, 1.0, Duration::from_secs(45)).await;
@@ -336,7 +288,8 @@ async fn acme_down_at_renewal_keeps_the_old_certificate_and_retries() {
     // Back up: the next retry gets a new certificate.
     pebble.set_up(true);
     wait_metric(&tk, ISSUED, 2.0, Duration::from_secs(30)).await;
-    let second = wait_for_pebble_cert(&pebble, addr, Some(&first), Duration::from_secs(5)).await;
+    let second =
+        wait_for_pebble_cert(&pebble, addr, DOMAIN, Some(&first), Duration::from_secs(5)).await;
     assert_ne!(second, first);
     assert!(tk.log_contains("certificate issued and installed"));
 }
@@ -373,7 +326,7 @@ async fn a_flood_of_acme_handshakes_is_capped_and_never_disturbs_https_or_turn()
         "tcp_unauth_per_ip = 8\ntcp_unauth_total = 64",
     );
     let addr = tk.tls.unwrap();
-    wait_for_pebble_cert(&pebble, addr, None, Duration::from_secs(30)).await;
+    wait_for_pebble_cert(&pebble, addr, DOMAIN, None, Duration::from_secs(30)).await;
     let refused = r#"turnkey_stream_connections_total{result="refused_over_limit"}"#;
     let failed = r#"turnkey_stream_closed_total{reason="handshake_failed"}"#;
     let refused_before = tk.metric(refused);
@@ -461,7 +414,7 @@ async fn http01_on_acme_listen_when_443_sits_behind_something_else() {
     );
     let tk = Turnkey::start("acme-http01", &cfg);
     let addr = tk.tls.unwrap();
-    wait_for_pebble_cert(&pebble, addr, None, Duration::from_secs(30)).await;
+    wait_for_pebble_cert(&pebble, addr, DOMAIN, None, Duration::from_secs(30)).await;
     assert_eq!(tk.metric(ISSUED), 1.0);
     assert_eq!(
         tk.metric(ACME_HANDSHAKES),

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::{CertificateDer, ServerName};
+
 use super::stream::{test_pki, TestPki};
 use super::{require, test_dir};
 
@@ -286,4 +288,53 @@ fn proxy(to: u16, up: Arc<AtomicBool>, live: Arc<Mutex<Vec<TcpStream>>>) -> Sock
         }
     });
     addr
+}
+
+/// A TLS handshake with `sni` that trusts pebble's root alone: the
+/// certificate served, or the handshake error.
+pub async fn handshake(
+    pebble: &Pebble,
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&[u8]],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        pebble.connector(alpn).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| "handshake timed out".to_string())?
+    .map_err(|e| e.to_string())
+}
+
+pub fn leaf(s: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> CertificateDer<'static> {
+    s.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+/// Waits until a handshake (with `sni`) trusting pebble's root alone
+/// succeeds and presents a leaf other than `not`: that leaf.
+pub async fn wait_for_pebble_cert(
+    pebble: &Pebble,
+    addr: SocketAddr,
+    sni: &str,
+    not: Option<&CertificateDer<'static>>,
+    within: Duration,
+) -> CertificateDer<'static> {
+    let deadline = Instant::now() + within;
+    loop {
+        let last = match handshake(pebble, addr, sni, &[]).await {
+            Ok(s) if Some(&leaf(&s)) != not => return leaf(&s),
+            Ok(_) => "the old certificate".to_string(),
+            Err(e) => e,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "no new certificate from pebble's CA within {within:?}; last: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
