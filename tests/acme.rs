@@ -8,16 +8,14 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::pebble::{free_tcp_port, handshake, leaf, wait_for_pebble_cert, Pebble};
-use common::stream::{relay_both_ways, udp_side, StreamTurn};
+use common::stream::{client_config, relay_both_ways, udp_side, ws_join, StreamTurn};
 use common::{auth_section, base_config, run_with_timeout, test_dir, Turnkey};
-use futures_util::{SinkExt, StreamExt};
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::Message as Ws;
 
 /// The names turnkey gets a certificate for: pebble's DNS answers
 /// 127.0.0.1 for both; `localhost` also lets `turnkey probe` resolve it.
@@ -40,6 +38,37 @@ fn config(tls_port: u16, pebble: &Pebble, cache: &Path, turn_extra: &str) -> Str
         auth_section(),
         pebble.acme_keys(DOMAINS, cache),
     )
+}
+
+/// Pebble issuing `validity_secs` certificates (0 = its default), turnkey
+/// getting one from it, and that first certificate, served within 30 s.
+struct Issued {
+    pebble: Pebble,
+    tk: Turnkey,
+    addr: SocketAddr,
+    cache: PathBuf,
+    first: CertificateDer<'static>,
+}
+
+async fn first_certificate(name: &str, validity_secs: u64, turn_extra: &str) -> Issued {
+    let tls_port = free_tcp_port();
+    let pebble = Pebble::start(name, tls_port, free_tcp_port(), validity_secs).await;
+    let cache = test_dir(&format!("{name}-cache"));
+    let started = Instant::now();
+    let tk = start(name, tls_port, &pebble, &cache, turn_extra);
+    let addr = tk.tls.expect("TLS listener");
+    let first = wait_for_pebble_cert(&pebble, addr, DOMAIN, None, Duration::from_secs(30)).await;
+    eprintln!(
+        "{name}: certificate served {:?} after start",
+        started.elapsed()
+    );
+    Issued {
+        pebble,
+        tk,
+        addr,
+        cache,
+        first,
+    }
 }
 
 async fn wait_metric(tk: &Turnkey, series: &str, at_least: f64, within: Duration) {
@@ -92,18 +121,16 @@ async fn keep_alive_get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_from_an_empty_cache_serves_every_protocol_and_restarts_without_ordering() {
-    let tls_port = free_tcp_port();
-    let pebble = Pebble::start("acme-first", tls_port, free_tcp_port(), 0).await;
-    let cache = test_dir("acme-first-cache");
-    let started = Instant::now();
-    let tk = start("acme-first", tls_port, &pebble, &cache, "");
-    let addr = tk.tls.expect("TLS listener");
-    assert!(tk.log_contains("self-signed placeholder"));
-
     // Within 30 s the one port presents pebble's certificate for the
     // domain, to a client that trusts pebble's CA alone.
-    let cert = wait_for_pebble_cert(&pebble, addr, DOMAIN, None, Duration::from_secs(30)).await;
-    eprintln!("certificate served {:?} after start", started.elapsed());
+    let Issued {
+        pebble,
+        tk,
+        addr,
+        cache,
+        first: cert,
+    } = first_certificate("acme-first", 0, "").await;
+    assert!(tk.log_contains("self-signed placeholder"));
     assert_eq!(tk.metric(ISSUED), 1.0);
     assert_eq!(tk.metric(FAILED), 0.0);
     // Pebble really validated: its TLS-ALPN-01 handshakes reached turnkey
@@ -130,19 +157,8 @@ async fn orders_from_an_empty_cache_serves_every_protocol_and_restarts_without_o
     let wss = handshake(&pebble, addr, DOMAIN, &[b"http/1.1"])
         .await
         .expect("WSS handshake");
-    let (mut ws, _) =
-        tokio_tungstenite::client_async(format!("wss://{DOMAIN}:{}/ws", addr.port()), wss)
-            .await
-            .expect("WebSocket upgrade over TLS");
-    ws.send(Ws::text(r#"{"type":"join","room":"acme"}"#))
-        .await
-        .unwrap();
-    let joined = tokio::time::timeout(Duration::from_secs(5), ws.next())
-        .await
-        .expect("an answer to join")
-        .unwrap()
-        .unwrap();
-    assert!(joined.to_text().unwrap().contains("joined"), "{joined:?}");
+    let joined = ws_join(wss, &format!("wss://{DOMAIN}:{}/ws", addr.port()), "acme").await;
+    assert_eq!(joined["type"], "joined", "{joined}");
     // TURN over TLS, relaying to a UDP client.
     let turns = handshake(&pebble, addr, DOMAIN, &[b"stun.turn"])
         .await
@@ -173,8 +189,8 @@ async fn orders_from_an_empty_cache_serves_every_protocol_and_restarts_without_o
     // handshake gets the same certificate, and pebble saw no new order.
     let orders = pebble.orders();
     assert_eq!(pebble.issued(), 1);
-    drop((a, ws, https, tk));
-    let tk = start("acme-first-again", tls_port, &pebble, &cache, "");
+    drop((a, https, tk));
+    let tk = start("acme-first-again", addr.port(), &pebble, &cache, "");
     assert!(tk.log_contains("serving the cached certificate"));
     let again = handshake(&pebble, tk.tls.unwrap(), DOMAIN, &[])
         .await
@@ -195,13 +211,14 @@ async fn connect_from(ip: &str, to: SocketAddr) -> tokio::net::TcpStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_swaps_the_certificate_under_a_live_allocation_and_a_keep_alive() {
-    let tls_port = free_tcp_port();
     // 30 s certificates: renewed 20 s after issuance.
-    let pebble = Pebble::start("acme-renew", tls_port, free_tcp_port(), 30).await;
-    let cache = test_dir("acme-renew-cache");
-    let tk = start("acme-renew", tls_port, &pebble, &cache, "");
-    let addr = tk.tls.unwrap();
-    let first = wait_for_pebble_cert(&pebble, addr, DOMAIN, None, Duration::from_secs(30)).await;
+    let Issued {
+        pebble,
+        tk,
+        addr,
+        first,
+        ..
+    } = first_certificate("acme-renew", 30, "").await;
 
     // A TURN/TLS allocation relaying to a UDP client, then quiet until the
     // swap; an HTTPS keep-alive connection kept busy across it.
@@ -256,14 +273,15 @@ async fn renewal_swaps_the_certificate_under_a_live_allocation_and_a_keep_alive(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acme_down_at_renewal_keeps_the_old_certificate_and_retries() {
-    let tls_port = free_tcp_port();
     // 45 s certificates: renewal due after 30 s, the first retry 10 s
     // later, before the old one expires.
-    let pebble = Pebble::start("acme-down", tls_port, free_tcp_port(), 45).await;
-    let cache = test_dir("acme-down-cache");
-    let tk = start("acme-down", tls_port, &pebble, &cache, "");
-    let addr = tk.tls.unwrap();
-    let first = wait_for_pebble_cert(&pebble, addr, DOMAIN, None, Duration::from_secs(30)).await;
+    let Issued {
+        pebble,
+        tk,
+        addr,
+        first,
+        ..
+    } = first_certificate("acme-down", 45, "").await;
     pebble.set_up(false);
 
     wait_metric(&tk, FAILED, 1.0, Duration::from_secs(45)).await;
@@ -297,14 +315,7 @@ async fn acme_down_at_renewal_keeps_the_old_certificate_and_retries() {
 /// Writes half of a ClientHello offering `acme-tls/1` alone, then waits:
 /// a validation handshake that never finishes.
 async fn half_acme_hello(mut tcp: tokio::net::TcpStream) -> tokio::net::TcpStream {
-    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"acme-tls/1".to_vec()];
+    let cfg = client_config(None, &[b"acme-tls/1"]);
     let name = ServerName::try_from(DOMAIN).unwrap();
     let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
     let mut hello = Vec::new();
@@ -315,18 +326,14 @@ async fn half_acme_hello(mut tcp: tokio::net::TcpStream) -> tokio::net::TcpStrea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_acme_handshakes_is_capped_and_never_disturbs_https_or_turn() {
-    let tls_port = free_tcp_port();
-    let pebble = Pebble::start("acme-flood", tls_port, free_tcp_port(), 0).await;
-    let cache = test_dir("acme-flood-cache");
-    let tk = start(
+    let Issued {
+        pebble, tk, addr, ..
+    } = first_certificate(
         "acme-flood",
-        tls_port,
-        &pebble,
-        &cache,
+        0,
         "tcp_unauth_per_ip = 8\ntcp_unauth_total = 64",
-    );
-    let addr = tk.tls.unwrap();
-    wait_for_pebble_cert(&pebble, addr, DOMAIN, None, Duration::from_secs(30)).await;
+    )
+    .await;
     let refused = r#"turnkey_stream_connections_total{result="refused_over_limit"}"#;
     let failed = r#"turnkey_stream_closed_total{reason="handshake_failed"}"#;
     let refused_before = tk.metric(refused);

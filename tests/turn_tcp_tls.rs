@@ -7,12 +7,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::stream::{
-    https_healthz, relay_both_ways, test_pki, tls_connect, tls_setup, udp_side, StreamTurn, TestPki,
+    https_healthz, relay_both_ways, test_pki, tls_connect, tls_setup, udp_side, ws_join,
+    StreamTurn, TestPki,
 };
 use common::{auth_section, base_config, Turnkey};
-use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::Message as Ws;
 
 /// turnkey with a TLS listener on a test certificate.
 fn tls_server(name: &str, turn_extra: &str) -> (Turnkey, TestPki, std::path::PathBuf) {
@@ -62,23 +61,7 @@ async fn one_port_serves_https_wss_and_turn_over_tls() {
 
     // WSS signaling on the same port.
     let tls = tls_connect(&pki, port, &[b"http/1.1"]).await;
-    let (mut ws, _) =
-        tokio_tungstenite::client_async(format!("wss://localhost:{}/ws", port.port()), tls)
-            .await
-            .expect("WSS upgrade");
-    ws.send(Ws::text(r#"{"type":"join","room":"tls"}"#))
-        .await
-        .unwrap();
-    let joined = loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("joined in time")
-        {
-            Some(Ok(Ws::Text(t))) => break serde_json::from_str::<serde_json::Value>(&t).unwrap(),
-            Some(Ok(_)) => continue,
-            other => panic!("no joined: {other:?}"),
-        }
-    };
+    let joined = ws_join(tls, &format!("wss://localhost:{}/ws", port.port()), "tls").await;
     assert_eq!(joined["type"], "joined");
     let urls = joined["iceServers"][1]["urls"].as_array().unwrap();
     assert!(

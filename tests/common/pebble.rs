@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use super::stream::{test_pki, TestPki};
+use super::stream::{client_config, test_pki, TestPki};
 use super::{require, test_dir};
 
 pub struct Pebble {
@@ -199,17 +199,7 @@ impl Pebble {
 
     /// A TLS client trusting pebble's root alone.
     pub fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.root_der.clone()).unwrap();
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        tokio_rustls::TlsConnector::from(Arc::new(client_config(Some(&self.root_der), alpn)))
     }
 }
 

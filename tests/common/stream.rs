@@ -116,17 +116,54 @@ impl TestPki {
     }
 
     pub fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca_der.clone()).unwrap();
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        tokio_rustls::TlsConnector::from(Arc::new(client_config(Some(&self.ca_der), alpn)))
+    }
+}
+
+/// A TLS client config that trusts `ca` alone (nothing when `None`) and
+/// offers `alpn`.
+pub fn client_config(
+    ca: Option<&rustls::pki_types::CertificateDer<'static>>,
+    alpn: &[&[u8]],
+) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = ca {
+        roots.add(ca.clone()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    cfg
+}
+
+/// Joins `room` over a WebSocket opened on `stream` at `url`: the
+/// `joined` message.
+pub async fn ws_join<S>(stream: S, url: &str, room: &str) -> serde_json::Value
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .expect("WebSocket upgrade");
+    ws.send(Ws::text(format!(r#"{{"type":"join","room":"{room}"}}"#)))
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("joined in time")
+        {
+            Some(Ok(Ws::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(_)) => continue,
+            other => panic!("no joined: {other:?}"),
+        }
     }
 }
 
