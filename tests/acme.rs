@@ -444,3 +444,43 @@ async fn http01_on_acme_listen_when_443_sits_behind_something_else() {
         assert_eq!(common::http_get(port80, path).0, 404, "{path}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_the_server_forgot_is_registered_anew() {
+    let Issued {
+        pebble,
+        tk,
+        addr,
+        cache,
+        first,
+    } = first_certificate("acme-forgot", 0, "").await;
+    drop(tk);
+    // The cached account's URL now names no account on the server (as
+    // after a CA reset or a deactivation), and the certificate is gone.
+    for entry in std::fs::read_dir(&cache).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("account-") {
+            let mut creds: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let id = format!("{}-forgotten", creds["id"].as_str().unwrap());
+            creds["id"] = id.into();
+            std::fs::write(&path, creds.to_string()).unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+    let tk = start("acme-forgot-again", addr.port(), &pebble, &cache, "");
+    // The first order fails on the unknown account and drops it; the retry
+    // 10 s later registers a new one and gets a certificate.
+    wait_metric(&tk, FAILED, 1.0, Duration::from_secs(15)).await;
+    assert!(
+        tk.log_contains("the cached account was dropped"),
+        "{}",
+        tk.log.lock().unwrap().join("\n")
+    );
+    wait_metric(&tk, ISSUED, 1.0, Duration::from_secs(30)).await;
+    let second =
+        wait_for_pebble_cert(&pebble, addr, DOMAIN, Some(&first), Duration::from_secs(5)).await;
+    assert_ne!(second, first);
+}
