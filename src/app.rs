@@ -23,11 +23,12 @@ use rand::Rng;
 use tokio::net::TcpListener;
 use tower_http::limit::RequestBodyLimitLayer;
 
+use crate::acme::Acme;
 use crate::config::{Config, Secret};
 use crate::control::{rules_from, Bound, Control, Parts};
 use crate::http::HttpState;
 use crate::lifecycle::Lifecycle;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TlsSources};
 use crate::public::{Gate, PublicStats};
 use crate::relay::setup::{Built, RelayFamilies};
 use crate::relay::Relay;
@@ -89,10 +90,7 @@ async fn start(
     } = Relay::from_config(&cfg, &families, rules.clone(), shared.clone(), life)
         .context("starting the TURN listeners")?;
     let listeners = Listeners::bind(&cfg, relay.local_addrs()).await?;
-    let certs = match (&cfg.tls.cert_file, &cfg.tls.key_file) {
-        (Some(c), Some(k)) if !listeners.tls.is_empty() => Some(CertStore::open(c, k)?),
-        _ => None,
-    };
+    let (certs, acme) = certificates(&cfg, !listeners.tls.is_empty())?;
     let control = Control::new(Parts {
         config: cfg.clone(),
         path: config_path,
@@ -115,6 +113,10 @@ async fn start(
         control.doorman().stats.clone(),
         usage.clone(),
         cfg.turn.relay_ports().len(),
+        TlsSources {
+            store: certs.clone(),
+            acme: acme.as_ref().map(Acme::stats),
+        },
     )?);
     let http_state = HttpState {
         control: control.clone(),
@@ -151,13 +153,42 @@ async fn start(
         public_app,
         crate::http::metrics_router(http_state),
         admin_app,
+        acme.as_ref().map(Acme::http01_app),
         &streams,
     );
-    if let Some(store) = certs {
-        life.spawn(store.watch(CERT_POLL, life.child()));
-    }
+    keep_current(life, certs, acme);
     tracing::info!("{ready}");
     Ok(Running { control, relay })
+}
+
+/// Where the TLS certificate comes from, with a TLS listener: files or
+/// ACME (exclusive, checked at load); either way one store that every
+/// handshake reads, kept current by the file watch or the ACME loop.
+fn certificates(
+    cfg: &Config,
+    tls_listeners: bool,
+) -> anyhow::Result<(Option<Arc<CertStore>>, Option<Acme>)> {
+    if !tls_listeners {
+        return Ok((None, None));
+    }
+    if !cfg.tls.acme_domains.is_empty() {
+        let http01 = cfg.http.acme_listen.is_some();
+        let (acme, store) = Acme::prepare(&cfg.tls, http01).context("ACME (tls.acme_*)")?;
+        return Ok((Some(store), Some(acme)));
+    }
+    match (&cfg.tls.cert_file, &cfg.tls.key_file) {
+        (Some(c), Some(k)) => Ok((Some(CertStore::open(c, k)?), None)),
+        _ => Ok((None, None)),
+    }
+}
+
+/// The task that keeps the certificate current until stop.
+fn keep_current(life: &Lifecycle, certs: Option<Arc<CertStore>>, acme: Option<Acme>) {
+    match (certs, acme) {
+        (_, Some(acme)) => life.spawn(acme.run(life.child())),
+        (Some(store), None) => life.spawn(store.watch(CERT_POLL, life.child())),
+        (None, None) => {}
+    }
 }
 
 impl Running {
@@ -190,6 +221,8 @@ struct Listeners {
     http: Vec<TcpListener>,
     metrics: Vec<TcpListener>,
     admin: Vec<TcpListener>,
+    /// `http.acme_listen`: ACME's HTTP-01 challenge only.
+    acme: Vec<TcpListener>,
 }
 
 impl Listeners {
@@ -205,6 +238,11 @@ impl Listeners {
             http: bind_all(vec![cfg.http.listen], "http.listen").await?,
             metrics: bind_all(vec![cfg.metrics.listen], "metrics.listen").await?,
             admin: bind_all(cfg.admin.listen.into_iter().collect(), "admin.listen").await?,
+            acme: bind_all(
+                cfg.http.acme_listen.into_iter().collect(),
+                "http.acme_listen",
+            )
+            .await?,
         })
     }
 
@@ -221,13 +259,14 @@ impl Listeners {
     /// For the ready line: every address, by what it serves.
     fn describe(&self, turn_addrs: &[SocketAddr]) -> String {
         format!(
-            "http={} turn={} tcp={} tls={} metrics={} admin={}",
+            "http={} turn={} tcp={} tls={} metrics={} admin={} acme={}",
             addr_list(&local(&self.http)),
             addr_list(turn_addrs),
             addr_list(&local(&self.tcp)),
             addr_list(&local(&self.tls)),
             addr_list(&local(&self.metrics)),
             addr_list(&local(&self.admin)),
+            addr_list(&local(&self.acme)),
         )
     }
 
@@ -244,6 +283,7 @@ impl Listeners {
         public_app: axum::Router,
         metrics_app: axum::Router,
         admin_app: axum::Router,
+        acme_app: Option<axum::Router>,
         streams: &Arc<Streams>,
     ) {
         let operator_gate = Gate::new(control.public_limits(), Arc::new(PublicStats::default()));
@@ -258,6 +298,14 @@ impl Listeners {
         }
         for l in self.http {
             life.spawn(http(&gate, l, &public_app));
+        }
+        // Port 80 for HTTP-01 counts against the public caps like the page.
+        for (l, app) in self
+            .acme
+            .into_iter()
+            .zip(std::iter::repeat(acme_app).flatten())
+        {
+            life.spawn(http(&gate, l, &app));
         }
         for (listeners, tls) in [(self.tcp, false), (self.tls, true)] {
             for l in listeners {
@@ -392,7 +440,8 @@ fn reload(control: &Control) {
         }
         Err(e) => tracing::error!("SIGHUP: new configuration refused, the old one stays: {e}"),
     }
-    if let Some(store) = control.certs() {
+    // An ACME store has no files: its loop renews by itself.
+    if let Some(store) = control.certs().filter(|s| s.has_files()) {
         match store.reload() {
             Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
             Err(e) => tracing::error!("SIGHUP: TLS certificate refused, the old one stays: {e}"),

@@ -2,6 +2,7 @@
 //! page in one binary.
 
 pub mod access;
+pub mod acme;
 pub mod admin;
 pub mod app;
 pub mod budget;

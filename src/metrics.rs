@@ -93,11 +93,19 @@ pub struct Metrics {
     public: Arc<crate::public::PublicStats>,
     access: Arc<crate::access::AccessStats>,
     usage: UsageSeries,
+    tls: TlsSources,
     relay_ports_total: i64,
     counters: Vec<(IntCounterVec, Vec<String>, Source)>,
     gauges: Vec<(IntGaugeVec, Vec<String>, GaugeSource)>,
     /// Serialises scrapes so counter deltas are computed once.
     scrape: Mutex<()>,
+}
+
+/// The certificate store and the ACME counters, when there are any.
+#[derive(Default)]
+pub struct TlsSources {
+    pub store: Option<Arc<crate::tls::CertStore>>,
+    pub acme: Option<Arc<crate::acme::AcmeStats>>,
 }
 
 /// Where a counter's value comes from.
@@ -121,6 +129,7 @@ impl Metrics {
         access: Arc<crate::access::AccessStats>,
         usage: Arc<UsageBook>,
         relay_ports_total: usize,
+        tls: TlsSources,
     ) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         #[cfg(target_os = "linux")]
@@ -139,6 +148,7 @@ impl Metrics {
             public,
             access,
             usage,
+            tls,
             relay_ports_total: relay_ports_total as i64,
             counters: Vec::new(),
             gauges: Vec::new(),
@@ -149,6 +159,7 @@ impl Metrics {
         m.stream()?;
         m.public()?;
         m.access()?;
+        m.certificates()?;
         Ok(m)
     }
 
@@ -600,6 +611,7 @@ impl Metrics {
             &["reason"],
             vec![
                 (vec!["handshake_failed"], pick(|s| &s.handshake_failures)),
+                (vec!["acme_challenge"], pick(|s| &s.acme_challenges)),
                 (vec!["timeout"], pick(|s| &s.timed_out)),
                 (vec!["protocol_error"], pick(|s| &s.protocol_errors)),
             ],
@@ -643,6 +655,46 @@ impl Metrics {
                 Box::new(|s: &[Arc<TurnStats>], _: &SignalStats| sum(s, |t| &t.stream_overflows)),
             )],
         )?;
+        Ok(())
+    }
+
+    /// The served certificate's expiry (with a TLS listener) and the ACME
+    /// orders (with `tls.acme_domains`): exported only when they exist, so
+    /// an alert on "expires soon" never fires for an appliance without TLS.
+    fn certificates(&mut self) -> Result<(), prometheus::Error> {
+        if let Some(store) = self.tls.store.clone() {
+            self.gauge(
+                "turnkey_tls_certificate_expiry_timestamp_seconds",
+                "When the certificate served on the TLS port expires (Unix time).",
+                &[],
+                vec![(
+                    vec![],
+                    Box::new(move |_: &[Arc<TurnStats>], _: &SignalStats, _| store.expiry()),
+                )],
+            )?;
+        }
+        if let Some(acme) = self.tls.acme.clone() {
+            let a2 = acme.clone();
+            self.counter(
+                "turnkey_tls_acme_orders_total",
+                "ACME certificate orders by result.",
+                &["result"],
+                vec![
+                    (
+                        vec!["issued"],
+                        Box::new(move |_: &[Arc<TurnStats>], _: &SignalStats| {
+                            acme.issued.load(Relaxed)
+                        }),
+                    ),
+                    (
+                        vec!["failed"],
+                        Box::new(move |_: &[Arc<TurnStats>], _: &SignalStats| {
+                            a2.failed.load(Relaxed)
+                        }),
+                    ),
+                ],
+            )?;
+        }
         Ok(())
     }
 

@@ -3,7 +3,8 @@
 //! Each connection is a tokio task. It may start with a PROXY protocol v2
 //! header (only from configured balancers), then TLS when the listener is
 //! a TLS one; then it is told apart by ALPN (`h2`/`http/1.1` → HTTP,
-//! `stun.turn` → TURN) or, without ALPN, by its first byte: a STUN header
+//! `stun.turn` → TURN, `acme-tls/1` → closed after the handshake, RFC 8737)
+//! or, without ALPN, by its first byte: a STUN header
 //! (0x00–0x03) is TURN, anything else HTTP (a TURN client cannot start with
 //! ChannelData, and HTTP methods start with letters). So one port can serve
 //! the page, WSS signaling and `turns:` at once.
@@ -65,6 +66,8 @@ pub struct StreamStats {
     pub accepted: AtomicU64,
     pub refused_over_limit: AtomicU64,
     pub handshake_failures: AtomicU64,
+    /// TLS-ALPN-01 validation handshakes (`acme-tls/1`), closed unrouted.
+    pub acme_challenges: AtomicU64,
     pub timed_out: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub open_turn: AtomicU64,
@@ -197,6 +200,15 @@ impl Streams {
                 }
             };
             let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+            if alpn.as_deref() == Some(crate::tls::ALPN_ACME) {
+                // RFC 8737 §3: the ACME server only looks at the
+                // certificate; nothing is routed, and the slot it held under
+                // the pre-authentication caps frees as it ends.
+                inc(&self.stats.acme_challenges);
+                let mut stream = stream;
+                let _ = timeout(limits.handshake_timeout, stream.shutdown()).await;
+                return;
+            }
             let ft = FiveTuple {
                 client,
                 server: local,

@@ -12,7 +12,9 @@
 //!
 //! Chromium verifies the TLS certificate of a `turns:` server like any
 //! other, so the TLS run trusts the test CA the honest way: in an NSS
-//! database under a throwaway HOME, made with `certutil`.
+//! database under a throwaway HOME, made with `certutil`. A third run gets
+//! the certificate by ACME from Pebble (Let's Encrypt's test server) and
+//! loads the page itself over HTTPS with it, trusting Pebble's root alone.
 
 mod common;
 
@@ -21,6 +23,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::pebble::{free_tcp_port, wait_for_pebble_cert, Pebble};
 use common::stream::test_pki;
 use common::{auth_section, base_config, require, test_dir, Turnkey};
 use serde_json::Value;
@@ -62,16 +65,58 @@ fn two_browsers_call_over_turn_tcp_only() {
     call_over(Transport::Tcp);
 }
 
-fn call_over(transport: Transport) {
+/// The page over HTTPS on turnkey's one TLS port, with a certificate
+/// turnkey got by ACME (TLS-ALPN-01 against Pebble on loopback), and a
+/// relay-only call over `turns:` on that same port and certificate.
+#[test]
+fn two_browsers_call_over_turns_with_an_acme_certificate() {
+    let _turn = browser_turn();
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let tls_port = free_tcp_port();
+    let pebble = rt.block_on(Pebble::start("browser-acme", tls_port, free_tcp_port(), 0));
+    let cache = test_dir("browser-acme-cache");
+    let config = base_config(&format!(
+        "{}\n[tls]\nlisten = [\"127.0.0.1:{tls_port}\"]\n{}",
+        auth_section(),
+        pebble.acme_keys(&["localhost"], &cache)
+    ));
+    let t = Turnkey::start("browser-acme", &config);
+    let addr = t.tls.expect("TLS listener");
+    rt.block_on(wait_for_pebble_cert(
+        &pebble,
+        addr,
+        "localhost",
+        None,
+        Duration::from_secs(30),
+    ));
+    let home = test_dir("browser-acme-files").join("home");
+    std::fs::create_dir_all(&home).expect("create HOME");
+    common::stream::trust_ca_in_nss(&home, &pebble.root_pem);
+    // The page itself over HTTPS: its signaling is WSS and its `turns:`
+    // URL the same host and port.
+    let base = format!("https://localhost:{}/", addr.port());
+    call_and_check(&t, &home, &base, Transport::Tls);
+}
+
+/// The tools a browser run needs, and its turn (one run at a time).
+fn browser_turn() -> std::sync::MutexGuard<'static, ()> {
     require("chromium", "chromium");
     require("node", "nodejs");
     require("npm", "npm");
     require("certutil", "libnss3-tools");
-    let _turn = ONE_BROWSER_AT_A_TIME
+    let turn = ONE_BROWSER_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let harness = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    common::ensure_node_modules(&harness);
+    common::ensure_node_modules(&harness());
+    turn
+}
+
+fn harness() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+fn call_over(transport: Transport) {
+    let _turn = browser_turn();
 
     // Not turnkey's own directory name: Turnkey::start empties that one.
     let dir = test_dir(&format!("browser-{}-files", transport.name()));
@@ -100,12 +145,19 @@ fn call_over(transport: Transport) {
     // `localhost`, not 127.0.0.1: the page's iceServers carry the host it
     // was loaded from, and the certificate names `localhost`.
     let base = format!("http://localhost:{}/", t.http.port());
+    call_and_check(&t, &home, &base, transport);
+}
+
+/// Runs e2e-transport.mjs on `base` with Chromium's HOME at `home`, and
+/// checks that the media crossed turnkey's relay on `transport` alone.
+fn call_and_check(t: &Turnkey, home: &Path, base: &str, transport: Transport) {
+    let harness = harness();
     let started = Instant::now();
     let mut node = Command::new("node");
     node.arg(harness.join("e2e-transport.mjs"))
-        .arg(&base)
+        .arg(base)
         .arg(transport.name())
-        .env("HOME", &home)
+        .env("HOME", home)
         .current_dir(&harness);
     let (ok, stdout, stderr) = common::run_with_timeout(node, HARNESS_TIMEOUT);
     eprintln!(

@@ -24,12 +24,12 @@ use serde_json::Value;
 /// on PATH may be another interpreter without it).
 const PYTHON: &str = "/usr/bin/python3";
 
-/// The README's steps that fill in config/vps.toml and turn on `[tls]`.
+/// The README's steps that fill in config/vps.toml (whose `[tls]` uses
+/// ACME) and, for certbot instead, switch it to certificate files.
 const ETC_CONFIG: &str = "/etc/turnkey/turnkey.toml";
 const SET_HOST_AND_IP: &str =
     r#"sed -i "s/turn\.example\.com/$DOMAIN/; s/203\.0\.113\.7/$IP/" /etc/turnkey/turnkey.toml"#;
-const UNCOMMENT_TLS: &str =
-    r#"s/^# (\[tls\]|listen = \["0\.0\.0\.0:443"\]|cert_file = |key_file = )/\1/"#;
+const USE_CERT_FILES: &str = r#"s/^(acme_domains = )/# \1/; s/^# (cert_file = |key_file = )/\1/"#;
 
 fn ok(what: &str, out: Output) -> String {
     assert!(
@@ -380,12 +380,13 @@ fn the_vps_config_passes_check_config() {
     }
 
     // The README's steps on a copy, by its own commands: the host name and
-    // IP put in (step 3), then [tls] uncommented (step 5) with a
-    // certificate where the deploy hook puts it.
+    // IP put in (step 3), which makes ACME ask for that name; then the
+    // certbot alternative of step 5, with a certificate where its deploy
+    // hook puts it.
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     for step in [
         SET_HOST_AND_IP,
-        &format!("sed -i -E '{UNCOMMENT_TLS}' {ETC_CONFIG}"),
+        &format!("sed -i -E '{USE_CERT_FILES}' {ETC_CONFIG}"),
     ] {
         assert!(
             readme.contains(step),
@@ -410,6 +411,7 @@ fn the_vps_config_passes_check_config() {
     for want in [
         "public_host = \"turn.lab.test\"",
         "external_ip = \"198.51.100.7\"",
+        "acme_domains = [\"turn.lab.test\"]",
     ] {
         assert!(
             shown.contains(want),
@@ -419,15 +421,17 @@ fn the_vps_config_passes_check_config() {
 
     make_test_certificate(&dir);
     let step5 = Command::new("sed")
-        .args(["-i", "-E", UNCOMMENT_TLS])
+        .args(["-i", "-E", USE_CERT_FILES])
         .arg(&copy)
         .output()
         .expect("run sed");
     ok("the README's step 5", step5);
     let text = std::fs::read_to_string(&copy).unwrap();
     assert!(
-        text.contains("\n[tls]\n"),
-        "the README's sed did not uncomment [tls]"
+        text.contains("\n[tls]\n")
+            && text.contains("\n# acme_domains = ")
+            && text.contains("\ncert_file = "),
+        "the README's sed did not switch [tls] to certificate files"
     );
     let text = text
         .replace(

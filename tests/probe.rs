@@ -294,7 +294,7 @@ fn names_a_refused_token() {
 
 #[test]
 fn names_a_certificate_for_another_name() {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
@@ -307,7 +307,9 @@ fn names_a_certificate_for_another_name() {
         .distinguished_name
         .push(DnType::CommonName, "elsewhere.example");
     let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let cert = params
+        .signed_by(&key, &Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
 
     let dir = test_dir("probe-cert-name-files");
     let (cert_file, key_file, ca_file) = (

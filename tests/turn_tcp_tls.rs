@@ -6,12 +6,12 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::raw::Raw;
-use common::stream::{https_healthz, test_pki, tls_connect, tls_setup, StreamTurn, TestPki};
+use common::stream::{
+    https_healthz, relay_both_ways, test_pki, tls_connect, tls_setup, udp_side, ws_join,
+    StreamTurn, TestPki,
+};
 use common::{auth_section, base_config, Turnkey};
-use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::Message as Ws;
 
 /// turnkey with a TLS listener on a test certificate.
 fn tls_server(name: &str, turn_extra: &str) -> (Turnkey, TestPki, std::path::PathBuf) {
@@ -22,45 +22,6 @@ fn tls_server(name: &str, turn_extra: &str) -> (Turnkey, TestPki, std::path::Pat
         auth_section(),
     );
     (Turnkey::start(name, &cfg), pki, dir)
-}
-
-/// A UDP client with an allocation and a channel towards `peer`.
-fn udp_side(tk: &Turnkey) -> (Raw, SocketAddr) {
-    let mut b = Raw::new(tk.turn, "bob", "builder-of-things");
-    let rb = b.allocate().expect("bob allocates over UDP");
-    (b, rb)
-}
-
-/// Exchanges ChannelData between a stream client (channel 0x4001 to the
-/// UDP client's relay) and the UDP client (channel 0x4002 back).
-async fn relay_both_ways<S>(a: &mut StreamTurn<S>, ra: SocketAddr, b: &mut Raw, rb: SocketAddr)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    a.bind_channel(0x4001, rb)
-        .await
-        .expect("stream client binds");
-    b.bind_channel(0x4002, ra).expect("udp client binds");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        a.channel_data(0x4001, b"over the stream").await;
-        if let Some((_, Some(0x4002), d)) = b.recv_data(Duration::from_millis(200)) {
-            assert_eq!(d, b"over the stream");
-            break;
-        }
-        assert!(Instant::now() < deadline, "stream → udp never arrived");
-    }
-    loop {
-        b.channel_data(0x4002, b"back to the stream (odd)");
-        if let Some((n, d)) = a.recv_channel(Duration::from_millis(200)).await {
-            assert_eq!(
-                (n, d.as_slice()),
-                (0x4001, &b"back to the stream (odd)"[..])
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "udp → stream never arrived");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,23 +61,7 @@ async fn one_port_serves_https_wss_and_turn_over_tls() {
 
     // WSS signaling on the same port.
     let tls = tls_connect(&pki, port, &[b"http/1.1"]).await;
-    let (mut ws, _) =
-        tokio_tungstenite::client_async(format!("wss://localhost:{}/ws", port.port()), tls)
-            .await
-            .expect("WSS upgrade");
-    ws.send(Ws::text(r#"{"type":"join","room":"tls"}"#))
-        .await
-        .unwrap();
-    let joined = loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("joined in time")
-        {
-            Some(Ok(Ws::Text(t))) => break serde_json::from_str::<serde_json::Value>(&t).unwrap(),
-            Some(Ok(_)) => continue,
-            other => panic!("no joined: {other:?}"),
-        }
-    };
+    let joined = ws_join(tls, &format!("wss://localhost:{}/ws", port.port()), "tls").await;
     assert_eq!(joined["type"], "joined");
     let urls = joined["iceServers"][1]["urls"].as_array().unwrap();
     assert!(

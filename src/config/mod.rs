@@ -198,7 +198,23 @@ pub struct TlsConfig {
     /// front forwards a different one (e.g. 443 → 5349). Unset = the
     /// first `tls.listen` port.
     pub public_port: Option<u16>,
+    /// Names to get a certificate for by ACME (TLS-ALPN-01 on the TLS
+    /// port). Empty = off; exclusive with `cert_file`/`key_file`.
+    pub acme_domains: Vec<String>,
+    /// Contact address given to the ACME server (expiry notices).
+    pub acme_email: Option<String>,
+    /// The ACME server's directory URL.
+    pub acme_directory: String,
+    /// PEM of a CA to trust for the ACME server's own HTTPS (a private or
+    /// test CA); unset = the system's roots.
+    pub acme_ca_file: Option<PathBuf>,
+    /// Where the ACME account key and the certificate are kept (0700), so
+    /// a restart serves the cached certificate instead of ordering anew.
+    pub acme_cache_dir: PathBuf,
 }
+
+/// Let's Encrypt's production directory: the default ACME server.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 impl Default for TlsConfig {
     fn default() -> Self {
@@ -208,6 +224,11 @@ impl Default for TlsConfig {
             key_file: None,
             handshake_timeout_ms: 5000,
             public_port: None,
+            acme_domains: Vec::new(),
+            acme_email: None,
+            acme_directory: LETS_ENCRYPT.to_string(),
+            acme_ca_file: None,
+            acme_cache_dir: PathBuf::from("/var/lib/turnkey/acme"),
         }
     }
 }
@@ -292,6 +313,9 @@ pub struct HttpConfig {
     /// microseconds per message, and with a second worker nearly every
     /// message also woke the idle one (issue 13: a third of the CPU).
     pub threads: usize,
+    /// Plain HTTP for ACME's HTTP-01 challenge (port 80), for set-ups
+    /// where 443 sits behind something else; off (TLS-ALPN-01) unless set.
+    pub acme_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -449,6 +473,7 @@ impl Default for HttpConfig {
             max_connections: 8192,
             trusted_proxies: Vec::new(),
             threads: 1,
+            acme_listen: None,
         }
     }
 }
@@ -554,6 +579,7 @@ impl Config {
                 .with_list_parse_key("turn.tcp_listen")
                 .with_list_parse_key("turn.proxy_protocol_from")
                 .with_list_parse_key("tls.listen")
+                .with_list_parse_key("tls.acme_domains")
                 .with_list_parse_key("turn.allowed_peer_ranges")
                 .with_list_parse_key("turn.denied_peer_ranges")
                 .with_list_parse_key("auth.secrets")

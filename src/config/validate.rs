@@ -25,6 +25,7 @@ impl Config {
         validate_auth(&self.auth)?;
         validate_signaling(&self.signaling)?;
         validate_tls(&self.tls)?;
+        validate_acme_listen(&self.http, &self.tls)?;
         validate_metrics(&self.metrics, &self.http)?;
         validate_access(&self.access)?;
         validate_admin(&self.admin, &self.http)?;
@@ -242,13 +243,20 @@ fn validate_signaling(s: &SignalingConfig) -> Result<(), ConfigError> {
 }
 
 fn validate_tls(tls: &TlsConfig) -> Result<(), ConfigError> {
-    if !tls.listen.is_empty() {
+    if !tls.acme_domains.is_empty() {
+        validate_acme(tls)?;
+    } else if !tls.listen.is_empty() {
         for (key, file) in [
             ("tls.cert_file", &tls.cert_file),
             ("tls.key_file", &tls.key_file),
         ] {
             match file {
-                None => return Err(invalid(key, "is required when tls.listen is set")),
+                None => {
+                    return Err(invalid(
+                        key,
+                        "is required when tls.listen is set (or set tls.acme_domains)",
+                    ))
+                }
                 Some(f) if !f.is_file() => {
                     return Err(invalid(
                         key,
@@ -261,6 +269,64 @@ fn validate_tls(tls: &TlsConfig) -> Result<(), ConfigError> {
     }
     if tls.handshake_timeout_ms == 0 {
         return Err(invalid("tls.handshake_timeout_ms", "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// HTTP-01 is an ACME challenge: without ACME the listener would serve
+/// nothing.
+fn validate_acme_listen(http: &HttpConfig, tls: &TlsConfig) -> Result<(), ConfigError> {
+    if http.acme_listen.is_some() && tls.acme_domains.is_empty() {
+        return Err(invalid(
+            "http.acme_listen",
+            "answers ACME's HTTP-01 challenge: it needs tls.acme_domains",
+        ));
+    }
+    Ok(())
+}
+
+/// ACME answers TLS-ALPN-01 on the TLS port, so it needs one; it owns the
+/// certificate, so files are refused rather than silently ignored.
+fn validate_acme(tls: &TlsConfig) -> Result<(), ConfigError> {
+    if tls.cert_file.is_some() || tls.key_file.is_some() {
+        return Err(invalid(
+            "tls.acme_domains",
+            "and tls.cert_file/tls.key_file are exclusive: ACME gets the certificate itself",
+        ));
+    }
+    if tls.listen.is_empty() {
+        return Err(invalid(
+            "tls.acme_domains",
+            "needs tls.listen: the ACME server checks the domain on the TLS port (TLS-ALPN-01)",
+        ));
+    }
+    for d in &tls.acme_domains {
+        let name = rustls::pki_types::ServerName::try_from(d.as_str());
+        if !matches!(name, Ok(rustls::pki_types::ServerName::DnsName(_))) || d.starts_with("*.") {
+            return Err(invalid(
+                "tls.acme_domains",
+                format!("{d:?} is not a DNS name (no addresses, no wildcards)"),
+            ));
+        }
+    }
+    if !tls.acme_directory.starts_with("https://") {
+        return Err(invalid("tls.acme_directory", "must be an https:// URL"));
+    }
+    if let Some(e) = &tls.acme_email {
+        if !e.contains('@') || e.contains(char::is_whitespace) {
+            return Err(invalid(
+                "tls.acme_email",
+                format!("{e:?} is not an e-mail address"),
+            ));
+        }
+    }
+    if let Some(f) = &tls.acme_ca_file {
+        if !f.is_file() {
+            return Err(invalid(
+                "tls.acme_ca_file",
+                format!("{} does not exist or is not a file", f.display()),
+            ));
+        }
     }
     Ok(())
 }
@@ -439,5 +505,65 @@ mod tests {
         for bad in [both, neither, no_limit] {
             assert!(check(bad.clone()).is_err(), "{bad:?}");
         }
+    }
+
+    fn acme_tls() -> TlsConfig {
+        TlsConfig {
+            listen: vec!["127.0.0.1:443".parse().unwrap()],
+            acme_domains: vec!["turn.example.com".into()],
+            ..TlsConfig::default()
+        }
+    }
+
+    fn problem(tls: &TlsConfig) -> Option<String> {
+        validate_tls(tls).err().map(|e| e.to_string())
+    }
+
+    #[test]
+    fn acme_needs_no_files_and_refuses_them() {
+        assert_eq!(problem(&acme_tls()), None);
+        let mut both = acme_tls();
+        both.cert_file = Some("/etc/hostname".into());
+        let p = problem(&both).unwrap();
+        assert!(
+            p.contains("tls.acme_domains") && p.contains("exclusive"),
+            "{p}"
+        );
+        // Without ACME, files stay required.
+        let mut neither = acme_tls();
+        neither.acme_domains.clear();
+        assert!(problem(&neither).unwrap().contains("tls.cert_file"));
+    }
+
+    #[test]
+    fn http01_needs_acme() {
+        let http = HttpConfig {
+            acme_listen: Some("127.0.0.1:80".parse().unwrap()),
+            ..HttpConfig::default()
+        };
+        assert!(validate_acme_listen(&http, &acme_tls()).is_ok());
+        let e = validate_acme_listen(&http, &TlsConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("http.acme_listen"), "{e}");
+    }
+
+    #[test]
+    fn acme_checks_its_keys() {
+        let mut no_listener = acme_tls();
+        no_listener.listen.clear();
+        assert!(problem(&no_listener).unwrap().contains("needs tls.listen"));
+        for bad in ["*.example.com", "127.0.0.1", "not a name", ""] {
+            let mut t = acme_tls();
+            t.acme_domains = vec![bad.into()];
+            assert!(problem(&t).unwrap().contains("tls.acme_domains"), "{bad}");
+        }
+        let mut plain = acme_tls();
+        plain.acme_directory = "http://acme.example/dir".into();
+        assert!(problem(&plain).unwrap().contains("tls.acme_directory"));
+        let mut mail = acme_tls();
+        mail.acme_email = Some("nobody".into());
+        assert!(problem(&mail).unwrap().contains("tls.acme_email"));
+        let mut ca = acme_tls();
+        ca.acme_ca_file = Some("/nonexistent/ca.pem".into());
+        assert!(problem(&ca).unwrap().contains("tls.acme_ca_file"));
     }
 }

@@ -2,6 +2,7 @@
 //! temp dir, loopback listeners on free ports, the process killed on drop.
 #![allow(dead_code)]
 
+pub mod pebble;
 pub mod raw;
 pub mod stream;
 pub mod ws;

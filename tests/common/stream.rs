@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use stun::attributes::*;
 use stun::error_code::ErrorCodeAttribute;
@@ -31,7 +31,7 @@ pub struct TestPki {
 }
 
 pub fn test_pki(cn: &str) -> TestPki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
@@ -43,7 +43,9 @@ pub fn test_pki(cn: &str) -> TestPki {
         CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
     params.distinguished_name.push(DnType::CommonName, cn);
     let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let cert = params
+        .signed_by(&key, &Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
     TestPki {
         ca_der: ca.der().clone(),
         ca_pem: ca.pem(),
@@ -114,17 +116,54 @@ impl TestPki {
     }
 
     pub fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca_der.clone()).unwrap();
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        tokio_rustls::TlsConnector::from(Arc::new(client_config(Some(&self.ca_der), alpn)))
+    }
+}
+
+/// A TLS client config that trusts `ca` alone (nothing when `None`) and
+/// offers `alpn`.
+pub fn client_config(
+    ca: Option<&rustls::pki_types::CertificateDer<'static>>,
+    alpn: &[&[u8]],
+) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = ca {
+        roots.add(ca.clone()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    cfg
+}
+
+/// Joins `room` over a WebSocket opened on `stream` at `url`: the
+/// `joined` message.
+pub async fn ws_join<S>(stream: S, url: &str, room: &str) -> serde_json::Value
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .expect("WebSocket upgrade");
+    ws.send(Ws::text(format!(r#"{{"type":"join","room":"{room}"}}"#)))
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("joined in time")
+        {
+            Some(Ok(Ws::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(_)) => continue,
+            other => panic!("no joined: {other:?}"),
+        }
     }
 }
 
@@ -340,5 +379,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamTurn<S> {
                 Frame::Stun(_) => continue,
             }
         }
+    }
+}
+
+/// A UDP client with an allocation and a channel towards `peer`.
+pub fn udp_side(tk: &super::Turnkey) -> (super::raw::Raw, SocketAddr) {
+    let mut b = super::raw::Raw::new(tk.turn, "bob", "builder-of-things");
+    let rb = b.allocate().expect("bob allocates over UDP");
+    (b, rb)
+}
+
+/// Exchanges ChannelData between a stream client (channel 0x4001 to the
+/// UDP client's relay) and the UDP client (channel 0x4002 back).
+pub async fn relay_both_ways<S>(
+    a: &mut StreamTurn<S>,
+    ra: SocketAddr,
+    b: &mut super::raw::Raw,
+    rb: SocketAddr,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    a.bind_channel(0x4001, rb)
+        .await
+        .expect("stream client binds");
+    b.bind_channel(0x4002, ra).expect("udp client binds");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        a.channel_data(0x4001, b"over the stream").await;
+        if let Some((_, Some(0x4002), d)) = b.recv_data(Duration::from_millis(200)) {
+            assert_eq!(d, b"over the stream");
+            break;
+        }
+        assert!(Instant::now() < deadline, "stream → udp never arrived");
+    }
+    loop {
+        b.channel_data(0x4002, b"back to the stream (odd)");
+        if let Some((n, d)) = a.recv_channel(Duration::from_millis(200)).await {
+            assert_eq!(
+                (n, d.as_slice()),
+                (0x4001, &b"back to the stream (odd)"[..])
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "udp → stream never arrived");
     }
 }
