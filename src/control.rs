@@ -82,6 +82,19 @@ pub struct Control {
 }
 
 /// The relay's rules from a config.
+/// The `allocations` of the byte budgets, per user or label.
+fn allocation_caps(budgets: &[crate::config::BudgetConfig]) -> Vec<(Revokee, usize)> {
+    budgets
+        .iter()
+        .filter(|b| b.allocations > 0)
+        .filter_map(|b| match (&b.user, &b.label) {
+            (Some(u), None) => Some((Revokee::User(u.clone()), b.allocations)),
+            (None, Some(l)) => Some((Revokee::Label(l.clone()), b.allocations)),
+            _ => None,
+        })
+        .collect()
+}
+
 pub fn rules_from(cfg: &Config, generated: &Secret, relay_ips: Vec<IpAddr>) -> Rules {
     let t = &cfg.turn;
     let secrets = if cfg.auth.secrets.is_empty() {
@@ -110,6 +123,7 @@ pub fn rules_from(cfg: &Config, generated: &Secret, relay_ips: Vec<IpAddr>) -> R
         alternate_server: cfg.drain.alternate_server,
         limits: Limits {
             ip_quota: t.ip_quota,
+            allocation_caps: allocation_caps(&cfg.usage.budgets),
             max_bps: t.max_bps,
             bps_capacity: t.bps_capacity,
             max_allocation_age: t.max_allocation_age(),

@@ -149,6 +149,8 @@ pub struct BudgetConfig {
     pub label: Option<String>,
     pub bytes_per_day: u64,
     pub bytes_per_month: u64,
+    /// Concurrent allocations; one more gets 486 (whatever `action`).
+    pub allocations: usize,
     pub action: BudgetAction,
 }
 

@@ -415,10 +415,10 @@ fn validate_usage(u: &UsageConfig) -> Result<(), ConfigError> {
                 "each budget names exactly one of `user` and `label`",
             ));
         }
-        if b.bytes_per_day == 0 && b.bytes_per_month == 0 {
+        if b.bytes_per_day == 0 && b.bytes_per_month == 0 && b.allocations == 0 {
             return Err(invalid(
                 "usage.budgets",
-                "each budget needs bytes_per_day or bytes_per_month",
+                "each budget needs bytes_per_day, bytes_per_month or allocations",
             ));
         }
     }
