@@ -496,16 +496,7 @@ fn a_budgets_concurrent_allocations_refuse_one_more_with_486() {
         "usage-allocations",
         &config("[[usage.budgets]]\nlabel = \"acme\"\nallocations = 2\n"),
     );
-    let client = |user: &str, label: &str| {
-        let cred = turnkey::turn::auth::mint_labelled(
-            SECRET,
-            user,
-            Some(label),
-            turnkey::ice::unix_now(),
-            600,
-        );
-        Raw::new(tk.turn, &cred.username, &cred.password)
-    };
+    let client = |user: &str, label: &str| Raw::labelled(tk.turn, user, label);
     let mut ann = client("ann", "acme");
     ann.allocate().expect("the first of acme");
     client("ben", "acme")

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::raw::Raw;
-use common::{admin_with, auth_section, base_config, Turnkey, SECRET};
+use common::{admin_with, auth_section, base_config, Turnkey};
 use hmac13::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
@@ -161,14 +161,7 @@ fn config(sink: SocketAddr, more: &str) -> String {
 
 /// A client of `user` (label `label`) allocated; its relayed address.
 fn client(tk: &Turnkey, user: &str, label: &str) -> (Raw, SocketAddr) {
-    let cred = turnkey::turn::auth::mint_labelled(
-        SECRET,
-        user,
-        Some(label),
-        turnkey::ice::unix_now(),
-        600,
-    );
-    let mut c = Raw::new(tk.turn, &cred.username, &cred.password);
+    let mut c = Raw::labelled(tk.turn, user, label);
     let relayed = c.allocate().expect("allocate");
     (c, relayed)
 }
