@@ -11,7 +11,9 @@
 //! back-off (capped by `retry_max_secs`) until a 2xx or `max_attempts`:
 //! delivery is at least once (a POST that timed out after the sink took
 //! it is sent again), and each event carries a unique `id` so the sink can
-//! drop duplicates. The URL, secret and events are read at each event, so
+//! drop duplicates. At stop, delivery goes on for up to a second for what
+//! is queued (a drain that ends at once still announces itself); what is
+//! left then is lost. The URL, secret and events are read at each event, so
 //! SIGHUP applies them; the queue's size is fixed at start.
 
 use std::net::SocketAddr;
@@ -46,6 +48,10 @@ pub const SIGNATURE_HEADER: &str = "x-turnkey-signature";
 
 /// The first pause after a failed attempt; it doubles up to the cap.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
+
+/// How long delivery goes on after the stop token, for what is queued
+/// (within the appliance's stop grace, `app.rs`).
+const FLUSH: Duration = Duration::from_secs(1);
 
 /// Who an event is about: a user or a label (a budget's or a
 /// revocation's subject).
@@ -290,13 +296,27 @@ impl Webhooks {
     ) {
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
+        // At stop, what is queued (a drain's `node.draining` among it)
+        // still gets up to FLUSH; then the task ends whatever is left.
+        let over = async {
+            stop.cancelled().await;
+            tokio::time::sleep(FLUSH).await;
+        };
+        tokio::pin!(over);
         loop {
-            let pending = tokio::select! {
-                p = receiver.recv() => match p {
-                    Some(p) => p,
-                    None => return,
-                },
-                () = stop.cancelled() => return,
+            let pending = if stop.is_cancelled() {
+                match receiver.try_recv() {
+                    Ok(p) => p,
+                    Err(_) => return,
+                }
+            } else {
+                tokio::select! {
+                    p = receiver.recv() => match p {
+                        Some(p) => p,
+                        None => return,
+                    },
+                    () = stop.cancelled() => continue,
+                }
             };
             self.stats.queued.fetch_sub(1, Relaxed);
             let mut pause = FIRST_RETRY;
@@ -310,7 +330,7 @@ impl Webhooks {
                 let attempt = post(&client, &cfg, &pending);
                 let ok = tokio::select! {
                     r = attempt => r,
-                    () = stop.cancelled() => return,
+                    () = &mut over => return,
                 };
                 attempts += 1;
                 match ok {
@@ -330,7 +350,7 @@ impl Webhooks {
                 }
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
-                    () = stop.cancelled() => return,
+                    () = &mut over => return,
                 }
                 pause = (pause * 2).min(Duration::from_secs(cfg.retry_max_secs));
             }

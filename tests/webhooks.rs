@@ -2,8 +2,9 @@
 //! (a small HTTP/1.1 server on 127.0.0.1) recomputes every event's
 //! HMAC-SHA256 and collects the events by id. A call's
 //! `allocation.started` and `allocation.ended` arrive with the bytes sent;
-//! a spent budget, a revocation and a drain arrive too; and with the sink
-//! away for 20 s every event still arrives once it is back.
+//! a spent budget, a revocation and a drain arrive too (also from a node
+//! whose drain ends at once); and with the sink away for 20 s every event
+//! still arrives once it is back.
 
 mod common;
 
@@ -337,6 +338,21 @@ fn events_wait_for_a_sink_that_is_away_for_20_seconds() {
         tk.metric(r#"turnkey_webhooks_dropped_total{reason="attempts"}"#),
         0.0
     );
+}
+
+#[test]
+fn an_empty_node_announces_its_drain_before_it_exits() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink_addr = listener.local_addr().unwrap();
+    let sink = Sink::serve(listener);
+    let mut tk = Turnkey::start("webhooks-drain", &config(sink_addr, ""));
+    // Nothing holds the drain open: the process stops at once.
+    tk.signal(libc::SIGUSR1);
+    assert!(
+        tk.wait_exit(Duration::from_secs(10)).is_some(),
+        "the drain ended"
+    );
+    sink.event(Duration::from_secs(1), "node.draining", "");
 }
 
 #[test]
