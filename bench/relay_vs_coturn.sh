@@ -32,13 +32,18 @@
 #        A=turnkey B=uncounted bench/relay_vs_coturn.sh
 #                 the cost of turnkey's metrics: the same turnkey with its
 #                 relay counters compiled away (cargo feature `uncounted`)
+#        A=turnkey B=webhooked bench/relay_vs_coturn.sh
+#                 what a webhook sink that never answers costs the relay:
+#                 the same turnkey with [webhooks] url pointing at a TCP
+#                 listener on loopback that accepts and never answers
 #        A=turnkey B=kernelpath bench/relay_vs_coturn.sh
 #                 what the relay-to-relay handover saves: the same turnkey
 #                 sending relay to relay through its sockets (cargo
 #                 feature `kernel-relay`)
 # Knobs (environment):
 #   A=turnkey B=coturn  the two servers compared (turnkey, uncounted,
-#                  kernelpath, baseline, unlimited (max_bps = 0), coturn)
+#                  kernelpath, baseline, unlimited (max_bps = 0), webhooked
+#                  (a webhook sink that never answers), coturn)
 #   TURNKEY=PATH   the turnkey binary (default: this tree's release build)
 #   BASELINE=PATH  another turnkey binary, named `baseline` (an older commit)
 #   SCRAPE=1       scrape turnkey's /metrics once a second during its runs
@@ -117,6 +122,7 @@ SERVER_PID=""
 SAMPLER_PID=""
 SCRAPER_PID=""
 PEER_PID=""
+SILENT_PID=""
 UCLIENT_PIDS=()
 
 stop_sampler() {
@@ -152,6 +158,7 @@ cleanup() {
   stop_scraper
   stop_server
   if [ -n "$PEER_PID" ]; then kill "$PEER_PID" 2>/dev/null || true; fi
+  if [ -n "$SILENT_PID" ]; then kill "$SILENT_PID" 2>/dev/null || true; fi
   echo "logs and raw results: $WORK" >&2
 }
 trap cleanup EXIT
@@ -232,6 +239,33 @@ start_baseline() {
 start_unlimited() {
   sed 's/^binding_requests_per_sec = .*/&\nmax_bps = 0/' "$WORK/turnkey.toml" >"$WORK/unlimited.toml"
   "$TURNKEY" --config "$WORK/unlimited.toml" >>"$WORK/unlimited.log" 2>&1 &
+  SERVER_PID=$!
+}
+
+# `webhooked`: the same turnkey sending every allocation's start and end
+# to a webhook sink that accepts connections and never answers (a python3
+# listener on loopback, started once), so every POST waits out its
+# timeout and the queue fills: what that costs the relay.
+SILENT=127.0.0.1:18182
+start_webhooked() {
+  if [ -z "$SILENT_PID" ]; then
+    python3 -c '
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+host, port = sys.argv[1].split(":")
+s.bind((host, int(port)))
+s.listen(1024)
+held = []
+while True:
+    c, _ = s.accept()
+    held.append(c)  # never read, never answered, never closed
+' "$SILENT" >"$WORK/silent.log" 2>&1 &
+    SILENT_PID=$!
+  fi
+  { cat "$WORK/turnkey.toml"; printf '\n[webhooks]\nurl = "http://%s/hook"\nsecret = "bench-webhook-secret-0123"\n' "$SILENT"; } \
+    >"$WORK/webhooked.toml"
+  "$TURNKEY" --config "$WORK/webhooked.toml" >>"$WORK/webhooked.log" 2>&1 &
   SERVER_PID=$!
 }
 
@@ -369,6 +403,12 @@ measure() {
   rss=$(peak_rss_kb "$SERVER_PID")
   if [ "$name" = turnkey ]; then
     curl -s "http://$METRICS/metrics" | grep '^turnkey_turn_relayed' >"$WORK/metrics-$RUN.txt" || true
+  fi
+  # The webhook run's proof that the sink held it up: nothing delivered,
+  # attempts failed (timed out), events queued or dropped.
+  if [ "$name" = webhooked ]; then
+    curl -s "http://$METRICS/metrics" | grep '^turnkey_webhooks' >"$WORK/webhooks-$RUN.txt" || true
+    tr '\n' ' ' <"$WORK/webhooks-$RUN.txt" >&2; echo >&2
   fi
   stop_server
   local sent=0 recv=0 lost=0 rate=0 failed=0 out s r l

@@ -102,6 +102,7 @@ async fn start(
         stop: life.child(),
         bound: listeners.bound(families.advertised_ip(), relay.local_addrs()),
         certs: certs.clone(),
+        webhooks: usage.webhooks().clone(),
     })?;
     let stream_stats = Arc::new(StreamStats::default());
     let public_stats = Arc::new(PublicStats::default());

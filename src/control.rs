@@ -31,6 +31,7 @@ use crate::tls::CertStore;
 use crate::turn::policy::PeerPolicy;
 use crate::turn::revoked::Revokee;
 use crate::turn::server::{Limits, Rules, Shared};
+use crate::webhooks::{Hook, Webhooks};
 
 /// What was bound at start and goes into `iceServers`.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +58,7 @@ pub struct Parts {
     pub stop: tokio_util::sync::CancellationToken,
     pub bound: Bound,
     pub certs: Option<Arc<CertStore>>,
+    pub webhooks: Arc<Webhooks>,
 }
 
 pub struct Control {
@@ -76,9 +78,23 @@ pub struct Control {
     certs: Option<Arc<CertStore>>,
     /// Who may have a credential or a socket (rules, mint budget).
     doorman: Arc<Doorman>,
+    webhooks: Arc<Webhooks>,
 }
 
 /// The relay's rules from a config.
+/// The `allocations` of the byte budgets, per user or label.
+fn allocation_caps(budgets: &[crate::config::BudgetConfig]) -> Vec<(Revokee, usize)> {
+    budgets
+        .iter()
+        .filter(|b| b.allocations > 0)
+        .filter_map(|b| match (&b.user, &b.label) {
+            (Some(u), None) => Some((Revokee::User(u.clone()), b.allocations)),
+            (None, Some(l)) => Some((Revokee::Label(l.clone()), b.allocations)),
+            _ => None,
+        })
+        .collect()
+}
+
 pub fn rules_from(cfg: &Config, generated: &Secret, relay_ips: Vec<IpAddr>) -> Rules {
     let t = &cfg.turn;
     let secrets = if cfg.auth.secrets.is_empty() {
@@ -107,6 +123,7 @@ pub fn rules_from(cfg: &Config, generated: &Secret, relay_ips: Vec<IpAddr>) -> R
         alternate_server: cfg.drain.alternate_server,
         limits: Limits {
             ip_quota: t.ip_quota,
+            allocation_caps: allocation_caps(&cfg.usage.budgets),
             max_bps: t.max_bps,
             bps_capacity: t.bps_capacity,
             max_allocation_age: t.max_allocation_age(),
@@ -227,6 +244,7 @@ impl Control {
             ice,
             certs: p.certs,
             doorman,
+            webhooks: p.webhooks,
         }))
     }
 
@@ -250,6 +268,11 @@ impl Control {
 
     pub fn public_limits(&self) -> Arc<ArcSwap<PublicLimits>> {
         self.public_limits.clone()
+    }
+
+    /// Where events go (`webhooks.rs`).
+    pub fn webhooks(&self) -> &Arc<Webhooks> {
+        &self.webhooks
     }
 
     pub fn certs(&self) -> Option<&Arc<CertStore>> {
@@ -288,6 +311,7 @@ impl Control {
         self.stream_limits.store(Arc::new(stream_limits(&next)));
         self.public_limits.store(Arc::new(public_limits(&next)));
         self.doorman.set_rules(&next.access);
+        self.webhooks.configure(&next.webhooks);
         *current = next;
         Ok(report)
     }
@@ -303,6 +327,7 @@ impl Control {
         if !self.drain.start() {
             return None;
         }
+        self.webhooks.send(Hook::NodeDraining {});
         Some(Duration::from_secs(self.lock_current().drain.grace_secs))
     }
 

@@ -26,3 +26,4 @@ pub mod tls;
 pub mod turn;
 pub mod usage;
 pub mod usage_budgets;
+pub mod webhooks;

@@ -16,6 +16,7 @@ use crate::signal::{ErrorCode, SignalStats};
 use crate::turn::policy::Denial;
 use crate::turn::stats::{TurnStats, DIRECTIONS, FRAMINGS, TRANSPORTS};
 use crate::usage::UsageBook;
+use crate::webhooks::WebhookStats;
 
 /// The per-label usage counters: their labels are known only as
 /// allocations end, so they are brought up to the book at each scrape.
@@ -121,6 +122,9 @@ fn sum_i(shards: &[Arc<TurnStats>], f: impl Fn(&TurnStats) -> &AtomicI64) -> i64
 }
 
 impl Metrics {
+    // One source per part of the appliance, named at the composition root;
+    // a struct around them would only rename the list.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         shards: Vec<Arc<TurnStats>>,
         signaling: Arc<crate::signal::Signaling>,
@@ -159,6 +163,7 @@ impl Metrics {
         m.stream()?;
         m.public()?;
         m.access()?;
+        m.webhooks()?;
         m.certificates()?;
         Ok(m)
     }
@@ -554,6 +559,48 @@ impl Metrics {
             "Credentials and signaling sockets (socket.io handshakes included) refused by the access rules or the mint budget.",
             &["reason"],
             series,
+        )
+    }
+
+    /// The delivery counters of `webhooks.rs` (all 0 without `webhooks.url`).
+    fn webhooks(&mut self) -> Result<(), prometheus::Error> {
+        let st = self.usage.book.webhooks().stats.clone();
+        let pick = |f: fn(&WebhookStats) -> &AtomicU64| -> Source {
+            let st = st.clone();
+            Box::new(move |_: &[Arc<TurnStats>], _: &SignalStats| f(&st).load(Relaxed))
+        };
+        self.counter(
+            "turnkey_webhooks_delivered_total",
+            "Webhook events the sink answered with a 2xx.",
+            &[],
+            vec![(vec![], pick(|s| &s.delivered))],
+        )?;
+        self.counter(
+            "turnkey_webhooks_failed_attempts_total",
+            "Webhook POSTs that failed (refused, timed out, not a 2xx); each is retried.",
+            &[],
+            vec![(vec![], pick(|s| &s.failed_attempts))],
+        )?;
+        self.counter(
+            "turnkey_webhooks_dropped_total",
+            "Webhook events dropped: the queue was full (queue_full) or every attempt failed (attempts).",
+            &["reason"],
+            vec![
+                (vec!["queue_full"], pick(|s| &s.dropped_queue_full)),
+                (vec!["attempts"], pick(|s| &s.dropped_attempts)),
+            ],
+        )?;
+        let queued = st.clone();
+        self.gauge(
+            "turnkey_webhooks_queued",
+            "Webhook events waiting in the queue (not the one being delivered).",
+            &[],
+            vec![(
+                vec![],
+                Box::new(move |_: &[Arc<TurnStats>], _: &SignalStats, _| {
+                    queued.queued.load(Relaxed)
+                }),
+            )],
         )
     }
 

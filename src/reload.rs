@@ -108,6 +108,13 @@ pub const KEYS: &[(&str, OnReload)] = &[
     ("access.mints_per_minute", Applied),
     ("usage.max_labels", Restart),
     ("usage.budgets", Applied),
+    ("webhooks.url", Applied),
+    ("webhooks.secret", Applied),
+    ("webhooks.events", Applied),
+    ("webhooks.queue", Restart),
+    ("webhooks.timeout_secs", Applied),
+    ("webhooks.retry_max_secs", Applied),
+    ("webhooks.max_attempts", Applied),
 ];
 
 pub fn on_reload(key: &str) -> Option<OnReload> {
@@ -150,6 +157,7 @@ fn changed(old: &Config, new: &Config) -> Vec<&'static str> {
             "auth.users" => old.auth.users != new.auth.users,
             "admin.token" => old.admin.token != new.admin.token,
             "access.token_secret" => old.access.token_secret != new.access.token_secret,
+            "webhooks.secret" => old.webhooks.secret != new.webhooks.secret,
             _ => {
                 let get = |v: &[(String, serde_json::Value)]| {
                     v.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone())
@@ -183,15 +191,17 @@ pub fn plan(old: &Config, new: &Config) -> Result<(Config, Report), ConfigError>
                 *slot = was.clone();
             }
         }
-        let (auth, admin_token, token_secret) = (
+        let (auth, admin_token, token_secret, webhook_secret) = (
             next.auth.clone(),
             next.admin.token.clone(),
             next.access.token_secret.clone(),
+            next.webhooks.secret.clone(),
         );
         next = serde_json::from_value(v).map_err(|e| ConfigError::Load(e.to_string()))?;
         next.auth = auth;
         next.admin.token = admin_token;
         next.access.token_secret = token_secret;
+        next.webhooks.secret = webhook_secret;
     }
     next.validate()?;
     Ok((

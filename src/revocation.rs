@@ -24,6 +24,7 @@ use crate::lifecycle::Lifecycle;
 use crate::relay::{end_everywhere, ShardHandle};
 use crate::turn::revoked::Revokee;
 use crate::turn::server::EndWhich;
+use crate::webhooks::{Hook, Subject};
 
 /// How long publishing or (re)subscribing may take, and the pause between
 /// subscription attempts.
@@ -96,6 +97,10 @@ impl Revoker {
     pub async fn revoke(&self, who: Revokee) -> Revoked {
         // Refused first, then ended: no new allocation slips in between.
         let refused_until = self.control.revoke(who.clone());
+        self.control.webhooks().send(Hook::UserRevoked {
+            subject: Subject::from(&who),
+            refused_until,
+        });
         let ended = end_everywhere(&self.shards, EndWhich::from(&who)).await;
         let mut published = false;
         if let Some(bus) = &self.bus {

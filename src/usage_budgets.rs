@@ -28,6 +28,7 @@ use crate::relay::{end_everywhere, list_everywhere, ShardHandle};
 use crate::turn::revoked::Revokee;
 use crate::turn::server::EndWhich;
 use crate::usage::UsageBook;
+use crate::webhooks::{Hook, Subject};
 
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -140,6 +141,13 @@ async fn run(
             }
             if !ledger.over.contains(&who) {
                 tracing::warn!(?who, bytes = total, action = ?b.action, "budget exceeded");
+                control.webhooks().send(Hook::BudgetExceeded {
+                    subject: Subject::from(&who),
+                    bytes: total,
+                    bytes_per_day: b.bytes_per_day,
+                    bytes_per_month: b.bytes_per_month,
+                    action: b.action,
+                });
             }
             if b.action == BudgetAction::End {
                 end_everywhere(&shards, EndWhich::from(&who)).await;

@@ -489,3 +489,28 @@ fn a_spent_daily_budget_ends_the_allocation_and_refuses_the_next() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_budgets_concurrent_allocations_refuse_one_more_with_486() {
+    let tk = Turnkey::start(
+        "usage-allocations",
+        &config("[[usage.budgets]]\nlabel = \"acme\"\nallocations = 2\n"),
+    );
+    let client = |user: &str, label: &str| Raw::labelled(tk.turn, user, label);
+    let mut ann = client("ann", "acme");
+    ann.allocate().expect("the first of acme");
+    client("ben", "acme")
+        .allocate()
+        .expect("the second of acme");
+    let mut cat = client("cat", "acme");
+    assert_eq!(cat.allocate(), Err(486), "the third of acme");
+    client("cat", "globex")
+        .allocate()
+        .expect("another label is not limited");
+    ann.refresh(0).expect("ann deletes hers");
+    cat.allocate().expect("acme has room again");
+    assert_eq!(
+        tk.metric(r#"turnkey_turn_quota_rejections_total{kind="budget"}"#),
+        1.0
+    );
+}

@@ -73,6 +73,51 @@ pub struct Config {
     pub admin: AdminConfig,
     pub access: AccessConfig,
     pub usage: UsageConfig,
+    pub webhooks: WebhooksConfig,
+}
+
+/// Every webhook event type, as `webhooks.events` names them.
+pub const WEBHOOK_EVENTS: &[&str] = &[
+    "allocation.started",
+    "allocation.ended",
+    "budget.exceeded",
+    "user.revoked",
+    "node.draining",
+];
+
+/// Signed event notifications to one HTTP endpoint (`webhooks.rs`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Where events are POSTed (`http://` only); empty: no webhooks.
+    pub url: String,
+    /// The HMAC-SHA256 key of `X-Turnkey-Signature`.
+    pub secret: Secret,
+    /// The event types sent; empty: all of them.
+    pub events: Vec<String>,
+    /// Events waiting for delivery before new ones are dropped (counted).
+    pub queue: usize,
+    /// How long one POST may take.
+    pub timeout_secs: u64,
+    /// The longest pause between two attempts (the back-off doubles from
+    /// 100 ms up to this).
+    pub retry_max_secs: u64,
+    /// Attempts at one event before it is dropped (counted); 0: no limit.
+    pub max_attempts: u32,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            url: String::new(),
+            secret: Secret::default(),
+            events: Vec::new(),
+            queue: 10_000,
+            timeout_secs: 5,
+            retry_max_secs: 30,
+            max_attempts: 50,
+        }
+    }
 }
 
 /// Usage per user and label (`usage/`).
@@ -104,6 +149,8 @@ pub struct BudgetConfig {
     pub label: Option<String>,
     pub bytes_per_day: u64,
     pub bytes_per_month: u64,
+    /// Concurrent allocations; one more gets 486 (whatever `action`).
+    pub allocations: usize,
     pub action: BudgetAction,
 }
 

@@ -5,7 +5,7 @@
 
 use super::{
     AccessConfig, AccessMode, AdminConfig, AuthConfig, Config, ConfigError, HttpConfig, LogConfig,
-    MetricsConfig, SignalingConfig, TlsConfig, TurnConfig, UsageConfig,
+    MetricsConfig, SignalingConfig, TlsConfig, TurnConfig, UsageConfig, WebhooksConfig,
 };
 
 fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
@@ -30,6 +30,7 @@ impl Config {
         validate_access(&self.access)?;
         validate_admin(&self.admin, &self.http)?;
         validate_usage(&self.usage)?;
+        validate_webhooks(&self.webhooks)?;
         validate_log(&self.log)
     }
 }
@@ -414,12 +415,52 @@ fn validate_usage(u: &UsageConfig) -> Result<(), ConfigError> {
                 "each budget names exactly one of `user` and `label`",
             ));
         }
-        if b.bytes_per_day == 0 && b.bytes_per_month == 0 {
+        if b.bytes_per_day == 0 && b.bytes_per_month == 0 && b.allocations == 0 {
             return Err(invalid(
                 "usage.budgets",
-                "each budget needs bytes_per_day or bytes_per_month",
+                "each budget needs bytes_per_day, bytes_per_month or allocations",
             ));
         }
+    }
+    Ok(())
+}
+
+fn validate_webhooks(w: &WebhooksConfig) -> Result<(), ConfigError> {
+    for e in &w.events {
+        if !super::WEBHOOK_EVENTS.contains(&e.as_str()) {
+            return Err(invalid(
+                "webhooks.events",
+                format!(
+                    "unknown event `{e}` (known: {})",
+                    super::WEBHOOK_EVENTS.join(", ")
+                ),
+            ));
+        }
+    }
+    if w.url.is_empty() {
+        return Ok(());
+    }
+    if w.url.starts_with("https://") {
+        return Err(invalid(
+            "webhooks.url",
+            "https:// is not supported yet: use http:// (to a local forwarder for TLS)",
+        ));
+    }
+    let uri: hyper::Uri = w
+        .url
+        .parse()
+        .map_err(|e| invalid("webhooks.url", format!("not a URL: {e}")))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(invalid("webhooks.url", "must be http://HOST[:PORT]/PATH"));
+    }
+    if w.secret.expose().len() < 16 {
+        return Err(invalid("webhooks.secret", "needs at least 16 characters"));
+    }
+    if w.queue == 0 || w.timeout_secs == 0 || w.retry_max_secs == 0 {
+        return Err(invalid(
+            "webhooks",
+            "queue, timeout_secs and retry_max_secs must be at least 1",
+        ));
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! What a shard does with the core's events (`turn/events.rs`): the
 //! allocation log lines, the lifecycle counters of `turn/stats.rs` and the
-//! usage per user and label (`usage/`). The core counts none of these
+//! usage per user and label (`usage/`), and the allocation webhooks
+//! (`webhooks.rs`, queued, never waited for). The core counts none of these
 //! itself, so each is counted once, here.
 
 use std::sync::atomic::Ordering;
@@ -10,9 +11,13 @@ use crate::turn::events::Event;
 use crate::turn::server::transport_name;
 use crate::turn::stats::{inc, TurnStats};
 use crate::usage::UsageBook;
+use crate::webhooks::Hook;
 
 pub fn record(stats: &TurnStats, usage: &UsageBook, event: &Event) {
     usage.record(event);
+    if let Some(hook) = Hook::of_event(event) {
+        usage.webhooks().send(hook);
+    }
     match event {
         Event::AllocationStarted {
             id,

@@ -20,6 +20,7 @@ use crate::lifecycle::Lifecycle;
 use crate::turn::server::{Clock, CoreConfig, Rules, Server, Shared};
 use crate::turn::stats::TurnStats;
 use crate::usage::UsageBook;
+use crate::webhooks::Webhooks;
 
 /// Where relays bind and what they advertise, per family (IPv4 [0], IPv6 [1]).
 pub struct RelayFamilies {
@@ -117,7 +118,13 @@ impl Relay {
     ) -> io::Result<Built> {
         let t = &cfg.turn;
         let cluster = crate::usage::cluster::Cluster::start(cfg, life);
-        let usage = Arc::new(UsageBook::new(cfg.usage.max_labels, unix_now(), cluster));
+        // Fed the allocation events through the book (`relay/events.rs`).
+        let webhooks = Webhooks::new(&cfg.webhooks);
+        webhooks.start(life);
+        let usage = Arc::new(
+            UsageBook::new(cfg.usage.max_labels, unix_now(), cluster)
+                .with_webhooks(webhooks.clone()),
+        );
         // By default one shard per two cores: the kernel's UDP work (most
         // of a relay's CPU) runs beside them, and a shard that is kept
         // busy batches more and sleeps less. On the 2-core bench machine

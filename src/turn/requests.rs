@@ -159,7 +159,13 @@ impl Server {
         if rules.total_quota > 0 && self.shared.total_allocations() >= rules.total_quota {
             return fail(Reject::InsufficientCapacity);
         }
-        if self.shared.is_over_budget(&username) {
+        if self.shared.is_over_budget(&username)
+            || rules
+                .limits
+                .allocation_caps
+                .iter()
+                .any(|(who, cap)| who.matches(&username) && self.shared.allocations_of(who) >= *cap)
+        {
             inc(&self.stats.budget_rejections);
             return fail(Reject::QuotaReached);
         }

@@ -503,11 +503,8 @@ impl Server {
             self.release_port(r);
         }
         self.shared.total.fetch_sub(1, Ordering::Relaxed);
-        self.shared.count_holder(
-            quota_user(&a.username),
-            client_key(a.five_tuple.client.ip()),
-            -1,
-        );
+        self.shared
+            .count_holder(&a.username, client_key(a.five_tuple.client.ip()), -1);
         for (number, peer) in a.channels() {
             io.event(lapse_event(
                 a.id,
@@ -545,11 +542,8 @@ impl Server {
     /// Records a new allocation in the shared counts and tells the shell.
     pub(super) fn count_new(&mut self, a: &Allocation, io: &mut impl Io) {
         self.shared.total.fetch_add(1, Ordering::Relaxed);
-        self.shared.count_holder(
-            quota_user(&a.username),
-            client_key(a.five_tuple.client.ip()),
-            1,
-        );
+        self.shared
+            .count_holder(&a.username, client_key(a.five_tuple.client.ip()), 1);
         io.event(Event::AllocationStarted {
             id: a.id,
             client: a.five_tuple,

@@ -525,6 +525,43 @@ fn a_spent_budget_gives_486_to_its_user_or_label_only() {
 }
 
 #[test]
+fn a_label_past_its_concurrent_allocations_gets_486_until_one_ends() {
+    use crate::turn::auth::mint_labelled;
+    use crate::turn::revoked::Revokee;
+    let mut r = rules(0);
+    r.limits.allocation_caps = vec![(Revokee::Label("acme".into()), 2)];
+    let mut h = harness_with(r, 50000..=50009);
+    let unix = h.clock.unix(h.now);
+    let mint = |user| mint_labelled(SECRET, user, Some("acme"), unix, 3600);
+    let (a, b, c) = (mint("ann"), mint("ben"), mint("cat"));
+    let mut first = cred(&a.username, &a.password);
+    h.allocate(ft(4000), &mut first);
+    h.allocate(ft(4001), &mut cred(&b.username, &b.password));
+    let third = |h: &mut Harness| {
+        let r = h.authed(
+            ft(4002),
+            METHOD_ALLOCATE,
+            || vec![udp()],
+            &mut cred(&c.username, &c.password),
+        );
+        error_code(&r)
+    };
+    assert_eq!(third(&mut h), Some(486), "the third of the label");
+    assert_eq!(h.stats.budget_rejections.load(Ordering::Relaxed), 1);
+    let other = mint_labelled(SECRET, "cat", Some("globex"), unix, 3600);
+    h.allocate(ft(4003), &mut cred(&other.username, &other.password));
+    // Ann's ends: the label has room again.
+    let r = h.authed(
+        ft(4000),
+        METHOD_REFRESH,
+        || vec![Box::new(Lifetime(Duration::from_secs(0)))],
+        &mut first,
+    );
+    assert_eq!(error_code(&r), None);
+    assert_eq!(third(&mut h), None);
+}
+
+#[test]
 fn a_revoked_user_gets_401_even_on_its_own_allocation() {
     use crate::turn::revoked::Revokee;
     let mut h = harness();

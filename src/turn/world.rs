@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use super::allocation::{FiveTuple, RelayId};
-use super::auth::Credentials;
+use super::auth::{identity, Credentials};
 use super::events::Event;
 use super::policy::PeerPolicy;
 use super::ports::PortPool;
@@ -67,6 +67,9 @@ pub struct Rules {
 pub struct Limits {
     /// Allocations per client address (IPv6: per /64); 0 = no cap.
     pub ip_quota: usize,
+    /// Concurrent allocations per user or label (`[[usage.budgets]]
+    /// allocations`); one more gets 486.
+    pub allocation_caps: Vec<(Revokee, usize)>,
     /// Relayed bytes per second per allocation, each direction; and for
     /// the whole relay (each shard takes its share). 0 = unlimited.
     pub max_bps: u64,
@@ -111,6 +114,8 @@ pub struct Shared {
     pub(super) ports: [Mutex<PortState>; 2],
     pub(super) ports_range: std::ops::RangeInclusive<u16>,
     pub(super) users: Mutex<HashMap<String, usize>>,
+    /// Allocations per usage label (for `Limits::allocation_caps`).
+    labels: Mutex<HashMap<String, usize>>,
     /// Allocations per client address key (see `crate::budget::client_key`).
     pub(super) ips: Mutex<HashMap<IpAddr, usize>>,
     pub(super) total: AtomicUsize,
@@ -180,6 +185,7 @@ impl Shared {
             ports: [state(), state()],
             ports_range: ports.clone(),
             users: Mutex::new(HashMap::new()),
+            labels: Mutex::new(HashMap::new()),
             ips: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             total: AtomicUsize::new(0),
@@ -207,11 +213,26 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts an allocation made (+1) or ended (-1) for a quota user and
-    /// a client address key.
-    pub(super) fn count_holder(&self, user: &str, ip: IpAddr, delta: isize) {
-        adjust(&self.users, user.to_string(), delta);
+    /// Counts an allocation made (+1) or ended (-1) for the quota user
+    /// and the label of `username` and a client address key.
+    pub(super) fn count_holder(&self, username: &str, ip: IpAddr, delta: isize) {
+        let who = identity(username);
+        adjust(&self.users, who.user.to_string(), delta);
+        if let Some(label) = who.label {
+            adjust(&self.labels, label.to_string(), delta);
+        }
         adjust(&self.ips, ip, delta);
+    }
+
+    /// The live allocations of a user or a label.
+    pub(super) fn allocations_of(&self, who: &Revokee) -> usize {
+        match who {
+            Revokee::User(u) => self.user_allocations(u),
+            Revokee::Label(l) => {
+                let labels = self.labels.lock().unwrap_or_else(|e| e.into_inner());
+                labels.get(l).copied().unwrap_or(0)
+            }
+        }
     }
 
     pub(super) fn reservations_add(&self, delta: isize) {

@@ -28,6 +28,7 @@ use crate::turn::auth::identity;
 use crate::turn::events::{Event, Usage};
 use crate::turn::revoked::Revokee;
 use crate::turn::server::AllocationInfo;
+use crate::webhooks::Webhooks;
 use cluster::{Cluster, Delta};
 
 pub mod cluster;
@@ -115,6 +116,9 @@ pub struct UsageBook {
     max_labels: usize,
     book: Mutex<Book>,
     cluster: Option<Arc<Cluster>>,
+    /// Told of every allocation start and end (`webhooks.rs`); off
+    /// unless [`UsageBook::with_webhooks`] gave one.
+    webhooks: Arc<Webhooks>,
 }
 
 impl UsageBook {
@@ -122,11 +126,22 @@ impl UsageBook {
         UsageBook {
             max_labels,
             cluster,
+            webhooks: Webhooks::new(&crate::config::WebhooksConfig::default()),
             book: Mutex::new(Book {
                 since: now_unix,
                 ..Book::default()
             }),
         }
+    }
+
+    /// The book that also hands the allocation events to `webhooks`.
+    pub fn with_webhooks(mut self, webhooks: Arc<Webhooks>) -> Self {
+        self.webhooks = webhooks;
+        self
+    }
+
+    pub fn webhooks(&self) -> &Arc<Webhooks> {
+        &self.webhooks
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Book> {

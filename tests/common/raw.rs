@@ -95,6 +95,19 @@ impl Raw {
         Raw::bound(local, server, user, pass)
     }
 
+    /// A client with a REST credential of `user` labelled `label`, minted
+    /// with the tests' secret (`super::SECRET`), valid for ten minutes.
+    pub fn labelled(server: SocketAddr, user: &str, label: &str) -> Raw {
+        let cred = turnkey::turn::auth::mint_labelled(
+            super::SECRET,
+            user,
+            Some(label),
+            turnkey::ice::unix_now(),
+            600,
+        );
+        Raw::new(server, &cred.username, &cred.password)
+    }
+
     /// A client on a chosen local address (another loopback address is
     /// another client IP).
     pub fn bound(local: &str, server: SocketAddr, user: &str, pass: &str) -> Raw {
