@@ -98,20 +98,11 @@ fn main() -> Result<()> {
     let mut flows = Vec::new();
     let mut relayed = Vec::new();
     for _ in 0..2 * args.pairs {
-        let sock = UdpSocket::bind("127.0.0.1:0")?;
-        sock.connect(args.server)?;
-        sock.set_read_timeout(Some(Duration::from_millis(300)))?;
-        let mut client = Client::new(Some(TurnCredential {
-            username: args.user.clone(),
-            password: args.password.clone(),
-        }));
+        let (sock, mut client) = client_socket(&args)?;
         let r = if args.bare {
             bare_hello(&sock)?
         } else {
-            match transact(&sock, &mut client, Request::Allocate)? {
-                Answer::Allocated { relayed, .. } => relayed,
-                _ => bail!("Allocate answered without a relayed address"),
-            }
+            allocate(&sock, &mut client)?
         };
         relayed.push(r);
         flows.push((sock, client));
@@ -141,17 +132,8 @@ fn main() -> Result<()> {
 fn with_peers(args: &Args, ip: std::net::IpAddr) -> Result<Vec<Flow>> {
     let mut ready = Vec::new();
     for _ in 0..args.pairs {
-        let sock = UdpSocket::bind("127.0.0.1:0")?;
-        sock.connect(args.server)?;
-        sock.set_read_timeout(Some(Duration::from_millis(300)))?;
-        let mut client = Client::new(Some(TurnCredential {
-            username: args.user.clone(),
-            password: args.password.clone(),
-        }));
-        let relayed = match transact(&sock, &mut client, Request::Allocate)? {
-            Answer::Allocated { relayed, .. } => relayed,
-            _ => bail!("Allocate answered without a relayed address"),
-        };
+        let (sock, mut client) = client_socket(args)?;
+        let relayed = allocate(&sock, &mut client)?;
         let peer = UdpSocket::bind(SocketAddr::new(ip, 0))
             .with_context(|| format!("binding a peer on {ip}"))?;
         let peer_addr = peer.local_addr()?;
@@ -173,6 +155,26 @@ fn with_peers(args: &Args, ip: std::net::IpAddr) -> Result<Vec<Flow>> {
         });
     }
     Ok(ready)
+}
+
+/// A client's socket, connected to the server, and its TURN client.
+fn client_socket(args: &Args) -> Result<(UdpSocket, Client)> {
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    sock.connect(args.server)?;
+    sock.set_read_timeout(Some(Duration::from_millis(300)))?;
+    let client = Client::new(Some(TurnCredential {
+        username: args.user.clone(),
+        password: args.password.clone(),
+    }));
+    Ok((sock, client))
+}
+
+/// An allocation's relayed address.
+fn allocate(sock: &UdpSocket, client: &mut Client) -> Result<SocketAddr> {
+    match transact(sock, client, Request::Allocate)? {
+        Answer::Allocated { relayed, .. } => Ok(relayed),
+        _ => bail!("Allocate answered without a relayed address"),
+    }
 }
 
 /// Sends a request until it is answered (re-signing after a challenge).
