@@ -654,3 +654,47 @@ fn origin_mode_polling_gives_foreign_origins_no_cors_and_no_session() {
     );
     assert!(body.contains("\"sid\""), "{body}");
 }
+
+/// The 5 s follow-up deadline for new polling sessions closes only those
+/// whose client never came back: sessions that polled once and then stay
+/// quiet past the deadline live on, three at once.
+#[test]
+fn quiet_polling_sessions_outlive_the_follow_up_deadline() {
+    let tk = turnkey("sio-quiet", "");
+    let mut sids = Vec::new();
+    for i in 0..3 {
+        let (status, head, body) = http(
+            tk.http,
+            "GET",
+            &format!("/socket.io/?EIO=3&transport=polling&t=q{i}"),
+            &[],
+            "",
+        );
+        assert_eq!(status, 200, "{head}{body}");
+        let (_, open) = body.split_once(":0").expect("an open packet");
+        let open: Value = serde_json::from_str(open).expect("open JSON");
+        let sid = open["sid"].as_str().expect("sid").to_owned();
+        // The one follow-up a client sends at once: it receives the connect.
+        let path = format!("/socket.io/?EIO=3&transport=polling&sid={sid}");
+        let (status, _, body) = http(tk.http, "GET", &path, &[], "");
+        assert_eq!((status, body.as_str()), (200, "2:40"));
+        sids.push(path);
+    }
+    // Quiet past the deadline (5 s), with a margin.
+    std::thread::sleep(Duration::from_millis(6500));
+    for path in &sids {
+        let (status, _, body) = http(tk.http, "POST", path, &[], &eio3_payload(&["2"]));
+        assert_eq!((status, body.as_str()), (200, "ok"), "{path}");
+        let (status, _, body) = http(tk.http, "GET", path, &[], "");
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "1:3"),
+            "{path}: the ping is answered"
+        );
+    }
+    assert_eq!(
+        tk.metric("turnkey_signaling_socketio_abandoned_total"),
+        0.0,
+        "no session that came back was closed as abandoned"
+    );
+}
