@@ -13,10 +13,12 @@
 //! messages reach the shard through a bounded channel and a waker, and
 //! answers go back through each connection's own bounded queue.
 //!
-//! Datagrams are read a batch at a time (`recvmmsg`) and what one batch
-//! makes the core send is queued and flushed with one `sendmmsg` per
-//! socket before the next batch is read (`batch.rs`), so a busy shard
-//! makes a few system calls per batch instead of two per packet.
+//! Datagrams are read a batch at a time (`recvmmsg`) and what one turn of
+//! the loop (every ready socket's batches) makes the core send is queued
+//! and flushed with one `sendmmsg` per socket at the end of the turn
+//! (`batch.rs`), so a busy shard makes a few system calls per batch
+//! instead of two per packet, and the answers of many relay sockets to
+//! their clients leave through the listener in one call.
 //!
 //! Socket errors on one send or receive (an unreachable peer, ICMP-induced
 //! refusal, a full buffer) are counted and skipped; they never end a loop.
@@ -589,12 +591,14 @@ fn run(
                 _ => drain(src, now, &mut io, &mut core, &mut batch),
             };
             settle(now, &mut io, &mut core);
-            io.flush();
             if more {
                 pending.push(src);
             }
         }
         deliver_mail(now, &mut io, &mut core, &mut inbox);
+        // One flush per turn: what every ready socket made the core send
+        // leaves together, one `sendmmsg` per socket (the queue flushes by
+        // itself before that if it fills).
         io.flush();
         core.handle_timeout(Instant::now(), &mut io);
         io.flush();
@@ -627,7 +631,6 @@ fn deliver_mail(now: Instant, io: &mut ShardIo, core: &mut Server, inbox: &mut V
         for (to, from, data) in parcel.iter() {
             core.peer_datagram(now, to, from, data, io);
         }
-        io.flush();
     }
 }
 
@@ -688,7 +691,6 @@ fn drain(
             }
         }
         settle(now, io, core);
-        io.flush();
         if n < BATCH {
             return false;
         }

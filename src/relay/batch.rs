@@ -29,6 +29,11 @@ pub const BATCH: usize = 32;
 pub const SLOT: usize = 65536;
 /// Bytes a send queue holds before it flushes by itself.
 const ARENA: usize = 256 * 1024;
+/// Datagrams a send queue holds before it flushes by itself: a whole turn
+/// of the shard's loop (many sockets' batches), so the datagrams that many
+/// relay sockets send to their clients through one listener leave in one
+/// `sendmmsg` instead of one each.
+pub const QUEUE: usize = 256;
 
 /// Up to [`BATCH`] datagrams received from one socket.
 pub struct RecvBatch {
@@ -196,7 +201,7 @@ impl SendQueue {
     pub fn new() -> Self {
         SendQueue {
             arena: Vec::with_capacity(ARENA),
-            queued: Vec::with_capacity(BATCH),
+            queued: Vec::with_capacity(QUEUE),
             one_by_one: false,
         }
     }
@@ -215,7 +220,7 @@ impl SendQueue {
     /// the queue is full. Returns how many earlier sends failed in that
     /// flush.
     pub fn push(&mut self, fd: RawFd, to: SocketAddr, data: &[u8]) -> usize {
-        let failed = if self.queued.len() == BATCH || self.arena.len() + data.len() > ARENA {
+        let failed = if self.queued.len() == QUEUE || self.arena.len() + data.len() > ARENA {
             self.flush()
         } else {
             0
