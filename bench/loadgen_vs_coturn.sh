@@ -22,6 +22,9 @@
 #                      without relay sockets, as turnkey's relay-to-relay
 #                      handover)
 #   PAIRS=50 RATE=500 SIZE=200 SECS=5 REPS=3
+#   BURST=1            packets per allocation sent back to back at each tick
+#                      (the rate stays packets/s): BURST=8 SIZE=1200 RATE=240
+#                      is a video sender's frames (30 frames/s of 8 packets)
 #   THREADS=0          relay threads of turnkey and coturn (0 = their defaults:
 #                      turnkey one per two cores, coturn one per core)
 #   SKIP_BUILD=1       use the binaries as they are
@@ -46,6 +49,7 @@ read -r -a COTURN_EXTRA <<<"${COTURN_ARGS:-}"
 PAIRS=${PAIRS:-50}
 RATE=${RATE:-500}
 SIZE=${SIZE:-200}
+BURST=${BURST:-1}
 SECS=${SECS:-5}
 REPS=${REPS:-3}
 THREADS=${THREADS:-0}
@@ -176,7 +180,7 @@ measure() {
   fi
   c0=$(cpu_ticks "$SERVER_PID")
   line=$("$LOADGEN" "${bare[@]}" --server "127.0.0.1:$port" --user "$USER_NAME" --password "$PASSWORD" \
-    --pairs "$pairs" --rate "$RATE" --size "$SIZE" --secs "$SECS")
+    --pairs "$pairs" --rate "$RATE" --size "$SIZE" --burst "$BURST" --secs "$SECS")
   c1=$(cpu_ticks "$SERVER_PID")
   stop_server
   local recv ticks
@@ -192,7 +196,7 @@ measure() {
 }
 
 read -r -a servers <<<"$SERVERS"
-echo "$(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); pairs {$PAIRS} × $RATE pkt/s × $SIZE B for $SECS s; $REPS rounds" >&2
+echo "$(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); pairs {$PAIRS} × $RATE pkt/s (bursts of $BURST) × $SIZE B for $SECS s; $REPS rounds" >&2
 printf 'server\trun\tpairs\tsent\treceived\tloss_pct\tdelivered_pps\tp50_us\tp99_us\tp999_us\tcpu_s\tticks_per_10k\tloadavg\n' >"$WORK/runs.tsv"
 for RUN in $(seq "$REPS"); do
   for pairs in $PAIRS; do

@@ -214,7 +214,7 @@ impl Relay {
                 reserved: reserved.clone(),
                 stats: spec.stats.clone(),
                 usage: spec.usage.clone(),
-                out: SendQueue::new(),
+                out: SendQueue::with_gso(),
                 index: spec.index,
                 directory: directory.clone(),
                 outbox: (0..mailboxes.len()).map(|_| Parcel::default()).collect(),

@@ -9,6 +9,16 @@
 //! the same calls) decides what to read and when to flush. Errors are
 //! returned or counted by the caller, never fatal.
 //!
+//! A queue made with [`SendQueue::with_gso`] also sends consecutive
+//! datagrams from one socket to one destination with one size (a video
+//! frame's packets, relayed) as one UDP GSO send (`UDP_SEGMENT`, Linux
+//! 4.18+): the kernel builds, routes and hands down one packet and cuts it
+//! into datagrams at the last moment (on loopback, at the receiving
+//! socket), several times cheaper per datagram than a send each. A
+//! kernel or device that refuses it turns it off for that queue; an
+//! oversize group (a path MTU below the segment) goes again datagram by
+//! datagram.
+//!
 //! The batched calls exist on Linux, Android and FreeBSD. Elsewhere, and
 //! where a sandbox refuses them (a seccomp filter answering `ENOSYS`), the
 //! same types read and send one datagram per `recvfrom`/`sendto`: slower,
@@ -34,6 +44,13 @@ const ARENA: usize = 256 * 1024;
 /// relay sockets send to their clients through one listener leave in one
 /// `sendmmsg` instead of one each.
 pub const QUEUE: usize = 256;
+/// Datagrams in one GSO send at most (the kernel's `UDP_MAX_SEGMENTS`).
+const MAX_SEGMENTS: usize = 64;
+/// Bytes in one GSO send at most: under the largest UDP payload.
+const MAX_GSO_BYTES: usize = 65000;
+/// `UDP_SEGMENT` (linux/udp.h), missing from the libc crate for glibc.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const UDP_SEGMENT: libc::c_int = 103;
 
 /// Up to [`BATCH`] datagrams received from one socket.
 pub struct RecvBatch {
@@ -189,6 +206,10 @@ pub struct SendQueue {
     queued: Vec<Queued>,
     /// `sendmmsg` is missing: send with one `sendto` per datagram.
     one_by_one: bool,
+    /// Group runs of datagrams to one destination into GSO sends.
+    gso: bool,
+    /// GSO sends made (each carries two datagrams or more).
+    gso_sends: u64,
 }
 
 impl Default for SendQueue {
@@ -203,7 +224,28 @@ impl SendQueue {
             arena: Vec::with_capacity(ARENA),
             queued: Vec::with_capacity(QUEUE),
             one_by_one: false,
+            gso: false,
+            gso_sends: 0,
         }
+    }
+
+    /// A queue that sends runs of same-size datagrams to one destination
+    /// as GSO sends where the kernel has them ([`gso_available`]).
+    pub fn with_gso() -> Self {
+        SendQueue {
+            gso: gso_available(),
+            ..Self::new()
+        }
+    }
+
+    /// Whether this queue still makes GSO sends.
+    pub fn gso(&self) -> bool {
+        self.gso
+    }
+
+    /// How many GSO sends this queue has made.
+    pub fn gso_sends(&self) -> u64 {
+        self.gso_sends
     }
 
     /// A queue that sends one datagram per system call, as it does where
@@ -271,9 +313,38 @@ impl SendQueue {
         let mut failed = 0;
         let mut next = start;
         while next < end {
-            match self.send_some(fd, next, end) {
+            match self.send_some(fd, next, end, self.gso) {
                 Ok(sent) => next += sent.max(1),
-                // The first datagram of the rest was refused: skip it.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The kernel or the device has no GSO: off for good, and
+                // this group goes again without it.
+                Err(e) if self.gso && gso_missing(&e) => self.gso = false,
+                // A GSO group the route refuses (a segment over its MTU):
+                // again, one datagram at a time.
+                Err(e) if self.gso && self.group_len(next, end, true) > 1 && gso_refused(&e) => {
+                    let g = self.group_len(next, end, true);
+                    failed += self.send_plain(fd, next, next + g);
+                    next += g;
+                }
+                // The first datagram (or group) of the rest was refused:
+                // skip it.
+                Err(_) => {
+                    let g = self.group_len(next, end, self.gso);
+                    failed += g;
+                    next += g;
+                }
+            }
+        }
+        failed
+    }
+
+    /// `queued[start..end]` without GSO; how many failed.
+    fn send_plain(&mut self, fd: RawFd, start: usize, end: usize) -> usize {
+        let mut failed = 0;
+        let mut next = start;
+        while next < end {
+            match self.send_some(fd, next, end, false) {
+                Ok(sent) => next += sent.max(1),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     failed += 1;
@@ -284,11 +355,37 @@ impl SendQueue {
         failed
     }
 
-    /// Sends the first of `queued[start..end]`, and as many after it as
-    /// one call takes; how many.
-    fn send_some(&mut self, fd: RawFd, start: usize, end: usize) -> io::Result<usize> {
+    /// How many datagrams from `queued[i]` on leave in one send: a run to
+    /// one destination, all of the first one's size but the last, which
+    /// may be shorter (what GSO cuts); 1 without GSO.
+    fn group_len(&self, i: usize, end: usize, gso: bool) -> usize {
+        let first = &self.queued[i];
+        if !gso || first.len == 0 {
+            return 1;
+        }
+        let mut n = 1;
+        let mut bytes = first.len;
+        for q in &self.queued[i + 1..end] {
+            if n == MAX_SEGMENTS || q.to != first.to || q.len == 0 || q.len > first.len {
+                break;
+            }
+            if bytes + q.len > MAX_GSO_BYTES {
+                break;
+            }
+            bytes += q.len;
+            n += 1;
+            if q.len < first.len {
+                break;
+            }
+        }
+        n
+    }
+
+    /// Sends the first of `queued[start..end]` (or its GSO group), and as
+    /// many after it as one call takes; how many datagrams.
+    fn send_some(&mut self, fd: RawFd, start: usize, end: usize, gso: bool) -> io::Result<usize> {
         if !self.one_by_one {
-            match self.sendmmsg(fd, start, end) {
+            match self.sendmmsg(fd, start, end, gso) {
                 Err(e) if is_missing(&e) => self.one_by_one = true,
                 r => return r,
             }
@@ -298,37 +395,126 @@ impl SendQueue {
     }
 
     #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-    fn sendmmsg(&mut self, fd: RawFd, start: usize, end: usize) -> io::Result<usize> {
-        let n = (end - start).min(BATCH);
+    fn sendmmsg(&mut self, fd: RawFd, start: usize, end: usize, gso: bool) -> io::Result<usize> {
         // SAFETY: plain data; all-zero is valid.
-        let mut iov: [libc::iovec; BATCH] = unsafe { zeroed() };
+        let mut iov: [libc::iovec; QUEUE] = unsafe { zeroed() };
         let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
         let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
+        // Room for one cmsghdr with a u16 (UDP_SEGMENT) per header,
+        // aligned as cmsghdr wants.
+        let mut controls: [[u64; 4]; BATCH] = [[0; 4]; BATCH];
+        let mut counts = [0usize; BATCH];
         let base = self.arena.as_mut_ptr();
-        for (i, q) in self.queued[start..start + n].iter().enumerate() {
-            // SAFETY: q.at + q.len <= arena.len() (set by push).
-            iov[i].iov_base = unsafe { base.add(q.at) }.cast();
-            iov[i].iov_len = q.len;
-            let h = &mut hdrs[i].msg_hdr;
-            h.msg_namelen = from_std(q.to, &mut addrs[i]);
-            h.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_iov = &mut iov[i];
-            h.msg_iovlen = 1;
+        let end = end.min(start + QUEUE);
+        let (mut i, mut h, mut used) = (start, 0, 0);
+        while i < end && h < BATCH {
+            let g = self.group_len(i, end, gso);
+            for (k, q) in self.queued[i..i + g].iter().enumerate() {
+                // SAFETY: q.at + q.len <= arena.len() (set by push).
+                iov[used + k].iov_base = unsafe { base.add(q.at) }.cast();
+                iov[used + k].iov_len = q.len;
+            }
+            let hdr = &mut hdrs[h].msg_hdr;
+            hdr.msg_namelen = from_std(self.queued[i].to, &mut addrs[h]);
+            hdr.msg_name = (&mut addrs[h] as *mut libc::sockaddr_storage).cast();
+            hdr.msg_iov = &mut iov[used];
+            hdr.msg_iovlen = g as _;
+            if g > 1 {
+                set_segment(hdr, &mut controls[h], self.queued[i].len)?;
+            }
+            counts[h] = g;
+            used += g;
+            i += g;
+            h += 1;
         }
         // SAFETY: every header points into buffers that outlive the call.
-        let sent = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as _, 0) };
+        let sent = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), h as _, 0) };
         if sent < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(sent as usize)
+            return Err(io::Error::last_os_error());
         }
+        let sent = sent as usize;
+        self.gso_sends += counts[..sent].iter().filter(|&&g| g > 1).count() as u64;
+        Ok(counts[..sent].iter().sum())
     }
 
     /// Without the call, the answer of a kernel without it.
     #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
-    fn sendmmsg(&mut self, _fd: RawFd, _start: usize, _end: usize) -> io::Result<usize> {
+    fn sendmmsg(&mut self, _fd: RawFd, _start: usize, _end: usize, _gso: bool) -> io::Result<usize> {
         Err(io::Error::from_raw_os_error(libc::ENOSYS))
     }
+}
+
+/// Points `hdr`'s control data at `room`, holding one `UDP_SEGMENT` of
+/// `size` bytes.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn set_segment(hdr: &mut libc::msghdr, room: &mut [u64; 4], size: usize) -> io::Result<()> {
+    let size = u16::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: CMSG_SPACE of a u16 (24 bytes on 64-bit, 16 on 32-bit) fits
+    // in `room`'s 32 bytes, which are aligned for cmsghdr; the header is
+    // written through the pointers the CMSG macros give for that buffer.
+    unsafe {
+        let space = libc::CMSG_SPACE(size_of::<u16>() as _) as usize;
+        debug_assert!(space <= size_of::<[u64; 4]>());
+        hdr.msg_control = room.as_mut_ptr().cast();
+        hdr.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(hdr);
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as _) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), size);
+    }
+    Ok(())
+}
+
+/// Never called: groups have one datagram where GSO does not exist.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn set_segment(_hdr: &mut libc::msghdr, _room: &mut [u64; 4], _size: usize) -> io::Result<()> {
+    Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+}
+
+/// Whether this kernel takes `UDP_SEGMENT` (Linux 4.18 and later): asked
+/// of a socket made for the purpose.
+pub fn gso_available() -> bool {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        // SAFETY: a socket made, configured and closed here.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                return false;
+            }
+            let size: libc::c_int = 1200;
+            let ok = libc::setsockopt(
+                fd,
+                libc::SOL_UDP,
+                UDP_SEGMENT,
+                (&size as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            ) == 0;
+            libc::close(fd);
+            ok
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        false
+    }
+}
+
+/// Whether `e` says GSO cannot be used on this path at all: no checksum
+/// offload on the device (`EIO`), or no support (`ENOPROTOOPT`,
+/// `EOPNOTSUPP`).
+fn gso_missing(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO) | Some(libc::ENOPROTOOPT) | Some(libc::EOPNOTSUPP)
+    )
+}
+
+/// Whether `e` is the kernel refusing one GSO group (`EINVAL`: a segment
+/// over the route's MTU, or too many segments).
+fn gso_refused(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINVAL)
 }
 
 /// Whether `e` says the system call does not exist (an old kernel, or a
@@ -438,11 +624,12 @@ mod tests {
     use std::net::UdpSocket;
     use std::os::fd::AsRawFd;
 
-    /// A send queue and a receive batch, both ways: batched and one
-    /// datagram per call.
-    fn both_paths() -> [(&'static str, SendQueue, RecvBatch); 2] {
+    /// A send queue and a receive batch, every way: batched, batched with
+    /// GSO, and one datagram per call.
+    fn both_paths() -> [(&'static str, SendQueue, RecvBatch); 3] {
         [
             ("batched", SendQueue::new(), RecvBatch::new()),
+            ("gso", SendQueue::with_gso(), RecvBatch::new()),
             (
                 "one by one",
                 SendQueue::one_by_one(),
@@ -498,8 +685,10 @@ mod tests {
             // Each took the path it was given (no silent fallback here).
             assert_eq!(
                 (q.one_by_one, b.one_by_one),
-                (path != "batched", path != "batched")
+                (path == "one by one", path == "one by one")
             );
+            // 35 datagrams of one size to one destination: one GSO send.
+            assert_eq!(q.gso_sends(), u64::from(path == "gso"), "{path}");
         }
     }
 
@@ -640,6 +829,99 @@ mod tests {
             );
             assert_eq!(rc, 0, "seccomp: {}", io::Error::last_os_error());
         }
+    }
+
+    /// Runs to one destination (a frame's packets) leave as GSO sends and
+    /// arrive as the datagrams they were, in order, over IPv4 and IPv6,
+    /// beside datagrams to other destinations and through other sockets.
+    #[test]
+    fn runs_to_one_destination_leave_as_gso_sends_and_arrive_datagram_by_datagram() {
+        assert!(gso_available(), "Linux 4.18+ has UDP_SEGMENT");
+        for ip in ["127.0.0.1", "[::1]"] {
+            let bind = |ip: &str| UdpSocket::bind(format!("{ip}:0")).unwrap();
+            let (rx_a, rx_b, tx1, tx2) = (bind(ip), bind(ip), bind(ip), bind(ip));
+            for r in [&rx_a, &rx_b] {
+                socket2::SockRef::from(r)
+                    .set_recv_buffer_size(4 << 20)
+                    .unwrap();
+            }
+            let (a, b) = (rx_a.local_addr().unwrap(), rx_b.local_addr().unwrap());
+            let mut q = SendQueue::with_gso();
+            let mut want_a = Vec::new();
+            let mut want_b = Vec::new();
+            let datagram = |tag: u8, seq: usize, len: usize| -> Vec<u8> {
+                (0..len).map(|i| tag ^ (seq + i) as u8).collect()
+            };
+            // tx1 → a: 10 of 1200 bytes and a shorter last (one group),
+            // then 70 of 100 (64 + 6: the segment cap), interleaved with
+            // tx2 → b: 3 of 1200 and one larger (which starts a group).
+            let mut sends: Vec<(&UdpSocket, SocketAddr, Vec<u8>)> = Vec::new();
+            for seq in 0..10 {
+                sends.push((&tx1, a, datagram(1, seq, 1200)));
+            }
+            sends.push((&tx1, a, datagram(1, 10, 700)));
+            for seq in 0..3 {
+                sends.push((&tx2, b, datagram(2, seq, 1200)));
+            }
+            sends.push((&tx2, b, datagram(2, 3, 1300)));
+            for seq in 0..70 {
+                sends.push((&tx1, a, datagram(3, seq, 100)));
+            }
+            for (tx, to, data) in &sends {
+                assert_eq!(q.push(tx.as_raw_fd(), *to, data), 0, "{ip}");
+                if *to == a {
+                    want_a.push(data.clone());
+                } else {
+                    want_b.push(data.clone());
+                }
+            }
+            assert_eq!(q.flush(), 0, "{ip}");
+            assert!(q.gso(), "{ip}: GSO still on");
+            // tx1: [11] [64] [6]; tx2: [3] [1].
+            assert_eq!(q.gso_sends(), 4, "{ip}");
+            let mut batch = RecvBatch::new();
+            for (rx, want, from) in [(&rx_a, &want_a, &tx1), (&rx_b, &want_b, &tx2)] {
+                let got = read_all(&mut batch, rx);
+                assert_eq!(got.len(), want.len(), "{ip}");
+                for ((sender, data), want) in got.iter().zip(want) {
+                    assert_eq!(*sender, from.local_addr().unwrap(), "{ip}");
+                    assert!(data == want, "{ip}: a {} byte datagram differs", want.len());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gso_groups_stop_at_a_new_destination_a_larger_datagram_and_the_caps() {
+        let mut q = SendQueue::with_gso();
+        let (a, b): (SocketAddr, SocketAddr) =
+            ("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        let lens_to = |q: &mut SendQueue, items: &[(SocketAddr, usize)]| {
+            q.queued.clear();
+            for &(to, len) in items {
+                q.queued.push(Queued { fd: 3, to, at: 0, len });
+            }
+            let mut groups = Vec::new();
+            let mut i = 0;
+            while i < q.queued.len() {
+                let g = q.group_len(i, q.queued.len(), true);
+                groups.push(g);
+                i += g;
+            }
+            groups
+        };
+        assert_eq!(lens_to(&mut q, &[(a, 100), (a, 100), (a, 50), (a, 50)]), [3, 1]);
+        assert_eq!(lens_to(&mut q, &[(a, 100), (b, 100), (b, 100), (a, 100)]), [1, 2, 1]);
+        assert_eq!(lens_to(&mut q, &[(a, 100), (a, 200), (a, 200)]), [1, 2]);
+        // Empty datagrams never join a group (a zero segment size is invalid).
+        assert_eq!(lens_to(&mut q, &[(a, 0), (a, 0), (a, 10), (a, 0)]), [1, 1, 1, 1]);
+        assert_eq!(lens_to(&mut q, &vec![(a, 10); 130]), [64, 64, 2]);
+        // 65,000 bytes at most: 54 datagrams of 1,200.
+        assert_eq!(lens_to(&mut q, &vec![(a, 1200); 60]), [54, 6]);
+        // Without GSO every datagram is its own send.
+        q.queued.truncate(3);
+        assert_eq!(q.group_len(0, 3, false), 1);
+        q.queued.clear();
     }
 
     #[test]
