@@ -75,7 +75,8 @@ fn run(mut c: Command) -> String {
 }
 
 /// loadgen_vs_coturn.sh: every server delivers (nearly) all it was sent,
-/// client to client, and (`PEERS`) client to the generator's own peers.
+/// client to client, and (`PEERS`) client to the generator's own peers in
+/// frame-like bursts of 1,200-byte packets (the relay's GSO path).
 fn loadgen_script(tools: &BTreeMap<String, PathBuf>) {
     loadgen_run(tools, "turnkey coturn bare direct", None);
     loadgen_run(tools, "turnkey coturn", Some("127.0.0.2"));
@@ -90,7 +91,7 @@ fn loadgen_run(tools: &BTreeMap<String, PathBuf>, servers: &str, peers: Option<&
         .env("SECS", "1")
         .env("OUT", &tsv);
     if let Some(ip) = peers {
-        c.env("PEERS", ip);
+        c.env("PEERS", ip).env("BURST", "4").env("SIZE", "1200");
     }
     let text = run(c);
     let runs = std::fs::read_to_string(&tsv).expect("runs.tsv");
