@@ -25,6 +25,7 @@ pub mod batch;
 pub mod events;
 pub mod setup;
 pub mod shortcut;
+pub mod xdp;
 
 use std::collections::HashMap;
 use std::io;
