@@ -18,7 +18,9 @@
  * ports in network order. The next hop comes from the kernel's FIB and
  * neighbour tables (bpf_fib_lookup), not from swapping the MAC addresses
  * of the packet that came in: the client and the peer need not sit behind
- * the same router. UDP checksums are updated incrementally (RFC 1624): the
+ * the same router (the helper answers only where forwarding is enabled on
+ * the interface: net.ipv4.conf.IFACE.forwarding, net.ipv6.conf.IFACE.
+ * forwarding; without it everything passes, counted). UDP checksums are updated incrementally (RFC 1624): the
  * 4 bytes of ChannelData framing sit at an even offset, so the payload's
  * sum is the same in both packets, and an incoming checksum that was
  * wrong stays wrong (the receiver drops it, as our kernel would have).
@@ -58,6 +60,7 @@ enum reason {
 	R_NO_NEIGHBOUR,       /* next hop not resolved yet */
 	R_NO_ROUTE,           /* no route, or a route out of another interface */
 	R_FAMILY,             /* the entry is of the other address family */
+	R_FORWARDING_OFF,     /* the FIB helper needs forwarding on the interface */
 	R_COUNT,
 };
 
@@ -258,7 +261,11 @@ struct out {
 static __noinline int route(struct xdp_md *ctx, struct flow *f, struct out *o, __u16 ip_len)
 {
 	struct bpf_fib_lookup fib = {};
-	__u32 flags = BPF_FIB_LOOKUP_OUTPUT;
+	/* An ingress-style lookup: the route the kernel would take for this
+	 * destination from any interface. BPF_FIB_LOOKUP_OUTPUT would bind
+	 * it to the interface the packet came in on, and so send a peer
+	 * reached through another interface out of the wrong one. */
+	__u32 flags = 0;
 	int wild = is_wildcard(o->src);
 
 	if (wild)
@@ -289,6 +296,8 @@ static __noinline int route(struct xdp_md *ctx, struct flow *f, struct out *o, _
 		return R_NO_NEIGHBOUR;
 	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
 		return R_OVERSIZE;
+	case BPF_FIB_LKUP_RET_FWD_DISABLED:
+		return R_FORWARDING_OFF;
 	default:
 		return R_NO_ROUTE;
 	}

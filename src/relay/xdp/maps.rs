@@ -35,10 +35,11 @@ pub enum Reason {
     NoNeighbour,
     NoRoute,
     Family,
+    ForwardingOff,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::ToPeer,
         Reason::ToClient,
         Reason::Other,
@@ -54,6 +55,7 @@ impl Reason {
         Reason::NoNeighbour,
         Reason::NoRoute,
         Reason::Family,
+        Reason::ForwardingOff,
     ];
 
     /// Relayed in XDP (the two directions), or passed to the kernel.
@@ -79,6 +81,7 @@ impl Reason {
             Reason::NoNeighbour => "no_neighbour",
             Reason::NoRoute => "no_route",
             Reason::Family => "family",
+            Reason::ForwardingOff => "forwarding_off",
         }
     }
 }

@@ -21,6 +21,8 @@ pub mod maps;
 pub mod shard;
 
 #[cfg(feature = "xdp")]
+use loader::Loaded;
+#[cfg(feature = "xdp")]
 pub use loader::*;
 
 /// How the program is attached (`turn.xdp`).
@@ -107,10 +109,12 @@ mod loader {
         /// Packets and bytes of one entry, summed over the CPUs.
         pub fn count(&self, entry: u32) -> io::Result<EntryCount> {
             let per_cpu = self.counts.per_cpu::<EntryCount>(entry, self.cpus)?;
-            Ok(per_cpu.iter().fold(EntryCount::default(), |a, c| EntryCount {
-                packets: a.packets + c.packets,
-                bytes: a.bytes + c.bytes,
-            }))
+            Ok(per_cpu
+                .iter()
+                .fold(EntryCount::default(), |a, c| EntryCount {
+                    packets: a.packets + c.packets,
+                    bytes: a.bytes + c.bytes,
+                }))
         }
 
         /// Packets per reason since the program was loaded.
@@ -140,7 +144,7 @@ mod loader {
     /// The loaded program; attached once `attach` succeeds, detached when
     /// dropped (or when the process ends, however it ends).
     pub struct Loaded {
-        ebpf: Ebpf,
+        pub(super) ebpf: Ebpf,
         pub maps: Arc<Maps>,
     }
 
