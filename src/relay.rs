@@ -158,6 +158,8 @@ pub struct ShardSpec {
     pub stats: Arc<TurnStats>,
     /// Where allocation events are counted per user and label.
     pub usage: Arc<UsageBook>,
+    /// This shard's writer of the kernel fast path, when it is on.
+    pub xdp: Option<xdp::shard::XdpShard>,
 }
 
 /// A handle on the running shards: reach them, stop them.
@@ -166,6 +168,8 @@ pub struct Relay {
     handles: Vec<ShardHandle>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// The attached XDP program, detached when the relay is dropped.
+    xdp: Option<xdp::FastPath>,
 }
 
 impl Relay {
@@ -219,6 +223,7 @@ impl Relay {
                 outbox: (0..mailboxes.len()).map(|_| Parcel::default()).collect(),
                 mailboxes: mailboxes.clone(),
                 drain: drain.clone(),
+                xdp: spec.xdp,
             };
             let stop = stop.clone();
             let core = spec.core;
@@ -235,7 +240,16 @@ impl Relay {
             handles,
             stop,
             threads,
+            xdp: None,
         })
+    }
+
+    /// Keeps the attached XDP program, and tells it the listen addresses
+    /// (their real ports) ChannelData comes to.
+    pub fn keep_fast_path(&mut self, fast: xdp::FastPath) -> io::Result<()> {
+        fast.set_listen(&self.local_addrs)?;
+        self.xdp = Some(fast);
+        Ok(())
     }
 
     /// The bound UDP listener addresses (the real ports when 0 was asked for).
@@ -359,6 +373,7 @@ struct ShardIo {
     mailboxes: Arc<[Mailbox]>,
     outbox: Vec<Parcel>,
     drain: Arc<Drain>,
+    xdp: Option<xdp::shard::XdpShard>,
 }
 
 impl Io for ShardIo {
@@ -477,7 +492,10 @@ impl Io for ShardIo {
         self.lock_reserved().remove(&relay);
     }
 
-    fn event(&mut self, event: Event) {
+    fn event(&mut self, mut event: Event) {
+        if let Some(x) = self.xdp.as_mut() {
+            x.on_event(&mut event);
+        }
         events::record(&self.stats, &self.usage, &event);
         if matches!(event, Event::AllocationEnded { .. }) {
             // One allocation fewer may be what a drain waits for.
@@ -599,6 +617,9 @@ fn run(
         io.flush();
         core.handle_timeout(Instant::now(), &mut io);
         io.flush();
+        if let Some(x) = io.xdp.as_mut() {
+            x.sweep(Instant::now(), &mut core);
+        }
         close_ended_streams(&mut io);
     }
 }

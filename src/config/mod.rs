@@ -399,6 +399,12 @@ pub struct TurnConfig {
     /// Relay event-loop threads (SO_REUSEPORT shards); 0 = one per two
     /// cores, at least one.
     pub threads: usize,
+    /// The kernel fast path (`relay/xdp/`): ChannelData relayed by an XDP
+    /// program on `xdp_interface`, "native" (in the driver) or "generic";
+    /// "off" by default. A build without the `xdp` feature, or a kernel or
+    /// driver that refuses, logs why and relays in user space.
+    pub xdp: crate::relay::xdp::XdpMode,
+    pub xdp_interface: String,
     pub realm: String,
     pub default_lifetime_secs: u64,
     pub max_lifetime_secs: u64,
@@ -543,6 +549,8 @@ impl Default for TurnConfig {
             relay_port_min: 49152,
             relay_port_max: 65535,
             threads: 0,
+            xdp: crate::relay::xdp::XdpMode::Off,
+            xdp_interface: String::new(),
             realm: "turnkey".into(),
             default_lifetime_secs: 600,
             max_lifetime_secs: 3600,

@@ -21,9 +21,109 @@ pub mod maps;
 pub mod shard;
 
 #[cfg(feature = "xdp")]
-use loader::Loaded;
-#[cfg(feature = "xdp")]
 pub use loader::*;
+
+use std::net::IpAddr;
+#[cfg(not(feature = "xdp"))]
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::config::TurnConfig;
+use crate::turn::stats::TurnStats;
+
+/// The attached program, kept by the relay for as long as it runs.
+#[cfg(feature = "xdp")]
+pub type FastPath = Loaded;
+
+#[cfg(not(feature = "xdp"))]
+pub struct FastPath;
+
+#[cfg(not(feature = "xdp"))]
+impl FastPath {
+    pub fn set_listen(&self, _: &[SocketAddr]) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(not(feature = "xdp"))]
+pub mod shard {
+    //! Without the `xdp` feature there is no fast path to follow.
+    pub struct XdpShard;
+    impl XdpShard {
+        pub fn on_event(&mut self, _: &mut crate::turn::events::Event) {}
+        pub fn sweep(&mut self, _: std::time::Instant, _: &mut crate::turn::server::Server) {}
+    }
+}
+
+/// The fast path `turn.xdp` asks for, loaded and attached to
+/// `turn.xdp_interface`, and one writer per shard (`stats` has one entry
+/// per shard). `None` and no writers when it is off; when it is on but
+/// cannot be had, a warning says why and the user-space path relays all.
+pub fn start(
+    t: &TurnConfig,
+    own: Vec<IpAddr>,
+    relay_bind: [Option<IpAddr>; 2],
+    stats: &[Arc<TurnStats>],
+) -> (Option<FastPath>, Vec<Option<shard::XdpShard>>) {
+    let none = || stats.iter().map(|_| None).collect();
+    if t.xdp == XdpMode::Off {
+        return (None, none());
+    }
+    #[cfg(not(feature = "xdp"))]
+    {
+        let _ = (own, relay_bind);
+        tracing::warn!(
+            "turn.xdp = {:?}, but this build has no xdp feature: relaying in user space",
+            t.xdp
+        );
+        (None, none())
+    }
+    #[cfg(feature = "xdp")]
+    {
+        let attached = Loaded::load().and_then(|mut l| {
+            l.attach(&t.xdp_interface, t.xdp)?;
+            Ok(l)
+        });
+        match attached {
+            Ok(l) => {
+                warn_if_not_forwarding(&t.xdp_interface);
+                tracing::info!(interface = %t.xdp_interface, mode = ?t.xdp, "XDP fast path attached");
+                let writers = stats
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        Some(shard::XdpShard::new(
+                            l.maps.clone(),
+                            own.clone(),
+                            relay_bind,
+                            s.clone(),
+                            i == 0,
+                        ))
+                    })
+                    .collect();
+                (Some(l), writers)
+            }
+            Err(e) => {
+                tracing::warn!("turn.xdp: {e}; relaying in user space");
+                (None, none())
+            }
+        }
+    }
+}
+
+/// The program's route lookups answer only where forwarding is on.
+#[cfg(feature = "xdp")]
+fn warn_if_not_forwarding(interface: &str) {
+    for family in ["ipv4", "ipv6"] {
+        let path = format!("/proc/sys/net/{family}/conf/{interface}/forwarding");
+        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "0") {
+            tracing::warn!(
+                "net.{family}.conf.{interface}.forwarding is 0: the XDP fast path passes every \
+                 {family} packet to user space until it is 1 (counted as forwarding_off)"
+            );
+        }
+    }
+}
 
 /// How the program is attached (`turn.xdp`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
@@ -204,6 +304,11 @@ mod loader {
                 .ok_or_else(|| format!("no program {PROGRAM}"))?
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| chain(&e))
+        }
+
+        /// The listen addresses ChannelData comes to.
+        pub fn set_listen(&self, addrs: &[SocketAddr]) -> io::Result<()> {
+            self.maps.set_listen(addrs)
         }
 
         /// The program, for test runs.
