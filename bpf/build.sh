@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds bpf/turnkey_xdp.o, the XDP program turnkey embeds (src/relay/xdp/).
+# Builds bpf/turnkey_xdp.o, the XDP program turnkey embeds (src/relay/xdp/),
+# and bpf/xdp_pass.o, the test bed's pass-everything program (tests/xdp.rs).
 # The object is committed so that building turnkey needs no clang; .ci/run
 # rebuilds it with `bpf/build.sh --check` and fails if it differs from the
 # committed one.
@@ -11,20 +12,27 @@
 # clang may produce different but equivalent code, and --check says so.
 set -euo pipefail
 cd "$(dirname "$0")"
-out=turnkey_xdp.o
-if [ "${1:-}" = "--check" ]; then out=$(mktemp --suffix=.o); trap 'rm -f "$out"' EXIT; fi
-clang -O2 -g -target bpf -mcpu=v3 \
-  -ffile-prefix-map="$PWD"=. -fno-ident \
-  -I/usr/include/"$(uname -m)"-linux-gnu \
-  -Wall -Werror \
-  -c turnkey_xdp.c -o "$out.tmp"
-llvm-objcopy --strip-debug "$out.tmp" "$out"
-rm -f "$out.tmp"
-if [ "${1:-}" = "--check" ]; then
-  if cmp -s "$out" turnkey_xdp.o; then
-    echo "bpf/turnkey_xdp.o matches its source ($(clang --version | head -1))"
-  else
-    echo "bpf/turnkey_xdp.o differs from a rebuild of bpf/turnkey_xdp.c with $(clang --version | head -1): run bpf/build.sh and commit the object" >&2
-    exit 1
+check=""
+[ "${1:-}" = "--check" ] && check=1
+status=0
+for name in turnkey_xdp xdp_pass; do
+  out=$name.o
+  if [ -n "$check" ]; then out=$(mktemp --suffix=.o); fi
+  clang -O2 -g -target bpf -mcpu=v3 \
+    -ffile-prefix-map="$PWD"=. -fno-ident \
+    -I/usr/include/"$(uname -m)"-linux-gnu \
+    -Wall -Werror \
+    -c $name.c -o "$out.tmp"
+  llvm-objcopy --strip-debug "$out.tmp" "$out"
+  rm -f "$out.tmp"
+  if [ -n "$check" ]; then
+    if cmp -s "$out" $name.o; then
+      echo "bpf/$name.o matches its source ($(clang --version | head -1))"
+    else
+      echo "bpf/$name.o differs from a rebuild of bpf/$name.c with $(clang --version | head -1): run bpf/build.sh and commit the object" >&2
+      status=1
+    fi
+    rm -f "$out"
   fi
-fi
+done
+exit $status
