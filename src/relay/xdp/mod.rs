@@ -29,6 +29,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::config::TurnConfig;
+pub use crate::config::XdpMode;
 use crate::turn::stats::TurnStats;
 
 /// The attached program, kept by the relay for as long as it runs.
@@ -123,20 +124,6 @@ fn warn_if_not_forwarding(interface: &str) {
             );
         }
     }
-}
-
-/// How the program is attached (`turn.xdp`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpMode {
-    /// No fast path.
-    #[default]
-    Off,
-    /// In the driver (XDP_FLAGS_DRV_MODE): the fast one.
-    Native,
-    /// In the kernel's generic hook, for drivers without XDP (slower, for
-    /// trying it out).
-    Generic,
 }
 
 #[cfg(feature = "xdp")]
