@@ -440,21 +440,21 @@ static __always_inline int to_peer(struct xdp_md *ctx, struct flow *f, struct cl
 	if (is_v4(v->peer_ip) == f->v6)
 		return PASS(R_FAMILY);
 
-	struct out o = *op;
-	copy16(o.src, v->relay_ip);
-	copy16(o.dst, v->peer_ip);
-	o.sport = v->relay_port;
-	o.dport = v->peer_port;
-	o.udp_len = f->udp_len - 4;
+	struct out *o = op;
+	copy16(o->src, v->relay_ip);
+	copy16(o->dst, v->peer_ip);
+	o->sport = v->relay_port;
+	o->dport = v->peer_port;
+	o->udp_len = f->udp_len - 4;
 	__u32 entry = v->entry;
-	int r = route(ctx, f, &o, (f->v6 ? 0 : 20) + o.udp_len);
+	int r = route(ctx, f, o, (f->v6 ? 0 : 20) + o->udp_len);
 	if (r)
 		return PASS(r);
-	o.csum = f->csum ? new_csum(f, &o, cd, 1) : 0; /* IPv4 without a checksum stays so */
+	o->csum = f->csum ? new_csum(f, o, cd, 1) : 0; /* IPv4 without a checksum stays so */
 
 	if (bpf_xdp_adjust_head(ctx, 4))
 		return PASS(R_NO_ROUTE);
-	if (write_headers(ctx, f, &o, 0))
+	if (write_headers(ctx, f, o, 0))
 		return XDP_ABORTED;
 	count_entry(entry, len);
 	return verdict(R_TO_PEER, XDP_TX);
@@ -492,21 +492,21 @@ static __always_inline int to_client(struct xdp_md *ctx, struct flow *f, struct 
 	cd[2] = len >> 8;
 	cd[3] = len & 0xff;
 
-	struct out o = *op;
-	copy16(o.src, v->server_ip);
-	copy16(o.dst, v->client_ip);
-	o.sport = v->server_port;
-	o.dport = v->client_port;
-	o.udp_len = f->udp_len + 4;
+	struct out *o = op;
+	copy16(o->src, v->server_ip);
+	copy16(o->dst, v->client_ip);
+	o->sport = v->server_port;
+	o->dport = v->client_port;
+	o->udp_len = f->udp_len + 4;
 	__u32 entry = v->entry;
-	int r = route(ctx, f, &o, (f->v6 ? 0 : 20) + o.udp_len);
+	int r = route(ctx, f, o, (f->v6 ? 0 : 20) + o->udp_len);
 	if (r)
 		return PASS(r);
-	o.csum = f->csum ? new_csum(f, &o, cd, 0) : 0;
+	o->csum = f->csum ? new_csum(f, o, cd, 0) : 0;
 
 	if (bpf_xdp_adjust_head(ctx, -4))
 		return PASS(R_OVERSIZE);
-	if (write_headers(ctx, f, &o, cd))
+	if (write_headers(ctx, f, o, cd))
 		return XDP_ABORTED;
 	count_entry(entry, len);
 	return verdict(R_TO_CLIENT, XDP_TX);
