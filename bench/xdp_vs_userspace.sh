@@ -113,7 +113,7 @@ TOML
   done
   wait $lg
   b1=$(busy); p1=$(prog)
-  kill "$TK_PID"; wait "$TK_PID" 2>/dev/null || true; TK_PID=""
+  kill -INT "$TK_PID"; wait "$TK_PID" 2>/dev/null || true; TK_PID=""
   local received
   received=$(tr ' ' '\n' <"$WORK/lg.out" | awk -F= '$1=="received"{print $2}')
   echo "$mode $size $(awk -v b=$((b1-b0)) -v l="$lgcpu" -v hz="$HZ" -v n="$received" -v p=$((p1-p0)) \
