@@ -161,7 +161,11 @@ fn with_peers(args: &Args, ip: std::net::IpAddr) -> Result<Vec<Flow>> {
 /// route picks its address (loopback for a server on loopback; the test
 /// bed's client address for bench/xdp_vs_userspace.sh).
 fn client_socket(args: &Args) -> Result<(UdpSocket, Client)> {
-    let any = if args.server.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+    let any = if args.server.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
     let sock = UdpSocket::bind(any)?;
     sock.connect(args.server)?;
     sock.set_read_timeout(Some(Duration::from_millis(300)))?;

@@ -447,7 +447,7 @@ static __always_inline int to_peer(struct xdp_md *ctx, struct flow *f, struct cl
 	o->dport = v->peer_port;
 	o->udp_len = f->udp_len - 4;
 	__u32 entry = v->entry;
-	int r = route(ctx, f, o, (f->v6 ? 0 : 20) + o->udp_len);
+	int r = route(ctx, f, o, (f->v6 ? 40 : 20) + o->udp_len);
 	if (r)
 		return PASS(r);
 	o->csum = f->csum ? new_csum(f, o, cd, 1) : 0; /* IPv4 without a checksum stays so */
@@ -499,7 +499,7 @@ static __always_inline int to_client(struct xdp_md *ctx, struct flow *f, struct 
 	o->dport = v->client_port;
 	o->udp_len = f->udp_len + 4;
 	__u32 entry = v->entry;
-	int r = route(ctx, f, o, (f->v6 ? 0 : 20) + o->udp_len);
+	int r = route(ctx, f, o, (f->v6 ? 40 : 20) + o->udp_len);
 	if (r)
 		return PASS(r);
 	o->csum = f->csum ? new_csum(f, o, cd, 0) : 0;

@@ -498,6 +498,14 @@ fn everything_it_is_not_sure_of_passes_unchanged() {
             Reason::Oversize,
             "oversize once framed",
         );
+        bed.passes(
+            &frame(p6, r6, &[1u8; 1452]),
+            Reason::Oversize,
+            "oversize once framed, IPv6",
+        );
+        // Four bytes less fit: 1,500 bytes on the wire once framed.
+        bed.relays(&frame(p6, r6, &[1u8; 1448]), Reason::ToClient);
+        bed.relays(&frame(peer, relay, &[1u8; 1468]), Reason::ToClient);
 
         // Hairpin: a peer that is the relay's own address goes through
         // user space (which hands it over in memory), never out of the
