@@ -150,7 +150,12 @@ xdp = "{}"
 xdp_interface = "r0"
 {}
 "#,
-        if xdp { "native" } else { "off" },
+        if !xdp {
+            "off".to_string()
+        } else {
+            // XDP_BED_MODE=generic tries the generic hook instead.
+            std::env::var("XDP_BED_MODE").unwrap_or_else(|_| "native".into())
+        },
         auth_section()
     )
 }
