@@ -8,8 +8,8 @@
 //!
 //! Needs root; under CI (`CI=true`, as root) nothing skips. The
 //! namespaces are named `tkx<pid>-*`, and removed by a Drop guard however
-//! the test ends. IPv4 only here: IPv6 is the table tests' (in
-//! `src/relay/xdp/program_tests.rs`).
+//! the test ends. IPv4 and IPv6 (the IPv6 run shorter; the table tests
+//! in `src/relay/xdp/program_tests.rs` have IPv6's edge cases).
 
 mod common;
 
@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::raw::Raw;
 use common::{auth_section, Turnkey};
+use stun::attributes::{RawAttribute, ATTR_REQUESTED_ADDRESS_FAMILY};
 
 const TOKEN: &str = "xdp-test-admin-token-0123456789";
 
@@ -61,21 +62,26 @@ impl Bed {
         for ns in ["c", "p", "r", "x"] {
             script += &format!("ip netns add {p}-{ns} && ip -n {p}-{ns} link set lo up && ");
         }
-        script += &format!("ip netns exec {p}-x sysctl -qw net.ipv4.ip_forward=1 && ");
+        script += &format!(
+            "ip netns exec {p}-x sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 && "
+        );
         for (ns, net) in [("c", 1), ("p", 2), ("r", 3)] {
             script += &format!(
                 "ip link add {ns}0 netns {p}-{ns} type veth peer name x{ns} netns {p}-x && \
                  ip -n {p}-{ns} addr add 10.{net}.0.2/24 dev {ns}0 && \
                  ip -n {p}-x addr add 10.{net}.0.1/24 dev x{ns} && \
+                 ip -n {p}-{ns} -6 addr add fd00:{net}::2/64 dev {ns}0 nodad && \
+                 ip -n {p}-x -6 addr add fd00:{net}::1/64 dev x{ns} nodad && \
                  ip -n {p}-{ns} link set {ns}0 up && ip -n {p}-x link set x{ns} up && \
                  ip -n {p}-{ns} route add default via 10.{net}.0.1 && \
+                 ip -n {p}-{ns} -6 route add default via fd00:{net}::1 && \
                  ip netns exec {p}-{ns} ethtool -K {ns}0 tx off >/dev/null && \
                  ip netns exec {p}-x ethtool -K x{ns} tx off >/dev/null && "
             );
         }
         script += &format!(
             "ip -n {p}-x link set dev xr xdp obj {pass} sec xdp && \
-             ip netns exec {p}-r sysctl -qw net.ipv4.conf.r0.forwarding=1"
+             ip netns exec {p}-r sysctl -qw net.ipv4.conf.r0.forwarding=1 net.ipv6.conf.r0.forwarding=1"
         );
         sh(&script);
         bed
@@ -101,7 +107,17 @@ impl Bed {
         .expect("namespace thread")
     }
 
+    /// UdpInCsumErrors + Udp6InCsumErrors in namespace `which`.
     fn csum_errors(&self, which: &str) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(which), "cat", "/proc/net/snmp6"])
+            .output()
+            .unwrap();
+        let v6: u64 = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("Udp6InCsumErrors"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("Udp6InCsumErrors");
         let out = Command::new("ip")
             .args(["netns", "exec", &self.ns(which), "cat", "/proc/net/snmp"])
             .output()
@@ -111,7 +127,7 @@ impl Bed {
         let names: Vec<&str> = udp[0].split_whitespace().collect();
         let values: Vec<&str> = udp[1].split_whitespace().collect();
         let i = names.iter().position(|n| *n == "InCsumErrors").unwrap();
-        values[i].parse().unwrap()
+        values[i].parse::<u64>().unwrap() + v6
     }
 }
 
@@ -138,12 +154,13 @@ listen = "127.0.0.1:0"
 listen = "127.0.0.1:0"
 token = "{TOKEN}"
 [turn]
-listen = ["10.3.0.2:3478"]
+listen = ["10.3.0.2:3478", "[fd00:3::2]:3478"]
+relay_ip_v6 = "fd00:3::2"
 tcp_listen = []
 threads = 1
 relay_port_min = 40000
 relay_port_max = 40999
-allowed_peer_ranges = ["10.2.0.0/24"]
+allowed_peer_ranges = ["10.2.0.0/24", "fd00:2::/64"]
 max_bps = {max_bps}
 max_channels = 64
 xdp = "{}"
@@ -180,6 +197,15 @@ fn check(data: &[u8]) -> Option<(u16, u32)> {
     (payload(b, seq, data.len()) == data).then_some((b, seq))
 }
 
+/// The client's address in the bed, of the server's family.
+fn client_ip(server: SocketAddr) -> &'static str {
+    if server.is_ipv6() {
+        "[fd00:1::2]:0"
+    } else {
+        "10.1.0.2:0"
+    }
+}
+
 struct Client {
     raw: Raw,
     relayed: SocketAddr,
@@ -196,7 +222,12 @@ fn bind_all(
     let peers: Vec<Arc<UdpSocket>> = bed.within("p", move || {
         (0..clients * per)
             .map(|_| {
-                let s = UdpSocket::bind("10.2.0.2:0").unwrap();
+                let s = UdpSocket::bind(if tk_turn.is_ipv6() {
+                    "[fd00:2::2]:0"
+                } else {
+                    "10.2.0.2:0"
+                })
+                .unwrap();
                 s.set_read_timeout(Some(Duration::from_millis(100)))
                     .unwrap();
                 Arc::new(s)
@@ -207,8 +238,19 @@ fn bind_all(
     let cl = bed.within("c", move || {
         (0..clients)
             .map(|i| {
-                let mut raw = Raw::bound("10.1.0.2:0", tk_turn, "alice", "wonderland-rabbit");
-                let relayed = raw.allocate().expect("allocate");
+                let mut raw = Raw::bound(client_ip(tk_turn), tk_turn, "alice", "wonderland-rabbit");
+                let relayed = if tk_turn.is_ipv6() {
+                    raw.allocate_with(|| {
+                        vec![Box::new(RawAttribute {
+                            typ: ATTR_REQUESTED_ADDRESS_FAMILY,
+                            length: 4,
+                            value: vec![2, 0, 0, 0],
+                        })]
+                    })
+                    .expect("allocate")[0]
+                } else {
+                    raw.allocate().expect("allocate")
+                };
                 raw.permit(peer_addrs[0]).expect("permission");
                 for j in 0..per {
                     raw.bind_channel(0x4000 + j as u16, peer_addrs[i * per + j])
@@ -396,15 +438,24 @@ fn allocations(tk: &Turnkey, bed: &Bed) -> Vec<serde_json::Value> {
 /// 100 bindings both ways: nothing lost or corrupted, no checksum error
 /// at either end, at least 99 % relayed in XDP (when on), and each
 /// allocation's bytes in the admin API equal to what the other side got.
-fn relay_100_bindings(xdp: bool, secs: u64) {
-    let bed = Bed::new(if xdp { "a" } else { "b" });
+fn relay_100_bindings(xdp: bool, v6: bool, secs: u64) {
+    let bed = Bed::new(match (xdp, v6) {
+        (true, false) => "a",
+        (false, _) => "b",
+        (true, true) => "6",
+    });
     let tk = Turnkey::start_in("xdp-bed", &config(xdp, 0), Some(&bed.ns("r")));
     assert_eq!(
         tk.log_contains("XDP fast path attached"),
         xdp,
         "attached iff asked"
     );
-    let (clients, peers) = bind_all(&bed, tk.turn, 4, 25);
+    let server = *tk
+        .turn_all
+        .iter()
+        .find(|a| a.is_ipv6() == v6)
+        .expect("listener");
+    let (clients, peers) = bind_all(&bed, server, 4, 25);
     let n = clients.len() * 25;
     let tally = Tally::new(n);
     let stop = Arc::new(AtomicBool::new(false));
@@ -443,7 +494,7 @@ fn relay_100_bindings(xdp: bool, secs: u64) {
     );
     let relayed = 2.0 * (sent * n as u64) as f64;
     eprintln!(
-        "xdp={xdp}: {sent} rounds x {n} bindings x 2 ways; {in_xdp} in XDP ({:.2} %)",
+        "xdp={xdp} ipv6={v6}: {sent} rounds x {n} bindings x 2 ways; {in_xdp} in XDP ({:.2} %)",
         100.0 * in_xdp / relayed
     );
     if xdp {
@@ -505,7 +556,12 @@ fn relay_100_bindings(xdp: bool, secs: u64) {
     // unit-tested in relay/xdp/cache.rs and turn/events_tests.rs.)
     let c0 = clients[0].clone();
     let deleted = bed.within("c", move || {
-        let mut raw = Raw::bound("10.1.0.2:0", c0.raw.server, "alice", "wonderland-rabbit");
+        let mut raw = Raw::bound(
+            client_ip(c0.raw.server),
+            c0.raw.server,
+            "alice",
+            "wonderland-rabbit",
+        );
         raw.sock = c0.raw.sock.try_clone().unwrap();
         raw.refresh(0).is_ok()
     });
@@ -556,7 +612,15 @@ fn xdp_relays_100_bindings_both_ways_exactly() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    relay_100_bindings(true, secs);
+    relay_100_bindings(true, false, secs);
+}
+
+#[test]
+fn xdp_relays_100_ipv6_bindings_both_ways_exactly() {
+    if !privileged() {
+        return;
+    }
+    relay_100_bindings(true, true, 10);
 }
 
 #[test]
@@ -564,7 +628,7 @@ fn without_xdp_the_same_bed_counts_the_same_bytes() {
     if !privileged() {
         return;
     }
-    relay_100_bindings(false, 5);
+    relay_100_bindings(false, false, 5);
 }
 
 /// A capped allocation offered twice its cap for 10 s: the peer gets at
@@ -578,7 +642,7 @@ fn a_capped_allocation_stays_within_its_cap_with_xdp_on() {
     let bed = Bed::new("c");
     let cap: u64 = 200_000;
     let tk = Turnkey::start_in("xdp-cap", &config(true, cap), Some(&bed.ns("r")));
-    let (clients, peers) = bind_all(&bed, tk.turn, 1, 1);
+    let (clients, peers) = bind_all(&bed, tk.turn_all[0], 1, 1);
     let tally = Tally::new(1);
     let stop = Arc::new(AtomicBool::new(false));
     let rx = receive(&clients, &peers, 1, &tally, &stop);
