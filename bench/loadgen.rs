@@ -162,9 +162,16 @@ fn with_peers(args: &Args, ip: std::net::IpAddr) -> Result<Vec<Flow>> {
     Ok(ready)
 }
 
-/// A client's socket, connected to the server, and its TURN client.
+/// A client's socket, connected to the server, and its TURN client. The
+/// route picks its address (loopback for a server on loopback; the test
+/// bed's client address for bench/xdp_vs_userspace.sh).
 fn client_socket(args: &Args) -> Result<(UdpSocket, Client)> {
-    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    let any = if args.server.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    let sock = UdpSocket::bind(any)?;
     sock.connect(args.server)?;
     sock.set_read_timeout(Some(Duration::from_millis(300)))?;
     let client = Client::new(Some(TurnCredential {

@@ -85,6 +85,17 @@ impl Gcra {
         true
     }
 
+    /// Spends `units` that were already used elsewhere (relayed by the
+    /// kernel fast path): the budget may go into debt, which the next
+    /// `take`s then wait out, so the rate over time stays the budget's.
+    pub fn charge(&mut self, rate: Rate, now: Instant, units: u64) {
+        if rate.per_sec == 0 || units == 0 {
+            return;
+        }
+        let tat = self.tat.map_or(now, |t| t.max(now));
+        self.tat = Some(tat + rate.cost(units));
+    }
+
     /// Whether the budget is whole again (the state can be forgotten).
     pub fn is_idle(&self, now: Instant) -> bool {
         self.tat.is_none_or(|t| t <= now)

@@ -271,6 +271,35 @@ impl Metrics {
             labels,
             relayed(false),
         )?;
+        let xdp: Vec<(Vec<&str>, Source)> = crate::relay::xdp::maps::Reason::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (
+                    vec![if r.handled() { "relayed" } else { "passed" }, r.name()],
+                    Box::new(move |s: &[Arc<TurnStats>], _: &SignalStats| {
+                        s.iter()
+                            .map(|t| t.xdp_packets.get(i).map_or(0, |c| c.load(Relaxed)))
+                            .sum()
+                    }) as Source,
+                )
+            })
+            .collect();
+        self.counter(
+            "turnkey_xdp_packets_total",
+            "Packets the XDP fast path (turn.xdp) relayed itself, by direction, or passed to the kernel and user space, by reason. 0 while it is off.",
+            &["verdict", "reason"],
+            xdp,
+        )?;
+        self.gauge(
+            "turnkey_xdp_bindings",
+            "Channel bindings in the XDP fast path now.",
+            &[],
+            vec![(
+                vec![],
+                Box::new(|s: &[Arc<TurnStats>], _: &SignalStats, _| sum_i(s, |t| &t.xdp_bindings)),
+            )],
+        )?;
         self.counter(
             "turnkey_stun_binding_requests_total",
             "STUN Binding requests answered.",

@@ -27,6 +27,7 @@ pub mod batch;
 pub mod events;
 pub mod setup;
 pub mod shortcut;
+pub mod xdp;
 
 use std::collections::HashMap;
 use std::io;
@@ -159,6 +160,8 @@ pub struct ShardSpec {
     pub stats: Arc<TurnStats>,
     /// Where allocation events are counted per user and label.
     pub usage: Arc<UsageBook>,
+    /// This shard's writer of the kernel fast path, when it is on.
+    pub xdp: Option<xdp::shard::XdpShard>,
 }
 
 /// A handle on the running shards: reach them, stop them.
@@ -167,6 +170,8 @@ pub struct Relay {
     handles: Vec<ShardHandle>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// The attached XDP program, detached when the relay is dropped.
+    xdp: Option<xdp::FastPath>,
 }
 
 impl Relay {
@@ -220,6 +225,7 @@ impl Relay {
                 outbox: (0..mailboxes.len()).map(|_| Parcel::default()).collect(),
                 mailboxes: mailboxes.clone(),
                 drain: drain.clone(),
+                xdp: spec.xdp,
             };
             let stop = stop.clone();
             let core = spec.core;
@@ -236,7 +242,16 @@ impl Relay {
             handles,
             stop,
             threads,
+            xdp: None,
         })
+    }
+
+    /// Keeps the attached XDP program, and tells it the listen addresses
+    /// (their real ports) ChannelData comes to.
+    pub fn keep_fast_path(&mut self, fast: xdp::FastPath) -> io::Result<()> {
+        fast.set_listen(&self.local_addrs)?;
+        self.xdp = Some(fast);
+        Ok(())
     }
 
     /// The bound UDP listener addresses (the real ports when 0 was asked for).
@@ -360,6 +375,7 @@ struct ShardIo {
     mailboxes: Arc<[Mailbox]>,
     outbox: Vec<Parcel>,
     drain: Arc<Drain>,
+    xdp: Option<xdp::shard::XdpShard>,
 }
 
 impl Io for ShardIo {
@@ -478,7 +494,10 @@ impl Io for ShardIo {
         self.lock_reserved().remove(&relay);
     }
 
-    fn event(&mut self, event: Event) {
+    fn event(&mut self, mut event: Event) {
+        if let Some(x) = self.xdp.as_mut() {
+            x.on_event(&mut event);
+        }
         events::record(&self.stats, &self.usage, &event);
         if matches!(event, Event::AllocationEnded { .. }) {
             // One allocation fewer may be what a drain waits for.
@@ -602,6 +621,9 @@ fn run(
         io.flush();
         core.handle_timeout(Instant::now(), &mut io);
         io.flush();
+        if let Some(x) = io.xdp.as_mut() {
+            x.sweep(Instant::now(), &mut core);
+        }
         close_ended_streams(&mut io);
     }
 }

@@ -51,6 +51,8 @@ pub const KEYS: &[(&str, OnReload)] = &[
     ("turn.relay_port_min", Restart),
     ("turn.relay_port_max", Restart),
     ("turn.threads", Restart),
+    ("turn.xdp", Restart),
+    ("turn.xdp_interface", Restart),
     ("turn.realm", Applied),
     ("turn.default_lifetime_secs", Applied),
     ("turn.max_lifetime_secs", Applied),

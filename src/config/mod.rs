@@ -229,6 +229,20 @@ pub struct AdminConfig {
     pub token: Option<Secret>,
 }
 
+/// How the program is attached (`turn.xdp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// No fast path.
+    #[default]
+    Off,
+    /// In the driver (XDP_FLAGS_DRV_MODE): the fast one.
+    Native,
+    /// In the kernel's generic hook, for drivers without XDP (slower, for
+    /// trying it out).
+    Generic,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
@@ -399,6 +413,12 @@ pub struct TurnConfig {
     /// Relay event-loop threads (SO_REUSEPORT shards); 0 = one per two
     /// cores, at least one.
     pub threads: usize,
+    /// The kernel fast path (`relay/xdp/`): ChannelData relayed by an XDP
+    /// program on `xdp_interface`, "native" (in the driver) or "generic";
+    /// "off" by default. A build without the `xdp` feature, or a kernel or
+    /// driver that refuses, logs why and relays in user space.
+    pub xdp: XdpMode,
+    pub xdp_interface: String,
     pub realm: String,
     pub default_lifetime_secs: u64,
     pub max_lifetime_secs: u64,
@@ -543,6 +563,8 @@ impl Default for TurnConfig {
             relay_port_min: 49152,
             relay_port_max: 65535,
             threads: 0,
+            xdp: XdpMode::Off,
+            xdp_interface: String::new(),
             realm: "turnkey".into(),
             default_lifetime_secs: 600,
             max_lifetime_secs: 3600,

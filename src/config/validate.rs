@@ -42,6 +42,12 @@ fn validate_turn(t: &TurnConfig) -> Result<(), ConfigError> {
     if t.relay_port_min == 0 {
         return Err(invalid("turn.relay_port_min", "must be at least 1"));
     }
+    if t.xdp != super::XdpMode::Off && t.xdp_interface.trim().is_empty() {
+        return Err(invalid(
+            "turn.xdp_interface",
+            "names the interface to attach to when turn.xdp is on",
+        ));
+    }
     if t.relay_port_min > t.relay_port_max {
         return Err(invalid(
             "turn.relay_port_min",

@@ -140,9 +140,9 @@ impl Relay {
         };
         let nonce_key: [u8; 32] = rand::rng().random();
         let mut specs = Vec::new();
-        let mut stats = Vec::new();
-        for index in 0..shards {
-            let shard_stats = Arc::new(TurnStats::default());
+        let stats: Vec<Arc<TurnStats>> = (0..shards).map(|_| Arc::default()).collect();
+        let (fast, writers) = super::xdp::start(t, families.relay_ips(), families.bind, &stats);
+        for ((index, shard_stats), xdp) in stats.iter().cloned().enumerate().zip(writers) {
             let core = Server::new(
                 CoreConfig {
                     relay_v4: families.advertised[0],
@@ -157,7 +157,6 @@ impl Relay {
                 shard_stats.clone(),
                 SmallRng::from_os_rng(),
             );
-            stats.push(shard_stats.clone());
             specs.push(ShardSpec {
                 index,
                 listen: t.listen.clone(),
@@ -166,9 +165,13 @@ impl Relay {
                 core,
                 stats: shard_stats,
                 usage: usage.clone(),
+                xdp,
             });
         }
-        let relay = Relay::start(specs, life.drain.clone())?;
+        let mut relay = Relay::start(specs, life.drain.clone())?;
+        if let Some(fast) = fast {
+            relay.keep_fast_path(fast)?;
+        }
         life.spawn(relay.stop_when(life.child()));
         warn_if_ephemeral(t);
         Ok(Built {

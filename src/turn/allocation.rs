@@ -125,7 +125,7 @@ impl Hasher for TupleHasher {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ChannelNumber(u16);
 
 impl ChannelNumber {

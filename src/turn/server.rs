@@ -552,6 +552,47 @@ impl Server {
         });
     }
 
+    /// Traffic relayed outside the core (the kernel fast path,
+    /// `relay/xdp/`), per allocation id: added to the allocation's counts
+    /// and charged to its budgets and the shard's, so the usage, the
+    /// admin API and the bandwidth caps see every byte. An allocation
+    /// that is gone is skipped (its end already told its usage).
+    pub fn absorb(&mut self, now: Instant, usage: &HashMap<u64, Usage>) {
+        if usage.is_empty() {
+            return;
+        }
+        let b = self.bandwidth.budgets;
+        for a in self.allocs.iter_mut().flatten() {
+            let Some(u) = usage.get(&a.id) else { continue };
+            a.bytes[0] += u.bytes_to_peer;
+            a.bytes[1] += u.bytes_to_client;
+            a.packets[0] += u.packets_to_peer;
+            a.packets[1] += u.packets_to_client;
+            a.budget[0].charge(b.allocation, now, u.bytes_to_peer);
+            a.budget[1].charge(b.allocation, now, u.bytes_to_client);
+            self.bandwidth
+                .capacity
+                .charge(b.shard, now, u.bytes_to_peer + u.bytes_to_client);
+        }
+    }
+
+    /// Each allocation's relayed application bytes so far (client →
+    /// peer, peer → client), by id.
+    pub fn relayed_bytes(&self) -> HashMap<u64, [u64; 2]> {
+        self.allocs
+            .iter()
+            .flatten()
+            .map(|a| (a.id, a.bytes))
+            .collect()
+    }
+
+    /// The bandwidth budgets in force, bytes per second (0: none): per
+    /// allocation and direction, and this shard's share of the relay's.
+    pub fn bandwidth_caps(&self) -> (u64, u64) {
+        let b = self.bandwidth.budgets;
+        (b.allocation.per_sec, b.shard.per_sec)
+    }
+
     /// Every allocation of this shard, for the admin API.
     pub fn allocations(&self, now: Instant) -> Vec<AllocationInfo> {
         self.allocs

@@ -63,7 +63,17 @@ pub struct TurnStats {
     /// shard's mailbox was full.
     pub handed_over: AtomicU64,
     pub dropped_mailbox_full: AtomicU64,
+    /// The kernel fast path (`relay/xdp/`): packets per reason, indexed
+    /// like `relay::xdp::maps::Reason::ALL`, copied (not added) from the
+    /// program's counters by the first shard at each sweep, so the sum
+    /// over shards is the program's count; and each shard's bindings in
+    /// the fast path now.
+    pub xdp_packets: [AtomicU64; XDP_REASONS],
+    pub xdp_bindings: AtomicI64,
 }
+
+/// Reasons the XDP program counts packets under.
+pub const XDP_REASONS: usize = 16;
 
 /// Packets and application bytes of one kind of relayed traffic.
 #[derive(Default)]
@@ -112,6 +122,14 @@ impl TurnStats {
         let flow = self.flow(t, d, f);
         inc(&flow.packets);
         add(&flow.bytes, len);
+    }
+
+    /// Counts `packets` relayed outside the core (the kernel fast path)
+    /// carrying `bytes` application bytes.
+    pub fn relayed_many(&self, t: Transport, d: Direction, f: Framing, packets: u64, bytes: u64) {
+        let flow = self.flow(t, d, f);
+        add(&flow.packets, packets as usize);
+        add(&flow.bytes, bytes as usize);
     }
 
     pub fn denied(&self, reason: Denial) {

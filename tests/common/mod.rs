@@ -86,10 +86,23 @@ impl Turnkey {
     /// Starts turnkey with `config` (a full TOML text) and waits until it
     /// logs its ready line.
     pub fn start(name: &str, config: &str) -> Turnkey {
+        Turnkey::start_in(name, config, None)
+    }
+
+    /// [`Turnkey::start`] in a network namespace (`ip netns exec`).
+    pub fn start_in(name: &str, config: &str, netns: Option<&str>) -> Turnkey {
         let dir = test_dir(name);
         let config_path = dir.join("turnkey.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_turnkey"))
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_turnkey")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_turnkey")),
+        };
+        let mut child = cmd
             .arg("--config")
             .arg(&config_path)
             .env_remove("RUST_LOG")
