@@ -22,6 +22,8 @@
 #        OUT=path
 #        TURNKEY=PATH SIGLOAD=PATH SIGLOAD_TWIN=PATH (default: this
 #          tree's release builds)
+#        server `turnkey-b`, for before/after runs: B_TURNKEY=PATH (another
+#          build) and B_HTTP='threads = 2' (lines for its [http])
 #        MATCHBOX=PATH (default: matchbox_server on PATH; install it with
 #          cargo install matchbox_server --version '^0.15' --root DIR)
 # Sends traffic only to 127.0.0.1.
@@ -40,6 +42,8 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 TURNKEY=${TURNKEY:-$TARGET/release/turnkey}
 SIGLOAD=${SIGLOAD:-$TARGET/release/turnkey-sigload}
 SIGLOAD_TWIN=${SIGLOAD_TWIN:-$TARGET/release/turnkey-sigload-twin}
+B_TURNKEY=${B_TURNKEY:-$TURNKEY}
+B_HTTP=${B_HTTP:-}
 case " $SERVERS " in
   *" matchbox "*)
     MATCHBOX=${MATCHBOX:-$(command -v matchbox_server || true)}
@@ -82,6 +86,12 @@ start() { # server
     turnkey)
       config >"$WORK/turnkey.toml"
       "$TURNKEY" --config "$WORK/turnkey.toml" >"$WORK/turnkey.log" 2>&1 &
+      PID=$!
+      URL="ws://127.0.0.1:$PORT/ws"; PROTO=turnkey ;;
+    turnkey-b)
+      config | awk -v extra="$B_HTTP" '{ print } /^\[http\]$/ && extra != "" { print extra }' \
+        >"$WORK/turnkey-b.toml"
+      "$B_TURNKEY" --config "$WORK/turnkey-b.toml" >"$WORK/turnkey-b.log" 2>&1 &
       PID=$!
       URL="ws://127.0.0.1:$PORT/ws"; PROTO=turnkey ;;
     matchbox)
@@ -163,10 +173,10 @@ for c in sys.argv[3].split():
         loads = "/".join(r["load"] for r in rs)
         print("| %s | %s | %d | %s | " % (c, s, len(rs), loads)
               + " | ".join(cell(k, m[k]) for k in cols) + " |")
-    if "turnkey" in meds and "matchbox" in meds:
-        t, mb = meds["turnkey"], meds["matchbox"]
-        ratios.append("%s, turnkey / matchbox: " % c + ", ".join(
-            "%s %.2f" % (k, t[k] / mb[k]) for k in ratio_cols if mb[k]))
+    for a, b in [("turnkey", "matchbox"), ("turnkey-b", "matchbox"), ("turnkey-b", "turnkey")]:
+        if a in meds and b in meds:
+            ratios.append("%s, %s / %s: " % (c, a, b) + ", ".join(
+                "%s %.2f" % (k, meds[a][k] / meds[b][k]) for k in ratio_cols if meds[b][k]))
 if ratios:
     print()
     print("\n".join(ratios))
