@@ -145,7 +145,9 @@ async fn connect(a: &Args, i: usize) -> Result<(String, Ws)> {
     }
     while let Some(frame) = ws.next().await {
         let frame = frame?;
-        let Some(text) = frame.as_text() else { continue };
+        let Some(text) = frame.as_text() else {
+            continue;
+        };
         let v: Value = serde_json::from_str(text)?;
         let id = match a.protocol {
             Protocol::Turnkey if v["type"] == "joined" => &v["id"],
@@ -399,7 +401,10 @@ mod tests {
     #[test]
     fn builds_each_protocols_signal() {
         let t: Value = serde_json::from_str(&load(Protocol::Turnkey).signal("ab")).unwrap();
-        assert_eq!((&t["type"], &t["to"], &t["data"]["pad"]), (&json!("signal"), &json!("ab"), &json!("xx")));
+        assert_eq!(
+            (&t["type"], &t["to"], &t["data"]["pad"]),
+            (&json!("signal"), &json!("ab"), &json!("xx"))
+        );
         let m: Value = serde_json::from_str(&load(Protocol::Matchbox).signal("ab")).unwrap();
         assert_eq!(m["Signal"]["receiver"], "ab");
         assert!(m["Signal"]["data"]["ts"].is_u64());
