@@ -1,6 +1,6 @@
 //! The benchmark scripts of `bench/` still run: each one for a second or
 //! so, against the debug binaries (turnkey, which this `cargo test` built;
-//! the load generator, the bare forwarder and the signaling load client of
+//! the load generator, the bare forwarder and the two signaling load clients of
 //! the workspace member `bench/`, which this test builds) and coturn, and
 //! each must report sane numbers. The real runs and their figures are in
 //! bench/RESULTS.md.
@@ -63,6 +63,7 @@ fn script(name: &str, tools: &BTreeMap<String, PathBuf>) -> Command {
         .env("LOADGEN", tool("turnkey-loadgen"))
         .env("FORWARDER", tool("turnkey-forwarder"))
         .env("SIGLOAD", tool("turnkey-sigload"))
+        .env("SIGLOAD_TWIN", tool("turnkey-sigload-twin"))
         .env("REPS", "1");
     c
 }
@@ -191,8 +192,9 @@ fn signaling_script(tools: &BTreeMap<String, PathBuf>) {
     }
 }
 
-/// signaling_vs_matchbox.sh, turnkey's half only (CI has no matchbox):
-/// every signal arrives and the CPU and memory columns are filled.
+/// signaling_vs_matchbox.sh, turnkey's half only (CI has no matchbox),
+/// under both load clients: every signal arrives and the CPU and memory
+/// columns are filled.
 fn signaling_vs_matchbox_script(tools: &BTreeMap<String, PathBuf>) {
     let mut c = script("signaling_vs_matchbox.sh", tools);
     c.env("SERVERS", "turnkey")
@@ -201,16 +203,18 @@ fn signaling_vs_matchbox_script(tools: &BTreeMap<String, PathBuf>) {
         .env("SECS", "1")
         .env("IDLE_MS", "200");
     let text = run(c);
-    let row = text
-        .lines()
-        .find(|l| l.starts_with("| turnkey |"))
-        .unwrap_or_else(|| panic!("no turnkey row:\n{text}"));
-    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-    // | server | runs | load avg | sent | received | lost | p50 | p99 | p999 | ticks/10k | RSS/peer |
-    assert_eq!((cells[4], cells[5], cells[6]), ("50", "50", "0"), "{row}");
-    for cell in &cells[7..12] {
-        let v: f64 = cell.parse().unwrap_or(-1.0);
-        assert!(v >= 0.0, "{row}");
+    for client in ["sigload", "twin"] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&format!("| {client} | turnkey |")))
+            .unwrap_or_else(|| panic!("no {client} row:\n{text}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        // | client | server | runs | load avg | sent | received | lost | p50 | p99 | p999 | ticks/10k | RSS/peer |
+        assert_eq!((cells[5], cells[6], cells[7]), ("50", "50", "0"), "{row}");
+        for cell in &cells[8..13] {
+            let v: f64 = cell.parse().unwrap_or(-1.0);
+            assert!(v >= 0.0, "{row}");
+        }
     }
 }
 

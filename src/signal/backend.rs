@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::future::BoxFuture;
-use serde_json::Value;
 
 use super::ids::{PeerId, RoomName};
+use super::protocol::Data;
 use super::rooms::{Delivery, IceGrant, RoomError, Rooms};
 
 /// Where a backend hands what arrived from other nodes for this node's
@@ -63,13 +63,13 @@ pub trait Backend: Send + Sync {
         &self,
         from: PeerId,
         to: PeerId,
-        data: Value,
+        data: Data,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, RoomError>>;
     /// `data` from `from` to every other member of its room.
     fn broadcast(
         &self,
         from: PeerId,
-        data: Value,
+        data: Data,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, RoomError>>;
     /// Room capacity and the most rooms, for later joins.
     fn set_limits(&self, capacity: usize, max_rooms: usize);
@@ -172,7 +172,7 @@ impl Backend for Memory {
         &self,
         from: PeerId,
         to: PeerId,
-        data: Value,
+        data: Data,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, RoomError>> {
         ready(self.with(|r| r.route(from, to, data)).map(|d| vec![d]))
     }
@@ -180,7 +180,7 @@ impl Backend for Memory {
     fn broadcast(
         &self,
         from: PeerId,
-        data: Value,
+        data: Data,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, RoomError>> {
         ready(self.with(|r| r.broadcast(from, data)).map(|d| vec![d]))
     }

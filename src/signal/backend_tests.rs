@@ -126,7 +126,7 @@ impl Cluster {
     }
 
     async fn route(&self, node: usize, from: PeerId, to: PeerId, n: i64) -> Result<(), RoomError> {
-        self.post(self.nodes[node].route(from, to, json!(n)).await)
+        self.post(self.nodes[node].route(from, to, json!(n).into()).await)
     }
 
     /// Waits until `to` was sent `msg`.
@@ -171,7 +171,7 @@ async fn peers_on_two_nodes_meet_signal_and_fill_the_room(kind: Kind) {
         b,
         ServerMessage::Signal {
             from: a,
-            data: json!(1),
+            data: json!(1).into(),
         },
     )
     .await;
@@ -180,7 +180,7 @@ async fn peers_on_two_nodes_meet_signal_and_fill_the_room(kind: Kind) {
         a,
         ServerMessage::Signal {
             from: b,
-            data: json!(2),
+            data: json!(2).into(),
         },
     )
     .await;
@@ -191,12 +191,13 @@ async fn peers_on_two_nodes_meet_signal_and_fill_the_room(kind: Kind) {
     c.join(1, x, "other").await.unwrap();
     assert_eq!(c.route(0, a, x, 3).await, Err(RoomError::UnknownPeer));
     assert_eq!(c.route(0, a, a, 3).await, Err(RoomError::UnknownPeer));
-    c.post(c.nodes[1].broadcast(b, json!("all")).await).unwrap();
+    c.post(c.nodes[1].broadcast(b, json!("all").into()).await)
+        .unwrap();
     c.expect(
         a,
         ServerMessage::Signal {
             from: b,
-            data: json!("all"),
+            data: json!("all").into(),
         },
     )
     .await;
@@ -303,7 +304,7 @@ async fn an_outage_refuses_cleanly_and_recovers() {
         a2,
         ServerMessage::Signal {
             from: a1,
-            data: json!(7),
+            data: json!(7).into(),
         },
     )
     .await;
@@ -328,7 +329,7 @@ async fn an_outage_refuses_cleanly_and_recovers() {
         a3,
         ServerMessage::Signal {
             from: b,
-            data: json!(8),
+            data: json!(8).into(),
         },
     )
     .await;

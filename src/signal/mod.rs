@@ -449,7 +449,7 @@ impl Signaling {
         &self,
         from: PeerId,
         to: PeerId,
-        data: serde_json::Value,
+        data: protocol::Data,
     ) -> Result<Vec<Delivery>, RoomError> {
         self.backend.route(from, to, data).await
     }
@@ -458,7 +458,7 @@ impl Signaling {
     async fn broadcast(
         &self,
         from: PeerId,
-        data: serde_json::Value,
+        data: protocol::Data,
     ) -> Result<Vec<Delivery>, RoomError> {
         self.backend.broadcast(from, data).await
     }

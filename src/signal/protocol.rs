@@ -12,8 +12,18 @@
 //! a generic JSON object (to tell bad JSON, an unknown type and a missing
 //! field apart) and only then lets serde build the typed [`ClientMessage`].
 //! Fields we do not know are ignored, so clients may send extensions.
+//!
+//! `signal`, nearly every message, has a fast path: one typed pass that
+//! keeps `data` as the JSON text the sender wrote ([`Data`]), checked but
+//! never built into a tree, and relayed as that text. Anything it cannot
+//! take (another type, a field missing or of the wrong type, an escaped
+//! name) goes the two-step way, so errors are classified as before.
 
-use serde::{Deserialize, Serialize};
+use std::fmt;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::ids::{PeerId, RoomName};
@@ -25,7 +35,7 @@ pub enum ClientMessage {
     /// Enter `room`; answered by `joined`, `full` or an error.
     Join { room: RoomName },
     /// Relay `data` (any JSON) to peer `to` in the sender's room.
-    Signal { to: PeerId, data: Value },
+    Signal { to: PeerId, data: Data },
     /// Leave the current room; the connection stays open.
     Leave,
     /// Take over the session of a lost socket (`resume.rs`); only as a
@@ -75,7 +85,7 @@ pub enum ServerMessage {
     },
     Signal {
         from: PeerId,
-        data: Value,
+        data: Data,
     },
     /// Fresh credentials, sent before the previous ones expire.
     IceServers {
@@ -96,6 +106,67 @@ impl ServerMessage {
             code,
             message: message.into(),
         }
+    }
+}
+
+/// A signal's `data`: any JSON value, held as its (valid, compact or
+/// not) text, so relaying it writes the sender's bytes into the outgoing
+/// message instead of building a tree and serialising it again (issue 27:
+/// a `Value` per signal was most of signaling's allocations).
+#[derive(Clone)]
+pub struct Data(Box<RawValue>);
+
+impl Data {
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// As a tree, for the socket.io shell that hands values to its codec.
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.as_str()).unwrap_or(Value::Null)
+    }
+}
+
+impl From<Value> for Data {
+    fn from(v: Value) -> Self {
+        // Serialising a `Value` cannot fail (its map keys are strings).
+        Data(serde_json::value::to_raw_value(&v).unwrap_or_else(|_| null()))
+    }
+}
+
+fn null() -> Box<RawValue> {
+    RawValue::from_string("null".into()).expect("null is JSON")
+}
+
+impl fmt::Debug for Data {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The same JSON value, whatever the spacing or key order.
+impl PartialEq for Data {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str() || self.to_value() == other.to_value()
+    }
+}
+
+impl Serialize for Data {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// From any deserializer, through a `Value`: the Redis backend's internally
+/// tagged messages are buffered by serde, where raw text is not available.
+/// The fast path in [`parse_client`] takes the text directly.
+impl<'de> Deserialize<'de> for Data {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        serde_json::value::to_raw_value(&v)
+            .map(Data)
+            .map_err(D::Error::custom)
     }
 }
 
@@ -240,6 +311,9 @@ pub fn parse_client(text: &str, max_bytes: usize) -> Result<ClientMessage, Parse
             max: max_bytes,
         });
     }
+    if let Some(signal) = parse_signal(text) {
+        return signal;
+    }
     let value: Value =
         serde_json::from_str(text).map_err(|e| ParseError::BadJson(e.to_string()))?;
     let Value::Object(fields) = &value else {
@@ -265,6 +339,29 @@ pub fn parse_client(text: &str, max_bytes: usize) -> Result<ClientMessage, Parse
     check_names(kind, fields)?;
     // Everything serde can still object to is a field of the wrong JSON type.
     serde_json::from_value(value).map_err(|e| ParseError::BadMessage(e.to_string()))
+}
+
+/// A well-formed `signal` in one typed pass, `data` kept as text; `None`
+/// for anything else, which the general path then parses and classifies.
+fn parse_signal(text: &str) -> Option<Result<ClientMessage, ParseError>> {
+    #[derive(Deserialize)]
+    struct Signal<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        to: &'a str,
+        data: Box<RawValue>,
+    }
+    let frame: Signal<'_> = serde_json::from_str(text).ok()?;
+    if frame.kind != "signal" {
+        return None;
+    }
+    Some(match frame.to.parse::<PeerId>() {
+        Ok(to) => Ok(ClientMessage::Signal {
+            to,
+            data: Data(frame.data),
+        }),
+        Err(_) => Err(ParseError::UnknownPeer),
+    })
 }
 
 /// The largest message the transport accepts for a cap of
@@ -329,7 +426,7 @@ mod tests {
             parse_client(signal, MAX),
             Ok(ClientMessage::Signal {
                 to,
-                data: json!({"sdp":"v=0"})
+                data: json!({"sdp":"v=0"}).into()
             })
         );
         assert_eq!(
@@ -354,6 +451,34 @@ mod tests {
             parse_client(r#"{"type":"leave","reason":"bye"}"#, MAX),
             Ok(ClientMessage::Leave)
         );
+    }
+
+    #[test]
+    fn a_signal_relays_the_senders_data_text() {
+        let text = r#"{"to":"00000000000000ff","data":{"n":1.50,"big":123456789012345678901234567890},"type":"signal"}"#;
+        let Ok(ClientMessage::Signal { to, data }) = parse_client(text, MAX) else {
+            panic!("{text} is a signal");
+        };
+        assert_eq!(
+            data.as_str(),
+            r#"{"n":1.50,"big":123456789012345678901234567890}"#
+        );
+        let out = serde_json::to_string(&ServerMessage::Signal { from: to, data }).unwrap();
+        assert_eq!(
+            out,
+            r#"{"type":"signal","from":"00000000000000ff","data":{"n":1.50,"big":123456789012345678901234567890}}"#
+        );
+        // What the fast path does not take, the general path still does.
+        let escaped = r#"{"type":"sig\u006eal","to":"00000000000000ff","data":[1]}"#;
+        assert!(matches!(
+            parse_client(escaped, MAX),
+            Ok(ClientMessage::Signal { data, .. }) if data == Data::from(json!([1]))
+        ));
+        let twice = r#"{"type":"signal","to":"00000000000000ff","data":1,"data":2}"#;
+        assert!(matches!(
+            parse_client(twice, MAX),
+            Ok(ClientMessage::Signal { data, .. }) if data == Data::from(json!(2))
+        ));
     }
 
     #[test]
@@ -464,7 +589,7 @@ mod tests {
             (
                 ServerMessage::Signal {
                     from: id,
-                    data: json!({"a":1}),
+                    data: json!({"a":1}).into(),
                 },
                 json!({"type":"signal","from":"000000000000000a","data":{"a":1}}),
             ),

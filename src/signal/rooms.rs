@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::ids::{PeerId, RoomName};
-use super::protocol::{ErrorCode, ServerMessage};
+use super::protocol::{Data, ErrorCode, ServerMessage};
 
 /// One message and the peers that must receive it. The shell serializes the
 /// message once however many recipients there are.
@@ -196,7 +196,7 @@ impl Rooms {
     /// Addresses `data` from `from` to `to`. Only peers of the same room can
     /// be reached; a peer in another room looks exactly like one that does
     /// not exist, so ids leak nothing about other rooms.
-    pub fn route(&self, from: PeerId, to: PeerId, data: Value) -> Result<Delivery, RoomError> {
+    pub fn route(&self, from: PeerId, to: PeerId, data: Data) -> Result<Delivery, RoomError> {
         let room = self.member_of.get(&from).ok_or(RoomError::NotJoined)?;
         if to == from || self.member_of.get(&to) != Some(room) {
             return Err(RoomError::UnknownPeer);
@@ -207,7 +207,7 @@ impl Rooms {
     /// Addresses `data` from `from` to every other member of its room: the
     /// socket.io tutorial's `message`, which names no recipient. A member
     /// alone in its room reaches nobody, which is not an error.
-    pub fn broadcast(&self, from: PeerId, data: Value) -> Result<Delivery, RoomError> {
+    pub fn broadcast(&self, from: PeerId, data: Data) -> Result<Delivery, RoomError> {
         let room = self.member_of.get(&from).ok_or(RoomError::NotJoined)?;
         let to = self
             .members(room)
@@ -328,14 +328,14 @@ mod tests {
             Err(RoomError::Full(room("m")))
         );
         for (from, to) in [(A, B), (A, C), (B, C), (C, A)] {
-            let d = rooms.route(from, to, json!(1)).unwrap();
+            let d = rooms.route(from, to, json!(1).into()).unwrap();
             assert_eq!(
                 d,
                 Delivery {
                     to: vec![to],
                     msg: ServerMessage::Signal {
                         from,
-                        data: json!(1)
+                        data: json!(1).into()
                     }
                 }
             );
@@ -346,23 +346,32 @@ mod tests {
     fn broadcasts_reach_the_other_members_of_the_room_only() {
         let mut rooms = Rooms::new(3);
         rooms.join(A, room("m"), grant(), false).unwrap();
-        assert_eq!(rooms.broadcast(A, json!("alone")).map(|d| d.to), Ok(vec![]));
+        assert_eq!(
+            rooms.broadcast(A, json!("alone").into()).map(|d| d.to),
+            Ok(vec![])
+        );
         rooms.join(B, room("m"), grant(), false).unwrap();
         rooms.join(C, room("m"), grant(), false).unwrap();
         rooms.join(D, room("other"), grant(), false).unwrap();
         assert_eq!(
-            rooms.broadcast(B, json!("hi")),
+            rooms.broadcast(B, json!("hi").into()),
             Ok(Delivery {
                 to: vec![A, C],
                 msg: ServerMessage::Signal {
                     from: B,
-                    data: json!("hi")
+                    data: json!("hi").into()
                 }
             })
         );
-        assert_eq!(rooms.broadcast(D, json!(1)).map(|d| d.to), Ok(vec![]));
+        assert_eq!(
+            rooms.broadcast(D, json!(1).into()).map(|d| d.to),
+            Ok(vec![])
+        );
         rooms.leave(D).unwrap();
-        assert_eq!(rooms.broadcast(D, json!(1)), Err(RoomError::NotJoined));
+        assert_eq!(
+            rooms.broadcast(D, json!(1).into()),
+            Err(RoomError::NotJoined)
+        );
     }
 
     #[test]
@@ -371,7 +380,7 @@ mod tests {
         rooms.join(A, room("one"), grant(), false).unwrap();
         rooms.join(B, room("one"), grant(), false).unwrap();
         rooms.join(C, room("two"), grant(), false).unwrap();
-        let data = json!({"sdp": "offer"});
+        let data: Data = json!({"sdp": "offer"}).into();
         let d = rooms.route(A, B, data.clone()).unwrap();
         assert_eq!(
             d,
@@ -417,7 +426,7 @@ mod tests {
         rooms.adopt(B, room("r"));
         rooms.adopt(B, room("other"));
         assert_eq!(rooms.members(&room("r")), &[A, B]);
-        assert!(rooms.route(A, B, json!(1)).is_ok());
+        assert!(rooms.route(A, B, json!(1).into()).is_ok());
     }
 
     #[test]

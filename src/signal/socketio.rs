@@ -387,7 +387,7 @@ impl Peer {
         let max = self.sig.config().max_message_bytes;
         let outcome = match tutorial::parse_event(&text, max) {
             Ok(Inbound::CreateOrJoin(room)) => self.join(room).await,
-            Ok(Inbound::Message(data)) => self.sig.broadcast(self.id, data).await,
+            Ok(Inbound::Message(data)) => self.sig.broadcast(self.id, data.into()).await,
             Err(e) => return self.reply(e.reply()),
         };
         match outcome {

@@ -143,7 +143,9 @@ impl Renderer {
             ServerMessage::Full { room } => {
                 vec![Emit::new("full", Args::One(room.as_str().into()))]
             }
-            ServerMessage::Signal { data, .. } => vec![Emit::new("message", Args::One(data))],
+            ServerMessage::Signal { data, .. } => {
+                vec![Emit::new("message", Args::One(data.to_value()))]
+            }
             ServerMessage::IceServers { ice_servers, ttl } => {
                 vec![Emit::new("ice-servers", Args::Two(ice_servers, ttl.into()))]
             }
@@ -276,7 +278,7 @@ mod tests {
         assert_eq!(
             r.render(ServerMessage::Signal {
                 from: A,
-                data: json!({"type": "answer"})
+                data: json!({"type": "answer"}).into()
             }),
             vec![Emit::new("message", Args::One(json!({"type": "answer"})))]
         );

@@ -42,13 +42,12 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::backend::{Arrival, Backend, BackendStats, Claim, Inbox};
 use super::ids::{PeerId, RoomName};
-use super::protocol::ServerMessage;
+use super::protocol::{Data, ServerMessage};
 use super::rooms::{Delivery, IceGrant, RoomError, Rooms};
 use scripts::{BROADCAST, CLAIM, JOIN, ROUTE};
 
@@ -322,7 +321,7 @@ impl Backend for Redis {
         &self,
         from: PeerId,
         to: PeerId,
-        data: Value,
+        data: Data,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, RoomError>> {
         Box::pin(async move {
             let i = &self.inner;
@@ -362,7 +361,7 @@ impl Backend for Redis {
     fn broadcast(
         &self,
         from: PeerId,
-        data: Value,
+        data: Data,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, RoomError>> {
         Box::pin(async move {
             let i = &self.inner;
