@@ -120,6 +120,10 @@ pub fn rules_from(cfg: &Config, generated: &Secret, relay_ips: Vec<IpAddr>) -> R
         total_quota: t.total_quota,
         max_permissions: t.max_permissions,
         max_channels: t.max_channels,
+        lifetimes: crate::turn::allocation::Lifetimes {
+            permission: Duration::from_secs(t.permission_lifetime_secs),
+            channel: Duration::from_secs(t.channel_lifetime_secs),
+        },
         alternate_server: cfg.drain.alternate_server,
         limits: Limits {
             ip_quota: t.ip_quota,

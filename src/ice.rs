@@ -231,6 +231,7 @@ mod tests {
             total_quota: 0,
             max_permissions: 8,
             max_channels: 8,
+            lifetimes: Default::default(),
             alternate_server: None,
             limits: Default::default(),
         };

@@ -67,6 +67,8 @@ pub const KEYS: &[(&str, OnReload)] = &[
     ("turn.total_quota", Applied),
     ("turn.max_permissions", Applied),
     ("turn.max_channels", Applied),
+    ("turn.permission_lifetime_secs", Applied),
+    ("turn.channel_lifetime_secs", Applied),
     ("turn.allowed_peer_ranges", Applied),
     ("turn.denied_peer_ranges", Applied),
     ("auth.secrets", Applied),

@@ -183,7 +183,13 @@ fn payload(b: u16, seq: u32, len: usize) -> Vec<u8> {
     v.extend_from_slice(&b.to_be_bytes());
     v.extend_from_slice(&seq.to_be_bytes());
     while v.len() < len {
-        v.push((v.len() as u32 * 31 + seq * 7 + u32::from(b)) as u8);
+        // Wrapping: `check` meets any bytes (a Data indication's too).
+        v.push(
+            (v.len() as u32)
+                .wrapping_mul(31)
+                .wrapping_add(seq.wrapping_mul(7))
+                .wrapping_add(u32::from(b)) as u8,
+        );
     }
     v
 }
@@ -551,9 +557,8 @@ fn relay_100_bindings(xdp: bool, v6: bool, secs: u64) {
 
     // Ended allocations: nothing forwarded from 1 s later on. Refresh 0
     // for the first, an admin delete for the second, a revocation for
-    // the other two. (Channel and permission expiry take 600 s and 300 s
-    // in the core; the same removal path, from the core's sweep, is
-    // unit-tested in relay/xdp/cache.rs and turn/events_tests.rs.)
+    // the other two. (Channel and permission expiry: see
+    // `xdp_forgets_bindings_when_permissions_and_channels_expire`.)
     let c0 = clients[0].clone();
     let deleted = bed.within("c", move || {
         let mut raw = Raw::bound(
@@ -688,4 +693,123 @@ fn sigkill_detaches_the_program_within_a_second() {
         std::thread::sleep(Duration::from_millis(20));
     }
     eprintln!("detached {:?} after SIGKILL", killed.elapsed());
+}
+
+/// One phase of traffic for `secs` on `clients` (and their `peers`):
+/// what arrived, each way, and what arrived that was not our ChannelData.
+fn phase(clients: &[Arc<Client>], peers: &[Arc<UdpSocket>], secs: u64) -> (u64, u64, u64) {
+    let n = clients.len() * 25;
+    let tally = Tally::new(n);
+    let stop = Arc::new(AtomicBool::new(false));
+    let rx = receive(clients, peers, 25, &tally, &stop);
+    send(clients, peers, 25, 20, secs, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for t in rx {
+        t.join().unwrap();
+    }
+    let total = |v: &Vec<AtomicU64>| v.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>();
+    (
+        total(&tally.to_peer),
+        total(&tally.to_client),
+        tally.corrupted.load(Ordering::Relaxed),
+    )
+}
+
+/// Refreshes the permissions of `c`'s 25 peers (CreatePermission), from
+/// inside the bed, through the client's own socket.
+fn refresh_permissions(bed: &Bed, c: &Arc<Client>, peers: &[Arc<UdpSocket>]) {
+    let c = c.clone();
+    let addrs: Vec<SocketAddr> = peers.iter().map(|p| p.local_addr().unwrap()).collect();
+    bed.within("c", move || {
+        let mut raw = Raw::bound(
+            client_ip(c.raw.server),
+            c.raw.server,
+            "alice",
+            "wonderland-rabbit",
+        );
+        raw.sock = c.raw.sock.try_clone().unwrap();
+        for a in addrs {
+            raw.permit(a).expect("permission refreshed");
+        }
+    });
+}
+
+/// The fast path forgets a binding when the core's lifetimes end it:
+/// permissions live 4 s and channels 8 s here (`turn.*_lifetime_secs`).
+/// Client 0 refreshes nothing: from 1 s after its permissions lapse
+/// nothing of its is relayed, either way, though its channels still
+/// exist. Client 1 refreshes its permissions and not its channels: it
+/// relays all the while, and from 1 s after its channels lapse no
+/// ChannelData is relayed for it either way (the peers' datagrams reach
+/// it as Data indications, from user space, as RFC 8656 says).
+#[test]
+fn xdp_forgets_bindings_when_permissions_and_channels_expire() {
+    if !privileged() {
+        return;
+    }
+    let bed = Bed::new("e");
+    let cfg = config(true, 0).replace(
+        "max_channels = 64",
+        "max_channels = 64\npermission_lifetime_secs = 4\nchannel_lifetime_secs = 8",
+    );
+    let tk = Turnkey::start_in("xdp-expiry", &cfg, Some(&bed.ns("r")));
+    assert!(tk.log_contains("XDP fast path attached"));
+    let server = *tk.turn_all.iter().find(|a| a.is_ipv4()).expect("listener");
+    let (clients, peers) = bind_all(&bed, server, 2, 25);
+    let t0 = Instant::now();
+    let wait_until = |secs: f64| {
+        let at = t0 + Duration::from_secs_f64(secs);
+        if let Some(d) = at.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+    };
+    let (p0, p1) = (&peers[..25], &peers[25..]);
+    let (c0, c1) = (&clients[..1], &clients[1..]);
+
+    // Everything flows at first.
+    let (to_peer, to_client, other) = phase(&clients, &peers, 1);
+    assert_eq!((to_peer, to_client, other), (50 * 20, 50 * 20, 0), "before");
+    // Client 1's permissions: to t0 + 7.5 s, then to t0 + 10.3 s.
+    wait_until(3.5);
+    refresh_permissions(&bed, &clients[1], p1);
+
+    // Client 0's permissions lapsed at t0 + 4 s at the latest.
+    wait_until(5.0);
+    let (to_peer, to_client, other) = phase(c0, p0, 1);
+    assert_eq!(
+        (to_peer, to_client, other),
+        (0, 0, 0),
+        "relayed after the permissions expired"
+    );
+    refresh_permissions(&bed, &clients[1], p1);
+    let (to_peer, to_client, other) = phase(c1, p1, 1);
+    assert_eq!(
+        (to_peer, to_client, other),
+        (25 * 20, 25 * 20, 0),
+        "refreshed"
+    );
+
+    // Client 1's channels lapsed at t0 + 8 s at the latest.
+    wait_until(9.0);
+    let (to_peer, to_client, as_indications) = phase(c1, p1, 1);
+    assert_eq!(
+        (to_peer, to_client),
+        (0, 0),
+        "ChannelData relayed after the channels expired"
+    );
+    eprintln!("after the channels expired: {as_indications} Data indications");
+    // Counters fold at the next sweep: every packet of the first two
+    // phases that was relayed at all went through XDP.
+    std::thread::sleep(Duration::from_millis(2100));
+    let in_xdp = metric_sum(
+        &tk,
+        &bed,
+        "turnkey_xdp_packets_total",
+        &["verdict=\"relayed\""],
+    );
+    assert!(
+        in_xdp >= 0.99 * f64::from(2 * (50 * 20 + 25 * 20)),
+        "{in_xdp} in XDP"
+    );
 }

@@ -448,6 +448,11 @@ pub struct TurnConfig {
     /// Permissions and channels per allocation.
     pub max_permissions: usize,
     pub max_channels: usize,
+    /// How long a permission and a channel binding live unless the client
+    /// refreshes them (RFC 8656: 300 s and 600 s), for allocations made
+    /// after the setting is loaded.
+    pub permission_lifetime_secs: u64,
+    pub channel_lifetime_secs: u64,
     /// Peer ranges that are allowed even though the built-in policy denies
     /// them (allow wins over deny).
     pub allowed_peer_ranges: Vec<IpNet>,
@@ -579,6 +584,8 @@ impl Default for TurnConfig {
             total_quota: 0,
             max_permissions: 64,
             max_channels: 64,
+            permission_lifetime_secs: 300,
+            channel_lifetime_secs: 600,
             allowed_peer_ranges: Vec::new(),
             denied_peer_ranges: Vec::new(),
         }

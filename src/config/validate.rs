@@ -78,6 +78,18 @@ fn validate_turn(t: &TurnConfig) -> Result<(), ConfigError> {
     if t.max_channels == 0 || t.max_channels > 0x1000 {
         return Err(invalid("turn.max_channels", "must be between 1 and 4096"));
     }
+    if !(1..=3600).contains(&t.permission_lifetime_secs) {
+        return Err(invalid(
+            "turn.permission_lifetime_secs",
+            "must be between 1 and 3600 (RFC 8656: 300)",
+        ));
+    }
+    if !(1..=3600).contains(&t.channel_lifetime_secs) {
+        return Err(invalid(
+            "turn.channel_lifetime_secs",
+            "must be between 1 and 3600 (RFC 8656: 600)",
+        ));
+    }
     if let Some(ip) = t.external_ip {
         if ip.is_unspecified() {
             return Err(invalid(

@@ -439,7 +439,13 @@ impl SendQueue {
 
     /// Without the call, the answer of a kernel without it.
     #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
-    fn sendmmsg(&mut self, _fd: RawFd, _start: usize, _end: usize, _gso: bool) -> io::Result<usize> {
+    fn sendmmsg(
+        &mut self,
+        _fd: RawFd,
+        _start: usize,
+        _end: usize,
+        _gso: bool,
+    ) -> io::Result<usize> {
         Err(io::Error::from_raw_os_error(libc::ENOSYS))
     }
 }
@@ -894,12 +900,19 @@ mod tests {
     #[test]
     fn gso_groups_stop_at_a_new_destination_a_larger_datagram_and_the_caps() {
         let mut q = SendQueue::with_gso();
-        let (a, b): (SocketAddr, SocketAddr) =
-            ("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
         let lens_to = |q: &mut SendQueue, items: &[(SocketAddr, usize)]| {
             q.queued.clear();
             for &(to, len) in items {
-                q.queued.push(Queued { fd: 3, to, at: 0, len });
+                q.queued.push(Queued {
+                    fd: 3,
+                    to,
+                    at: 0,
+                    len,
+                });
             }
             let mut groups = Vec::new();
             let mut i = 0;
@@ -910,11 +923,20 @@ mod tests {
             }
             groups
         };
-        assert_eq!(lens_to(&mut q, &[(a, 100), (a, 100), (a, 50), (a, 50)]), [3, 1]);
-        assert_eq!(lens_to(&mut q, &[(a, 100), (b, 100), (b, 100), (a, 100)]), [1, 2, 1]);
+        assert_eq!(
+            lens_to(&mut q, &[(a, 100), (a, 100), (a, 50), (a, 50)]),
+            [3, 1]
+        );
+        assert_eq!(
+            lens_to(&mut q, &[(a, 100), (b, 100), (b, 100), (a, 100)]),
+            [1, 2, 1]
+        );
         assert_eq!(lens_to(&mut q, &[(a, 100), (a, 200), (a, 200)]), [1, 2]);
         // Empty datagrams never join a group (a zero segment size is invalid).
-        assert_eq!(lens_to(&mut q, &[(a, 0), (a, 0), (a, 10), (a, 0)]), [1, 1, 1, 1]);
+        assert_eq!(
+            lens_to(&mut q, &[(a, 0), (a, 0), (a, 10), (a, 0)]),
+            [1, 1, 1, 1]
+        );
         assert_eq!(lens_to(&mut q, &vec![(a, 10); 130]), [64, 64, 2]);
         // 65,000 bytes at most: 54 datagrams of 1,200.
         assert_eq!(lens_to(&mut q, &vec![(a, 1200); 60]), [54, 6]);

@@ -13,6 +13,24 @@ use crate::budget::Gcra;
 pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
 pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 
+/// How long a permission and a channel binding live unless refreshed:
+/// RFC 8656's 300 s and 600 s unless the operator says otherwise (as
+/// coturn's `--permission-lifetime` and `--channel-lifetime` do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    pub permission: Duration,
+    pub channel: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Lifetimes {
+            permission: PERMISSION_LIFETIME,
+            channel: CHANNEL_LIFETIME,
+        }
+    }
+}
+
 /// How a client reached us. The core treats all transports alike (but
 /// pads ChannelData on streams, RFC 8656 §12.5); the shell uses it to route
 /// answers back.
@@ -199,6 +217,7 @@ pub struct Allocation {
     pub budget: [Gcra; 2],
     permissions: Vec<Permission>,
     channels: Vec<Channel>,
+    lifetimes: Lifetimes,
 }
 
 impl Allocation {
@@ -229,7 +248,13 @@ impl Allocation {
             budget: [Gcra::new(); 2],
             permissions: Vec::new(),
             channels: Vec::new(),
+            lifetimes: Lifetimes::default(),
         }
+    }
+
+    /// The same allocation with other permission and channel lifetimes.
+    pub fn with_lifetimes(self, lifetimes: Lifetimes) -> Self {
+        Allocation { lifetimes, ..self }
     }
 
     /// The relay socket that reaches `peer`, if the allocation has its family.
@@ -271,7 +296,7 @@ impl Allocation {
     /// Installs or refreshes a permission; the caller has checked room.
     /// True when it is new.
     pub fn permit(&mut self, ip: IpAddr, now: Instant) -> bool {
-        let expires = now + PERMISSION_LIFETIME;
+        let expires = now + self.lifetimes.permission;
         match self.permissions.iter_mut().find(|p| p.ip == ip) {
             Some(p) => {
                 p.expires = expires;
@@ -316,7 +341,7 @@ impl Allocation {
         if !self.room_for_permissions(&[peer.ip()], max_permissions) {
             return Err(BindError::Full);
         }
-        let expires = now + CHANNEL_LIFETIME;
+        let expires = now + self.lifetimes.channel;
         match idx {
             Some(i) => self.channels[i].expires = expires,
             None => self.channels.push(Channel {
@@ -408,6 +433,25 @@ mod tests {
         a.prune(t0 + Duration::from_secs(500), |l| gone.push(l));
         assert_eq!(a.permission_count(), 0);
         assert_eq!(gone, vec![Lapsed::Permission(ip)]);
+    }
+
+    #[test]
+    fn the_operators_lifetimes_replace_the_rfcs() {
+        let t0 = Instant::now();
+        let mut a = alloc(t0).with_lifetimes(Lifetimes {
+            permission: Duration::from_secs(4),
+            channel: Duration::from_secs(8),
+        });
+        let peer: SocketAddr = "198.51.100.1:7000".parse().unwrap();
+        let c = ChannelNumber::new(0x4000).unwrap();
+        assert!(a.bind_channel(c, peer, t0, 8, 8).is_ok());
+        assert!(a.has_permission(peer.ip(), t0 + Duration::from_millis(3999)));
+        assert!(!a.has_permission(peer.ip(), t0 + Duration::from_secs(4)));
+        assert_eq!(
+            a.channel_for(peer, t0 + Duration::from_millis(7999)),
+            Some(0x4000)
+        );
+        assert_eq!(a.channel_for(peer, t0 + Duration::from_secs(8)), None);
     }
 
     #[test]

@@ -260,7 +260,8 @@ impl Server {
             now + lifetime,
             m.transaction_id.0,
             dont_fragment,
-        );
+        )
+        .with_lifetimes(rules.lifetimes);
         self.count_new(&a, io);
         self.insert(a);
         Ok(self.allocate_success(m, ft, relayed, lifetime, token_out, fam.dual_refused, &key))

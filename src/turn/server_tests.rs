@@ -103,6 +103,7 @@ fn rules(user_quota: usize) -> Rules {
         total_quota: 0,
         max_permissions: 4,
         max_channels: 4,
+        lifetimes: Default::default(),
         alternate_server: None,
         limits: Default::default(),
     }

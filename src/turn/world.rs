@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::allocation::{FiveTuple, RelayId};
+use super::allocation::{FiveTuple, Lifetimes, RelayId};
 use super::auth::{identity, Credentials};
 use super::events::Event;
 use super::policy::PeerPolicy;
@@ -56,6 +56,8 @@ pub struct Rules {
     pub total_quota: usize,
     pub max_permissions: usize,
     pub max_channels: usize,
+    /// Of the permissions and channels of allocations made from now on.
+    pub lifetimes: Lifetimes,
     /// Where a draining server sends new allocations (300 Try Alternate).
     pub alternate_server: Option<SocketAddr>,
     pub limits: Limits,
