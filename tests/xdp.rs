@@ -587,25 +587,9 @@ fn relay_100_bindings(xdp: bool, v6: bool, secs: u64) {
     // A revocation ends the user's other two.
     admin_call(&tk, &bed, "POST /admin/revoke", r#"{"user":"alice"}"#);
     std::thread::sleep(Duration::from_secs(1));
-    let tally = Tally::new(n);
-    let stop = Arc::new(AtomicBool::new(false));
-    let rx = receive(&clients, &peers, 25, &tally, &stop);
-    send(&clients, &peers, 25, 20, 2, 200);
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    for t in rx {
-        t.join().unwrap();
-    }
-    assert_eq!(
-        total(&tally.to_peer),
-        0,
-        "forwarded to a peer after the end"
-    );
-    assert_eq!(
-        total(&tally.to_client),
-        0,
-        "forwarded to a client after the end"
-    );
+    let (to_peer, to_client, _) = phase(&clients, &peers, 2);
+    assert_eq!(to_peer, 0, "forwarded to a peer after the end");
+    assert_eq!(to_client, 0, "forwarded to a client after the end");
 }
 
 #[test]
