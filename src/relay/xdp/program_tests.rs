@@ -360,6 +360,17 @@ fn relays_channel_data_both_ways_with_valid_checksums() {
     });
 }
 
+/// The IPv4 binding several tables use: a client, our listener, the
+/// relayed address and the peer.
+fn v4_binding() -> (SocketAddr, SocketAddr, SocketAddr, SocketAddr) {
+    (
+        sa("198.51.100.10:5000"),
+        sa("192.0.2.1:3478"),
+        sa("192.0.2.1:50000"),
+        sa("203.0.113.9:7000"),
+    )
+}
+
 #[test]
 fn an_ipv4_datagram_without_a_checksum_stays_without_one() {
     if !privileged() {
@@ -367,12 +378,7 @@ fn an_ipv4_datagram_without_a_checksum_stays_without_one() {
     }
     in_netns(true, |ifindex| {
         let mut bed = Bed::new(ifindex);
-        let (client, listen, relay, peer) = (
-            sa("198.51.100.10:5000"),
-            sa("192.0.2.1:3478"),
-            sa("192.0.2.1:50000"),
-            sa("203.0.113.9:7000"),
-        );
+        let (client, listen, relay, peer) = v4_binding();
         bed.install(&Entry::new(client, listen, 0x4001, relay, peer, 1));
         let mut p = frame(peer, relay, b"no checksum");
         p[40] = 0;
@@ -391,12 +397,7 @@ fn everything_it_is_not_sure_of_passes_unchanged() {
     }
     in_netns(true, |ifindex| {
         let mut bed = Bed::new(ifindex);
-        let (client, listen, relay, peer) = (
-            sa("198.51.100.10:5000"),
-            sa("192.0.2.1:3478"),
-            sa("192.0.2.1:50000"),
-            sa("203.0.113.9:7000"),
-        );
+        let (client, listen, relay, peer) = v4_binding();
         bed.install(&Entry::new(client, listen, 0x4001, relay, peer, 1));
         let (c6, l6, r6, p6) = (
             sa("[2001:db8:1::10]:5000"),
@@ -567,12 +568,7 @@ fn without_forwarding_on_the_interface_everything_passes() {
     }
     in_netns(false, |ifindex| {
         let mut bed = Bed::new(ifindex);
-        let (client, listen, relay, peer) = (
-            sa("198.51.100.10:5000"),
-            sa("192.0.2.1:3478"),
-            sa("192.0.2.1:50000"),
-            sa("203.0.113.9:7000"),
-        );
+        let (client, listen, relay, peer) = v4_binding();
         bed.install(&Entry::new(client, listen, 0x4001, relay, peer, 1));
         bed.passes(
             &frame(peer, relay, b"hello"),
